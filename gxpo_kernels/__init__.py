@@ -1,0 +1,6 @@
+"""Triton kernels and update rules for GXPO, SFPO and GRPO."""
+
+from .loss import fused_linear_grpo_loss, grpo_loss
+
+__all__ = ["grpo_loss", "fused_linear_grpo_loss"]
+__version__ = "0.1.0"

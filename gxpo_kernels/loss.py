@@ -1,0 +1,104 @@
+"""The GRPO token-level clipped loss: from logits, or fused with the LM head."""
+
+import torch
+
+from .loss_inputs import make_config, prepare_token_inputs, summarize
+from .ops.fused_linear_grpo_loss import FusedLinearGRPOLossFunction
+from .ops.grpo_loss import GRPOLossFunction
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_floating(name, x, dim):
+    if not torch.is_tensor(x) or x.dim() != dim or not x.dtype.is_floating_point:
+        shape = getattr(x, "shape", type(x).__name__)
+        raise ValueError(f"{name} must be a floating-point tensor with {dim} dims, got {shape}")
+
+
+def grpo_loss(
+    logits_BTV, completion_ids_BT, advantages_B, completion_mask_BT,
+    old_logp_BT=None, ref_logp_BT=None, beta=0.0,
+    eps_low=0.2, eps_high=0.2, dual_clip_c=None, temperature=1.0,
+    loss_agg="token-mean", max_completion_len=None, return_entropy=False,
+    inplace=False,
+):
+    """GRPO token-level clipped loss from logits [B, T, V]; logits[:, t] scores completion_ids[:, t].
+
+    per_token = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(logp - old_logp)
+    (old_logp None: on-policy, rho == 1 with its gradient kept); with dual_clip_c = c and A < 0 the
+    loss is capped at -c * A (dual clip); plus beta * k3 KL to ref_logp. Aggregated over the mask by
+    loss_agg. The gradient is computed in the forward; inplace=True writes it over the logits (saves
+    an [N, V] buffer; the logits are garbage afterwards).
+
+    Returns (loss, metrics): metrics holds 0-d tensors clip_frac_low, clip_frac_high, ratio_mean,
+    clip_frac_dual (dual clip), kl_mean (ref_logp given), entropy_mean (return_entropy), and logp_BT,
+    the detached per-token log-probs (0 at masked tokens).
+    """
+    _check_floating("logits_BTV", logits_BTV, 3)
+    B, T, V = logits_BTV.shape
+    cfg = make_config(beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+                      temperature=temperature, loss_agg=loss_agg, max_completion_len=max_completion_len,
+                      return_entropy=return_entropy, ref_logp_BT=ref_logp_BT)
+    inputs = prepare_token_inputs(B, T, V, logits_BTV.device, _stats_dtype(logits_BTV), completion_ids_BT,
+                                  advantages_B, completion_mask_BT, old_logp_BT, ref_logp_BT, loss_agg,
+                                  max_completion_len)
+    loss, stats = GRPOLossFunction.apply(logits_BTV, inputs.ids_N, inputs.adv_N, inputs.weight_N,
+                                         inputs.old_N, inputs.ref_N, cfg, inplace, None)
+    return loss, summarize(stats, inputs, cfg, ref_logp_BT is not None)
+
+
+def fused_linear_grpo_loss(
+    hidden_BTH, lm_head_weight_VH, completion_ids_BT, advantages_B, completion_mask_BT,
+    old_logp_BT=None, ref_logp_BT=None, beta=0.0,
+    eps_low=0.2, eps_high=0.2, dual_clip_c=None, temperature=1.0,
+    loss_agg="token-mean", max_completion_len=None, return_entropy=False,
+    lm_head_bias_V=None, chunk_tokens=None,
+):
+    """grpo_loss(hidden_BTH @ lm_head_weight_VH.T + lm_head_bias_V, ...) without the [N, V] logits.
+
+    Only unmasked tokens go through the LM head; they are processed chunk_tokens at a time (default:
+    chunk logits about the size of the hidden states). Differentiable w.r.t. hidden, weight and bias.
+    """
+    _check_floating("hidden_BTH", hidden_BTH, 3)
+    _check_floating("lm_head_weight_VH", lm_head_weight_VH, 2)
+    B, T, H = hidden_BTH.shape
+    V = lm_head_weight_VH.shape[0]
+    if lm_head_weight_VH.shape[1] != H:
+        raise ValueError(f"lm_head_weight_VH must have shape [V, {H}] to match hidden_BTH, got "
+                         f"{tuple(lm_head_weight_VH.shape)}")
+    if lm_head_bias_V is not None and (not torch.is_tensor(lm_head_bias_V) or lm_head_bias_V.shape != (V,)):
+        raise ValueError(f"lm_head_bias_V must have shape [{V}], got {getattr(lm_head_bias_V, 'shape', None)}")
+    for name, x in (("lm_head_weight_VH", lm_head_weight_VH), ("lm_head_bias_V", lm_head_bias_V)):
+        if x is not None and (x.dtype != hidden_BTH.dtype or x.device != hidden_BTH.device):
+            raise ValueError(f"{name} is {x.dtype} on {x.device}, hidden_BTH is {hidden_BTH.dtype} on "
+                             f"{hidden_BTH.device}; they must match")
+    if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and chunk_tokens > 0):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    cfg = make_config(beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+                      temperature=temperature, loss_agg=loss_agg, max_completion_len=max_completion_len,
+                      return_entropy=return_entropy, ref_logp_BT=ref_logp_BT)
+    stats_dtype = _stats_dtype(hidden_BTH)
+    inputs = prepare_token_inputs(B, T, V, hidden_BTH.device, stats_dtype, completion_ids_BT, advantages_B,
+                                  completion_mask_BT, old_logp_BT, ref_logp_BT, loss_agg, max_completion_len)
+    hidden_NH = hidden_BTH.reshape(B * T, H)
+    per_token = [inputs.ids_N, inputs.adv_N, inputs.weight_N, inputs.old_N, inputs.ref_N]
+    active_idx = None
+    if inputs.num_active < B * T:
+        active_idx = inputs.mask_N.nonzero().squeeze(1)
+        hidden_NH = hidden_NH.index_select(0, active_idx)
+        per_token = [None if x is None else x.index_select(0, active_idx) for x in per_token]
+    if active_idx is not None and active_idx.numel() == 0:
+        # Nothing to score: a zero loss that still connects to every input, so backward gives zeros.
+        loss = (hidden_NH.sum() + lm_head_weight_VH.sum() * 0).to(stats_dtype) * 0
+        if lm_head_bias_V is not None:
+            loss = loss + lm_head_bias_V.sum().to(stats_dtype) * 0
+        stats = torch.zeros(8, 0, dtype=stats_dtype, device=hidden_BTH.device)
+    else:
+        loss, stats = FusedLinearGRPOLossFunction.apply(hidden_NH, lm_head_weight_VH, lm_head_bias_V,
+                                                        *per_token, cfg, chunk_tokens)
+    if active_idx is not None:
+        stats = torch.zeros(stats.shape[0], B * T, dtype=stats_dtype, device=stats.device).index_copy_(
+            1, active_idx, stats)
+    return loss, summarize(stats, inputs, cfg, ref_logp_BT is not None)

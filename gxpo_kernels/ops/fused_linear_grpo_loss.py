@@ -1,0 +1,68 @@
+"""GRPO loss fused with the LM head: [N, V] logits never exist in full.
+
+Tokens are processed in chunks: logits_chunk = hidden_chunk @ W^T (+ b), the loss kernel turns them
+into dlogits in place, and d_hidden, d_weight, d_bias are accumulated right away. Peak extra memory
+is O(chunk_tokens x V). The backward only rescales the stored gradients by grad_output (when != 1).
+"""
+
+import torch
+import triton
+
+from .. import backend
+from .grpo_loss import grpo_rows, scale_grad_
+from .reference import STAT_NAMES
+
+
+def default_chunk_tokens(N: int, V: int, H: int) -> int:
+    # Chunk logits about the size of the hidden states (as Liger's fused linear cross-entropy does),
+    # kept in [256, 2048] rows so that each chunk matmul stays efficient and its logits small.
+    chunks = triton.cdiv(V, H)
+    return min(N, max(256, min(2048, triton.next_power_of_2(triton.cdiv(N, chunks)))))
+
+
+class FusedLinearGRPOLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, bias_V, ids_N, adv_N, weight_N, old_N, ref_N, cfg, chunk_tokens):
+        N, H = hidden_NH.shape
+        V = weight_VH.shape[0]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        compute_grad = need_hidden or need_weight or need_bias
+        stats_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
+        stats = backend.empty(len(STAT_NAMES), N, dtype=stats_dtype, device=hidden_NH.device)
+        grad_hidden = backend.empty(N, H, dtype=hidden_NH.dtype, device=hidden_NH.device) if need_hidden else None
+        grad_weight = torch.zeros_like(weight_VH) if need_weight else None
+        grad_bias = torch.zeros(V, dtype=stats_dtype, device=hidden_NH.device) if need_bias else None
+        chunk_tokens = chunk_tokens or default_chunk_tokens(N, V, H)
+        for start in range(0, N, chunk_tokens):
+            end = min(start + chunk_tokens, N)
+            hidden_CH = hidden_NH[start:end]
+            if bias_V is None:
+                logits_CV = hidden_CH @ weight_VH.t()
+            else:
+                logits_CV = torch.addmm(bias_V, hidden_CH, weight_VH.t())
+            part = lambda x: None if x is None else x[start:end]  # noqa: E731
+            stats_chunk, dlogits = grpo_rows(
+                logits_CV.unsqueeze(0), ids_N[start:end], adv_N[start:end], weight_N[start:end],
+                part(old_N), part(ref_N), cfg, compute_grad=compute_grad, inplace=True,
+            )
+            stats[:, start:end] = stats_chunk
+            if not compute_grad:
+                continue
+            dlogits_CV = dlogits.view(end - start, V)
+            if need_hidden:
+                torch.mm(dlogits_CV, weight_VH, out=grad_hidden[start:end])
+            if need_weight:
+                grad_weight.addmm_(dlogits_CV.t(), hidden_CH)
+            if need_bias:
+                grad_bias += dlogits_CV.sum(0, dtype=stats_dtype)
+        ctx.grads = (grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias_V.dtype))
+        ctx.mark_non_differentiable(stats)
+        return (weight_N.to(stats_dtype) * stats[0]).sum(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_grpo_loss: backward ran twice; recompute the loss for another "
+                               "backward.")
+        grads, ctx.grads = ctx.grads, None
+        return (*(scale_grad_(g, grad_loss) for g in grads), None, None, None, None, None, None, None)

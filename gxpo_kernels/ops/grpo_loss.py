@@ -1,0 +1,203 @@
+"""GRPO token-level clipped loss from logits: Triton kernel, launcher, autograd.Function.
+
+One program per token row (a 1-D grid, so any number of tokens). Pass 1 over the vocabulary:
+online log-sum-exp (and entropy). Pass 2, when a gradient is wanted: dlogits, written in place of
+the logits if the caller allows. The backward only rescales by grad_output when it is not 1, so a
+training step makes two passes over [N, V]. Rows with zero weight (masked tokens) skip both passes
+and write zero gradient.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import backend
+from .reference import STAT_NAMES, grpo_per_token_reference
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip_c: float | None = None
+    beta: float = 0.0
+    with_entropy: bool = False
+
+
+@triton.jit
+def _grpo_loss_fwd_kernel(
+    logits_ptr, stride_lb, stride_lt,
+    dlogits_ptr, stride_db, stride_dt,
+    ids_ptr, adv_ptr, weight_ptr, old_ptr, ref_ptr, stats_ptr,
+    T, V, N, inv_temp, ratio_lo, ratio_hi, dual_c, beta,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    logits_row = logits_ptr + b * stride_lb + t * stride_lt
+    dlogits_row = dlogits_ptr + b * stride_db + t * stride_dt
+    cols = tl.arange(0, BLOCK_V)
+    w = tl.load(weight_ptr + row).to(tl.float32)
+
+    if w == 0.0:
+        for k in tl.static_range(8):
+            tl.store(stats_ptr + k * N + row, 0.0)
+        if COMPUTE_GRAD:
+            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                tl.store(dlogits_row + offs, zeros.to(dlogits_ptr.dtype.element_ty), mask=offs < V)
+    else:
+        m = -1e30
+        s = 0.0
+        ez = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            z = tl.load(logits_row + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(z, 0))
+            rescale = tl.exp(m - m_new)
+            e = tl.exp(z - m_new)
+            s = s * rescale + tl.sum(e, 0)
+            if WITH_ENTROPY:
+                ez = ez * rescale + tl.sum(e * tl.where(e > 0, z, 0.0), 0)
+            m = m_new
+        lse = m + tl.log(s)
+
+        token = tl.load(ids_ptr + row)
+        logp = tl.load(logits_row + token).to(tl.float32) * inv_temp - lse
+        adv = tl.load(adv_ptr + row).to(tl.float32)
+        if HAS_OLD:
+            ratio = tl.exp(logp - tl.load(old_ptr + row).to(tl.float32))
+        else:
+            ratio = 1.0 + 0.0 * logp
+        ratio_c = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+        unclipped = ratio * adv
+        clipped = ratio_c * adv
+        loss = -tl.minimum(unclipped, clipped)
+        dloss_dratio = tl.where(unclipped <= clipped, -adv, 0.0)
+        clip_dual = 0.0
+        if HAS_DUAL:
+            dual = -dual_c * adv
+            is_dual = (adv < 0) & (dual < loss)
+            loss = tl.where(is_dual, dual, loss)
+            dloss_dratio = tl.where(is_dual, 0.0, dloss_dratio)
+            clip_dual = is_dual.to(tl.float32)
+        # d loss / d logp; a zero factor stays zero even when the ratio overflowed.
+        dloss_dlogp = tl.where(dloss_dratio == 0.0, 0.0, dloss_dratio * ratio)
+        kl = 0.0
+        if HAS_REF:
+            diff = tl.load(ref_ptr + row).to(tl.float32) - logp
+            kl = tl.exp(diff) - diff - 1.0
+            loss += beta * kl
+            dloss_dlogp += beta * (1.0 - tl.exp(diff))
+        entropy = 0.0
+        if WITH_ENTROPY:
+            entropy = lse - ez / s
+
+        tl.store(stats_ptr + 0 * N + row, loss)
+        tl.store(stats_ptr + 1 * N + row, logp)
+        tl.store(stats_ptr + 2 * N + row, ratio)
+        tl.store(stats_ptr + 3 * N + row, kl)
+        tl.store(stats_ptr + 4 * N + row, entropy)
+        tl.store(stats_ptr + 5 * N + row, ((adv < 0) & (ratio < ratio_lo)).to(tl.float32))
+        tl.store(stats_ptr + 6 * N + row, ((adv > 0) & (ratio > ratio_hi)).to(tl.float32))
+        tl.store(stats_ptr + 7 * N + row, clip_dual)
+
+        if COMPUTE_GRAD:
+            # dlogits_j = w * dloss_dlogp * (onehot_j - p_j) / temperature
+            coef = w * dloss_dlogp * inv_temp
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                z = tl.load(logits_row + offs, mask=offs < V, other=0.0).to(tl.float32) * inv_temp
+                grad = -coef * tl.exp(z - lse)
+                grad = tl.where(offs == token, grad + coef, grad)
+                tl.store(dlogits_row + offs, grad.to(dlogits_ptr.dtype.element_ty), mask=offs < V)
+
+
+def default_block_v(V: int, device: torch.device) -> int:
+    return min(triton.next_power_of_2(V), 4096 if device.type == "cuda" else 1024)
+
+
+def _triton_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad, inplace, block_v):
+    B, T, V = logits_BTV.shape
+    N = B * T
+    if logits_BTV.stride(-1) != 1:
+        logits_BTV = logits_BTV.contiguous()
+    stats = backend.empty(len(STAT_NAMES), N, dtype=torch.float32, device=logits_BTV.device)
+    dlogits = None
+    if compute_grad:
+        dlogits = logits_BTV if inplace else backend.empty(B, T, V, dtype=logits_BTV.dtype,
+                                                          device=logits_BTV.device)
+    out = dlogits if dlogits is not None else logits_BTV
+    block_v = block_v or default_block_v(V, logits_BTV.device)
+    _grpo_loss_fwd_kernel[(N,)](
+        logits_BTV, logits_BTV.stride(0), logits_BTV.stride(1),
+        out, out.stride(0), out.stride(1),
+        ids_N, adv_N, weight_N,
+        old_N if old_N is not None else adv_N, ref_N if ref_N is not None else adv_N, stats,
+        T, V, N, 1.0 / cfg.temperature, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high,
+        cfg.dual_clip_c or 0.0, cfg.beta,
+        HAS_OLD=old_N is not None, HAS_REF=ref_N is not None, HAS_DUAL=cfg.dual_clip_c is not None,
+        WITH_ENTROPY=cfg.with_entropy, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+    return stats, dlogits
+
+
+def _reference_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad, inplace):
+    B, T, V = logits_BTV.shape
+    with torch.enable_grad():
+        z_NV = logits_BTV.detach().reshape(B * T, V).requires_grad_(compute_grad)
+        tok = grpo_per_token_reference(
+            z_NV, ids_N, adv_N, old_N, ref_N, temperature=cfg.temperature, eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high, dual_clip_c=cfg.dual_clip_c, beta=cfg.beta,
+        )
+        dlogits = None
+        if compute_grad:
+            (dz_NV,) = torch.autograd.grad((weight_N.to(z_NV.dtype) * tok["loss"]).sum(), z_NV)
+            dlogits = dz_NV.view(B, T, V)
+            if inplace:
+                dlogits = logits_BTV.copy_(dlogits)
+    active_N = weight_N != 0
+    stats_dtype = torch.float64 if logits_BTV.dtype == torch.float64 else torch.float32
+    stats = torch.stack([torch.where(active_N, tok[k].detach().to(stats_dtype), 0.0) for k in STAT_NAMES])
+    return stats, dlogits
+
+
+def grpo_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg: LossConfig, compute_grad: bool,
+              inplace: bool = False, block_v: int | None = None):
+    """Per-token statistics [len(STAT_NAMES), N] and, if compute_grad, d(sum_t w_t loss_t)/dlogits."""
+    if backend.use_triton(logits_BTV):
+        return _triton_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad, inplace,
+                            block_v)
+    return _reference_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad, inplace)
+
+
+def scale_grad_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
+    """grad * grad_output, in place, skipped when grad_output == 1 (the usual loss.backward())."""
+    if grad is not None and bool(grad_output.ne(1)):
+        grad.mul_(grad_output.to(grad.dtype))
+    return grad
+
+
+class GRPOLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, inplace, block_v):
+        stats, dlogits = grpo_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg,
+                                   compute_grad=ctx.needs_input_grad[0], inplace=inplace, block_v=block_v)
+        ctx.dlogits = dlogits
+        ctx.mark_non_differentiable(stats)
+        return (weight_N.to(stats.dtype) * stats[0]).sum(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        if ctx.dlogits is None:
+            raise RuntimeError("grpo_loss: backward ran twice; the gradient buffer was already handed "
+                               "out. Recompute the loss for another backward.")
+        dlogits, ctx.dlogits = ctx.dlogits, None
+        return scale_grad_(dlogits, grad_loss), None, None, None, None, None, None, None, None

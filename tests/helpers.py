@@ -1,0 +1,38 @@
+import torch
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64 (absolute error when ref is all zeros)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    denom = ref.norm()
+    return ((out - ref).norm() / (denom if denom > 0 else 1)).item()
+
+
+def ragged_mask(B, T, generator, device="cpu"):
+    """Right-padded completion mask with lengths from 0 to T (one all-masked row when B > 2)."""
+    lengths = torch.randint(1, T + 1, (B,), generator=generator)
+    if B > 2:
+        lengths[1] = 0
+        lengths[2] = T
+    return (torch.arange(T)[None, :] < lengths[:, None]).to(device)
+
+
+def loss_batch(B, T, V, *, seed, device="cpu", dtype=torch.float32, with_old=True, with_ref=True,
+               per_token_adv=False):
+    """Fresh random inputs for grpo_loss; old/ref log-probs near the policy so ratios straddle the clip."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    ids = torch.randint(0, V, (B, T), generator=g)
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    adv_shape = (B, T) if per_token_adv else (B,)
+    batch = {
+        "logits": logits.to(device=device, dtype=dtype),
+        "ids": ids.to(device),
+        "adv": torch.randn(adv_shape, generator=g, dtype=torch.float64).to(device=device, dtype=torch.float32),
+        "mask": ragged_mask(B, T, g, device),
+        "old": (logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).to(device, torch.float32)
+        if with_old else None,
+        "ref": (logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).to(device, torch.float32)
+        if with_ref else None,
+    }
+    return batch
