@@ -24,11 +24,19 @@ test: $(STAMP)
 test-gpu:
 	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest -q -m gpu tests
 
+DEVICE_TAG = $(shell $(1) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
+BENCH_ARGS = -q bench --benchmark-columns=median,iqr,rounds
+
+# Writes bench/results/DATE-DEVICE.json (pytest-benchmark) and .md (the table with ratios).
 bench: $(STAMP)
-	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,rounds --benchmark-sort=fullname
+	$(eval OUT := bench/results/$(shell date +%F)-$(call DEVICE_TAG,$(PY)))
+	$(PY) -m pytest $(BENCH_ARGS) --benchmark-json=$(OUT).json
+	$(PY) bench/report.py $(OUT).json --title "make bench" > $(OUT).md
 
 bench-gpu:
-	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest -q bench --benchmark-columns=median,iqr,rounds
+	$(eval OUT := bench/results/$(shell date +%F)-$(call DEVICE_TAG,$(SYSPY)))
+	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest $(BENCH_ARGS) --benchmark-json=$(OUT).json
+	$(SYSPY) bench/report.py $(OUT).json --title "make bench-gpu" > $(OUT).md
 
 demo: $(STAMP)
 	$(INTERP) $(PY) examples/grpo_loss_demo.py

@@ -29,8 +29,9 @@ def grpo_loss(
     per_token = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(logp - old_logp)
     (old_logp None: on-policy, rho == 1 with its gradient kept); with dual_clip_c = c and A < 0 the
     loss is capped at -c * A (dual clip); plus beta * k3 KL to ref_logp. Aggregated over the mask by
-    loss_agg. The gradient is computed in the forward; inplace=True writes it over the logits (saves
-    an [N, V] buffer; the logits are garbage afterwards).
+    loss_agg. The gradient is computed in the forward; inplace=True lets the Triton kernel write it
+    over the logits (saves an [N, V] buffer; the logits hold dlogits afterwards, so nothing else may
+    need them).
 
     Returns (loss, metrics): metrics holds 0-d tensors clip_frac_low, clip_frac_high, ratio_mean,
     clip_frac_dual (dual clip), kl_mean (ref_logp given), entropy_mean (return_entropy), and logp_BT,

@@ -29,3 +29,13 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+
+
+@pytest.fixture(params=["triton", "torch"])
+def path(request, monkeypatch):
+    """Each test runs on the Triton kernel (interpreter on CPU) and on the torch fallback path."""
+    x = torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
+    if request.param == "torch":
+        monkeypatch.setattr(backend, "use_triton", lambda t: False)
+    assert backend.use_triton(x) == (request.param == "triton")
+    return request.param

@@ -8,6 +8,12 @@ def rel_err(out, ref):
     return ((out - ref).norm() / (denom if denom > 0 else 1)).item()
 
 
+def loss_close(loss, ref, tol=1e-5, atol=1e-7):
+    """A loss is a sum of terms of both signs that can nearly cancel: relative error plus a tiny atol."""
+    loss, ref = float(loss.detach()), float(ref.detach())
+    return abs(loss - ref) <= tol * abs(ref) + atol
+
+
 def ragged_mask(B, T, generator, device="cpu"):
     """Right-padded completion mask with lengths from 0 to T (one all-masked row when B > 2)."""
     lengths = torch.randint(1, T + 1, (B,), generator=generator)

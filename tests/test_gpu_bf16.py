@@ -57,7 +57,7 @@ def test_fused_linear_bf16_within_twice_torch_error():
     materialized = lambda h, w: grpo_loss_reference(h @ w.t(), *args, **SETTINGS)[0]  # noqa: E731
     torch_bf16 = run(materialized, torch.bfloat16)
     ref = run(materialized, torch.float64)
-    for o, t, r in zip(ours, torch_bf16, ref):
+    for o, t, r in zip(ours, torch_bf16, ref, strict=True):
         assert err(o, r) <= 2 * err(t, r) + 1e-6
 
 

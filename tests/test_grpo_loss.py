@@ -1,13 +1,15 @@
 """grpo_loss (Triton kernel; interpreter on CPU) against the float64 torch reference."""
 
+import zlib
+
 import pytest
 import torch
-from helpers import loss_batch, rel_err
+from helpers import loss_batch, loss_close, rel_err
 
-from gxpo_kernels import backend, grpo_loss
+from gxpo_kernels import grpo_loss
+from gxpo_kernels.loss_inputs import make_config, prepare_token_inputs, summarize
 from gxpo_kernels.ops.grpo_loss import GRPOLossFunction
 from gxpo_kernels.ops.reference import LOSS_AGGS, grpo_loss_reference
-from gxpo_kernels.loss_inputs import make_config, prepare_token_inputs, summarize
 
 TOL = 1e-5
 CASES = {
@@ -56,42 +58,38 @@ def assert_close(ours, ref, tol=TOL):
     loss, metrics, grad = ours
     loss64, metrics64, grad64 = ref
     assert torch.isfinite(grad).all(), "unwritten (poisoned) or non-finite gradient entries"
-    assert rel_err(loss, loss64) < tol, (loss.item(), loss64.item())
+    assert loss_close(loss, loss64, tol), (loss.item(), loss64.item())
     assert rel_err(grad, grad64) < tol
     assert set(metrics) == set(metrics64)
     for name in metrics64:
         assert rel_err(metrics[name], metrics64[name]) < tol, name
 
 
-def test_kernel_path_is_taken():
-    assert backend.use_triton(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu"))
-
-
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(loss_agg, case):
-    batch = loss_batch(4, 7, 300, seed=hash((loss_agg, case)) % 2**31)
+def test_matches_reference(path, loss_agg, case):
+    batch = loss_batch(4, 7, 300, seed=zlib.crc32(f"{loss_agg}/{case}".encode()))
     assert_close(*run_both(batch, loss_agg=loss_agg, block_v=128, **CASES[case]))
 
 
 @pytest.mark.parametrize("B,T,V,block_v", [(1, 1, 5, None), (3, 5, 77, 32), (2, 9, 1000, 256),
                                            (5, 3, 513, 512), (2, 4, 2051, None)])
-def test_shapes_and_blocks(B, T, V, block_v):
+def test_shapes_and_blocks(path, B, T, V, block_v):
     batch = loss_batch(B, T, V, seed=B * 1000 + V)
     assert_close(*run_both(batch, block_v=block_v, **CASES["everything"]))
 
 
-def test_per_token_advantages():
+def test_per_token_advantages(path):
     batch = loss_batch(4, 6, 200, seed=1, per_token_adv=True)
     assert_close(*run_both(batch, loss_agg="seq-mean-token-mean", beta=0.02))
 
 
-def test_grad_output_scaling():
+def test_grad_output_scaling(path):
     batch = loss_batch(3, 5, 100, seed=2)
     assert_close(*run_both(batch, grad_scale=-2.5, beta=0.1))
 
 
-def test_noncontiguous_logits_view():
+def test_noncontiguous_logits_view(path):
     batch = loss_batch(3, 6, 150, seed=3)
     padded = torch.randn(3, 7, 150)
     padded[:, :-1] = batch["logits"]
@@ -100,7 +98,7 @@ def test_noncontiguous_logits_view():
     assert_close(*run_both(batch, logits=view, beta=0.1))
 
 
-def test_inplace_writes_gradient_over_logits():
+def test_inplace_writes_gradient_over_logits(path):
     batch = loss_batch(3, 5, 120, seed=4)
     x = batch["logits"].clone().requires_grad_()
     buf = x * 1.0  # a non-leaf whose storage the loss may overwrite
@@ -109,10 +107,11 @@ def test_inplace_writes_gradient_over_logits():
     x64 = batch["logits"].double().requires_grad_()
     grpo_loss_reference(x64, batch["ids"], batch["adv"].double(), batch["mask"], batch["old"].double())[0].backward()
     assert rel_err(x.grad, x64.grad) < TOL
-    assert rel_err(buf.detach(), x64.grad) < TOL  # the logits buffer now holds dlogits
+    if path == "triton":
+        assert rel_err(buf.detach(), x64.grad) < TOL  # the logits buffer now holds dlogits
 
 
-def test_all_masked_gives_zero_loss_and_grad():
+def test_all_masked_gives_zero_loss_and_grad(path):
     batch = loss_batch(3, 4, 50, seed=5)
     x = batch["logits"].clone().requires_grad_()
     for agg in LOSS_AGGS:
@@ -124,13 +123,13 @@ def test_all_masked_gives_zero_loss_and_grad():
         x.grad = None
 
 
-def test_no_grad_forward_matches():
+def test_no_grad_forward_matches(path):
     batch = loss_batch(3, 5, 90, seed=6)
     with torch.no_grad():
         loss, metrics = grpo_loss(batch["logits"], batch["ids"], batch["adv"], batch["mask"], batch["old"])
     ref, ref_metrics = grpo_loss_reference(batch["logits"].double(), batch["ids"], batch["adv"].double(),
                                            batch["mask"], batch["old"].double())
-    assert rel_err(loss, ref) < TOL and rel_err(metrics["logp_BT"], ref_metrics["logp_BT"]) < TOL
+    assert loss_close(loss, ref) and rel_err(metrics["logp_BT"], ref_metrics["logp_BT"]) < TOL
 
 
 def test_on_policy_logp_feeds_next_pass():
@@ -151,7 +150,7 @@ def test_backward_twice_is_an_error():
         loss.backward()
 
 
-def test_every_clip_branch_is_exercised():
+def test_every_clip_branch_is_exercised(path):
     batch = loss_batch(8, 16, 64, seed=9)
     ours, ref = run_both(batch, eps_low=0.1, eps_high=0.1, dual_clip_c=1.2, beta=0.1)
     assert_close(ours, ref)

@@ -40,10 +40,11 @@ class FusedLinearGRPOLossFunction(torch.autograd.Function):
                 logits_CV = hidden_CH @ weight_VH.t()
             else:
                 logits_CV = torch.addmm(bias_V, hidden_CH, weight_VH.t())
-            part = lambda x: None if x is None else x[start:end]  # noqa: E731
+            rows = slice(start, end)
             stats_chunk, dlogits = grpo_rows(
-                logits_CV.unsqueeze(0), ids_N[start:end], adv_N[start:end], weight_N[start:end],
-                part(old_N), part(ref_N), cfg, compute_grad=compute_grad, inplace=True,
+                logits_CV.unsqueeze(0), ids_N[rows], adv_N[rows], weight_N[rows],
+                None if old_N is None else old_N[rows], None if ref_N is None else ref_N[rows],
+                cfg, compute_grad=compute_grad, inplace=True,
             )
             stats[:, start:end] = stats_chunk
             if not compute_grad:

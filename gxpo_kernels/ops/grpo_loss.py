@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from .reference import STAT_NAMES, grpo_per_token_reference
+from .reference import STAT_NAMES
 
 
 @dataclass(frozen=True)
@@ -149,23 +149,57 @@ def _triton_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_
     return stats, dlogits
 
 
-def _reference_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad, inplace):
+def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad):
+    """The kernel's math in torch ops, on the unmasked rows only: the CPU and float64 path."""
     B, T, V = logits_BTV.shape
-    with torch.enable_grad():
-        z_NV = logits_BTV.detach().reshape(B * T, V).requires_grad_(compute_grad)
-        tok = grpo_per_token_reference(
-            z_NV, ids_N, adv_N, old_N, ref_N, temperature=cfg.temperature, eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high, dual_clip_c=cfg.dual_clip_c, beta=cfg.beta,
-        )
-        dlogits = None
-        if compute_grad:
-            (dz_NV,) = torch.autograd.grad((weight_N.to(z_NV.dtype) * tok["loss"]).sum(), z_NV)
-            dlogits = dz_NV.view(B, T, V)
-            if inplace:
-                dlogits = logits_BTV.copy_(dlogits)
-    active_N = weight_N != 0
-    stats_dtype = torch.float64 if logits_BTV.dtype == torch.float64 else torch.float32
-    stats = torch.stack([torch.where(active_N, tok[k].detach().to(stats_dtype), 0.0) for k in STAT_NAMES])
+    acc = torch.float64 if logits_BTV.dtype == torch.float64 else torch.float32
+    rows = (weight_N != 0).nonzero().squeeze(1)
+    b, t = rows // T, rows % T
+    logits = logits_BTV.detach()
+    if logits.stride(0) == T * logits.stride(1):  # rows have one stride: a cheap index_select
+        logq_nV = logits.view(B * T, V).index_select(0, rows).to(acc)
+    else:
+        logq_nV = logits[b, t].to(acc)
+    if cfg.temperature != 1.0:
+        logq_nV *= 1.0 / cfg.temperature
+    lse_n = torch.logsumexp(logq_nV, -1)
+    logq_nV -= lse_n[:, None]
+    ids_n = ids_N[rows, None]
+    logp = logq_nV.gather(1, ids_n).squeeze(1)
+    adv = adv_N[rows]
+    ratio = torch.ones_like(logp) if old_N is None else torch.exp(logp - old_N[rows])
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    dloss_dratio = torch.where(unclipped <= clipped, -adv, 0.0)
+    clip_dual = torch.zeros_like(loss)
+    if cfg.dual_clip_c is not None:
+        dual = -cfg.dual_clip_c * adv
+        is_dual = (adv < 0) & (dual < loss)
+        loss = torch.where(is_dual, dual, loss)
+        dloss_dratio = torch.where(is_dual, 0.0, dloss_dratio)
+        clip_dual = is_dual.to(acc)
+    dloss_dlogp = torch.where(dloss_dratio == 0, 0.0, dloss_dratio * ratio)
+    kl = torch.zeros_like(loss)
+    if ref_N is not None:
+        diff = ref_N[rows] - logp
+        kl = torch.exp(diff) - diff - 1
+        loss = loss + cfg.beta * kl
+        dloss_dlogp = dloss_dlogp + cfg.beta * (1 - torch.exp(diff))
+    p_nV = logq_nV.exp()
+    entropy = -torch.special.xlogy(p_nV, p_nV).sum(-1) if cfg.with_entropy else torch.zeros_like(loss)
+    clip_low = ((adv < 0) & (ratio < 1 - cfg.eps_low)).to(acc)
+    clip_high = ((adv > 0) & (ratio > 1 + cfg.eps_high)).to(acc)
+    per_row = dict(loss=loss, logp=logp, ratio=ratio, kl=kl, entropy=entropy, clip_low=clip_low,
+                   clip_high=clip_high, clip_dual=clip_dual)
+    stats = torch.zeros(len(STAT_NAMES), B * T, dtype=acc, device=logits_BTV.device)
+    stats[:, rows] = torch.stack([per_row[k] for k in STAT_NAMES])
+    dlogits = None
+    if compute_grad:
+        coef = weight_N[rows] * dloss_dlogp / cfg.temperature
+        grad_nV = p_nV.mul_(-coef[:, None]).scatter_add_(1, ids_n, coef[:, None])
+        dlogits = torch.zeros_like(logits_BTV)  # no in-place reuse here: it only costs time on CPU
+        dlogits[b, t] = grad_nV.to(dlogits.dtype)
     return stats, dlogits
 
 
@@ -175,7 +209,7 @@ def grpo_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg: LossConfig,
     if backend.use_triton(logits_BTV):
         return _triton_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad, inplace,
                             block_v)
-    return _reference_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad, inplace)
+    return _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad)
 
 
 def scale_grad_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 
 def grpo_per_token_reference(
     logits_NV, ids_N, adv_N, old_logp_N=None, ref_logp_N=None, *,
-    temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip_c=None, beta=0.0,
+    temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip_c=None, beta=0.0, with_entropy=True,
 ):
     """Per-token loss and statistics; `loss` is differentiable w.r.t. logits_NV."""
     z_NV = logits_NV / temperature
@@ -34,9 +34,11 @@ def grpo_per_token_reference(
         diff_N = ref_logp_N.to(logp_N.dtype) - logp_N
         kl_N = torch.exp(diff_N) - diff_N - 1
         loss_N = loss_N + beta * kl_N
-    with torch.no_grad():
-        p_NV = torch.softmax(z_NV, dim=-1)
-        entropy_N = -(p_NV * torch.log_softmax(z_NV, dim=-1)).nan_to_num().sum(-1)
+    entropy_N = torch.zeros_like(loss_N)
+    if with_entropy:
+        with torch.no_grad():
+            p_NV = torch.softmax(z_NV, dim=-1)
+            entropy_N = -(p_NV * torch.log_softmax(z_NV, dim=-1)).nan_to_num().sum(-1)
     r = ratio_N.detach()
     return {
         "loss": loss_N,
@@ -77,7 +79,7 @@ def grpo_loss_reference(
     tok = grpo_per_token_reference(
         logits_BTV.reshape(B * T, V), completion_ids_BT.reshape(B * T), flat(adv_BT),
         flat(old_logp_BT), flat(ref_logp_BT), temperature=temperature, eps_low=eps_low,
-        eps_high=eps_high, dual_clip_c=dual_clip_c, beta=beta,
+        eps_high=eps_high, dual_clip_c=dual_clip_c, beta=beta, with_entropy=return_entropy,
     )
     mask_BT = completion_mask_BT.to(tok["logp"].dtype)
     loss = aggregate_reference(tok["loss"].reshape(B, T), mask_BT, loss_agg, max_completion_len)
