@@ -1,6 +1,7 @@
 """Triton kernels and update rules for GXPO, SFPO and GRPO."""
 
 from .loss import fused_linear_grpo_loss, grpo_loss
+from .optim import GXPO, SFPO
 
-__all__ = ["grpo_loss", "fused_linear_grpo_loss"]
+__all__ = ["grpo_loss", "fused_linear_grpo_loss", "GXPO", "SFPO"]
 __version__ = "0.1.0"

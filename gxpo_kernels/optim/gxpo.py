@@ -1,0 +1,112 @@
+"""GXPO: two fast steps, per-coordinate retention-ratio extrapolation to a virtual K-step point,
+a partial move, one corrective step; a z-score gate falls back to one-pass GRPO (DESIGN.md)."""
+
+import math
+
+import torch
+
+from ..ops import flat_ops
+from .gate import ZScoreGate
+from .reference import EXTRAP_STATS
+from .rule import FALLBACK_CODES, UpdateRule
+
+GATE_STATS = ("trajectory", "g0")
+
+
+def _cos(dot, a, b):
+    return dot / (a * b) if a > 0 and b > 0 else 0.0
+
+
+class GXPO(UpdateRule):
+    """opt = GXPO(model.parameters(), base=torch.optim.AdamW, lr=1e-6, ...); loss = opt.step(closure).
+
+    An active step calls the closure three times (backward_passes += 3); once the gate has tripped,
+    once. step() returns the loss of the first pass (at the parameters before the step). With
+    optimizer_state="accumulate" the base optimizer's moments and step count advance on all three
+    steps; "transactional" restores them to their pre-step value before the corrective step.
+    Non-finite or tiny ||g0||, or a non-finite g1 or g~, ends the step as one plain step (nothing
+    non-finite reaches the parameters; a non-finite g0 skips the step); last_stats["fallback"] says
+    which (see FALLBACK_CODES). In accumulate mode a pass-3 fallback keeps the moments of the two
+    discarded steps.
+    """
+
+    def __init__(self, params, base=torch.optim.AdamW, K=5, alpha=0.5, tau=0.5, gate="ema",
+                 gate_stat="trajectory", omega=0.1, window=30, patience=1, fallback="permanent",
+                 fallback_window=10, optimizer_state="accumulate", max_grad_norm=None, delta=1e-8, **base_kwargs):
+        if not (isinstance(K, int) and K >= 2):
+            raise ValueError(f"K must be an int >= 2, got {K!r}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if gate_stat not in GATE_STATS:
+            raise ValueError(f"unknown gate_stat {gate_stat!r}; choose one of {GATE_STATS}")
+        gate_obj = ZScoreGate(gate, tau, omega, window, patience, fallback, fallback_window)
+        super().__init__(params, base, base_kwargs, gate=gate_obj, optimizer_state=optimizer_state,
+                         max_grad_norm=max_grad_norm, delta=delta)
+        self.K, self.alpha, self.gate_stat = K, alpha, gate_stat
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is None:
+            raise ValueError("GXPO.step needs a closure that computes the loss on the batch and calls backward")
+        self.steps += 1
+        if not self.gate.open:
+            loss, _, norm = self._plain_step(closure)
+            self.gate.tick_closed()
+            self.last_stats = {"active": 0.0, "gate_open": float(self.gate.open), "g0_norm": norm,
+                               "backward_passes": float(self.backward_passes)}
+            return loss
+
+        groups = self._flat_groups()
+        loss, _ = self._closure_pass(closure)
+        g0_norm = self._snapshot(groups)
+        if not math.isfinite(g0_norm) or g0_norm <= 1e-8:
+            reason = "tiny_g0" if math.isfinite(g0_norm) else "nonfinite_g0"
+            if reason == "tiny_g0":
+                self._base_step(g0_norm)
+            self.base.zero_grad(set_to_none=True)
+            return self._finish(loss, reason, g0_norm=g0_norm)
+        saved_state = self._save_optimizer_state()
+        self._base_step(g0_norm)  # theta1
+
+        self._closure_pass(closure)
+        g1_norm, _ = self._grad_norm(groups)
+        if not math.isfinite(g1_norm):  # theta1 already is exactly one plain step from theta0
+            self.base.zero_grad(set_to_none=True)
+            return self._finish(loss, "nonfinite_g1", g0_norm=g0_norm)
+        g1_scale = 1.0 / self._clip(g1_norm)
+        self.base.step()  # theta2
+        sums = sum(flat_ops.extrapolate(g, g.local_grads(), K=self.K, alpha=self.alpha, delta=self.delta,
+                                        g1_scale=g1_scale) for g in groups)
+        sums = self._all_reduce(sums, max_index=EXTRAP_STATS.index("scale_max"))
+        sums = dict(zip(EXTRAP_STATS, sums.tolist(), strict=True))
+        self._load_optimizer_state(saved_state)
+
+        self._closure_pass(closure)  # at theta_tilde
+        gt_norm, g0_gt = self._grad_norm(groups, with_g0=True)
+        if not math.isfinite(gt_norm):
+            self._restore_theta0_and_step_with_g0(groups, g0_norm)
+            return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)
+        self._base_step(gt_norm)
+        self.base.zero_grad(set_to_none=True)
+
+        h = gt_norm if self.gate_stat == "trajectory" else g0_norm
+        z = self.gate.observe(h)
+        n_total = sum(g.total for g in groups)
+        n_total = self._all_reduce(torch.tensor([float(n_total)], dtype=torch.float64)).item()
+        n_active = max(sums["n_active"], 1.0)
+        r_mean = sums["r_sum"] / n_active
+        return self._finish(
+            loss, "none", active=1.0, g0_norm=g0_norm, g1_norm=g1_norm, gtilde_norm=gt_norm,
+            cos_g0_g1=_cos(sums["g0_g1"], math.sqrt(sums["g0_sq"]), math.sqrt(sums["g1_sq"])),
+            cos_g0_gtilde=_cos(g0_gt, g0_norm, gt_norm),
+            r_mean=r_mean, r_std=math.sqrt(max(sums["r_sq"] / n_active - r_mean**2, 0.0)),
+            scale_mean=sums["scale_sum"] / n_active, scale_max=sums["scale_max"],
+            step_norm=math.sqrt(sums["d_sq"]), scaled_step_norm=math.sqrt(sums["scaled_d_sq"]),
+            inactive_frac=1.0 - sums["n_active"] / max(n_total, 1.0),
+            ratio_clip_frac=sums["n_clipped"] / n_active, z=z, gate_stat=h,
+        )
+
+    def _finish(self, loss, reason, **stats):
+        self.last_stats = {"active": stats.pop("active", 0.0), "fallback": FALLBACK_CODES[reason], **stats,
+                           "gate_open": float(self.gate.open), "backward_passes": float(self.backward_passes)}
+        return loss

@@ -1,0 +1,171 @@
+"""What GXPO and SFPO share: a base optimizer they drive, closure calls counted as backward
+passes, gradient clipping, the flat theta0 / g0 state, the gate, and optimizer-state snapshots."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..flat import DTensor, build_groups, local
+from ..ops import flat_ops
+from .gate import ZScoreGate
+
+OPTIMIZER_STATES = ("accumulate", "transactional")
+FALLBACK_CODES = {"none": 0.0, "nonfinite_g0": 1.0, "tiny_g0": 2.0, "nonfinite_g1": 3.0, "nonfinite_gtilde": 4.0}
+BLOCK = 1024
+
+
+def run_closure(closure):
+    """(loss, metrics): the closure may return a loss or (loss, metrics dict)."""
+    with torch.enable_grad():
+        out = closure()
+    if isinstance(out, tuple):
+        return out[0], (out[1] if len(out) > 1 else {})
+    return out, {}
+
+
+class UpdateRule(torch.optim.Optimizer):
+    """step(closure) calls the closure as often as the rule needs; the closure computes the loss on
+    the fixed batch and calls backward (gradients are zeroed by the rule before each call)."""
+
+    def __init__(self, params, base, base_kwargs, *, gate: ZScoreGate, optimizer_state, max_grad_norm, delta):
+        params = list(params)
+        if isinstance(base, torch.optim.Optimizer):
+            if base_kwargs:
+                raise ValueError(f"base is an already-built optimizer; pass {sorted(base_kwargs)} to it, not here")
+            self.base = base
+        elif isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
+            self.base = base(params, **base_kwargs)
+        else:
+            raise ValueError(f"base must be a torch.optim.Optimizer class or instance, got {base!r}")
+        if optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"unknown optimizer_state {optimizer_state!r}; choose one of {OPTIMIZER_STATES}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if not delta > 0:
+            raise ValueError(f"delta must be > 0, got {delta}")
+        super().__init__([p for g in self.base.param_groups for p in g["params"]], {})
+        self.param_groups = self.base.param_groups
+        self.defaults = self.base.defaults
+        self.gate = gate
+        self.optimizer_state = optimizer_state
+        self.max_grad_norm = max_grad_norm
+        self.delta = delta
+        self.backward_passes = 0
+        self.steps = 0
+        self.last_stats = {}
+        self._groups = None
+
+    @property
+    def active(self) -> bool:
+        return self.gate.open
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _flat_groups(self):
+        params = self._params()
+        if self._groups is None or [p for g in self._groups for p in g.params] != params:
+            self._groups = build_groups(params, BLOCK)
+        return self._groups
+
+    def _sharded(self):
+        return dist.is_available() and dist.is_initialized() and any(isinstance(p, DTensor) for p in self._params())
+
+    def _all_reduce(self, vec: torch.Tensor, max_index=None) -> torch.Tensor:
+        """Sum a small float64 vector over ranks (FSDP2 local shards); entry max_index takes the max."""
+        if not self._sharded():
+            return vec
+        rows = torch.empty(dist.get_world_size(), vec.numel(), dtype=vec.dtype, device=vec.device)
+        dist.all_gather_into_tensor(rows, vec.contiguous())
+        return flat_ops.combine_stats(rows) if max_index is not None else rows.sum(0)
+
+    def _closure_pass(self, closure):
+        self.base.zero_grad(set_to_none=True)
+        loss, metrics = run_closure(closure)
+        self.backward_passes += 1
+        return loss, metrics
+
+    def _grad_norm(self, groups, with_g0=False):
+        """(||g||, <g0, g>) over all ranks, of the current gradients, before clipping."""
+        dots = sum(flat_ops.grad_dots(g, g.local_grads(), with_g0) for g in groups)
+        dots = self._all_reduce(dots).tolist()
+        return math.sqrt(dots[0]), dots[1]
+
+    def _clip(self, norm: float) -> float:
+        """Scale gradients in place so that their norm is at most max_grad_norm; returns the factor."""
+        if self.max_grad_norm is None or norm <= self.max_grad_norm:
+            return 1.0
+        coef = self.max_grad_norm / (norm + 1e-6)
+        grads = [local(p.grad) for p in self._params() if p.grad is not None]
+        torch._foreach_mul_(grads, coef)
+        return coef
+
+    def _base_step(self, norm: float):
+        self._clip(norm)
+        self.base.step()
+
+    def _plain_step(self, closure):
+        """One GRPO step: one pass, clip, base step."""
+        loss, metrics = self._closure_pass(closure)
+        norm, _ = self._grad_norm(self._flat_groups())
+        if math.isfinite(norm):
+            self._base_step(norm)
+        self.base.zero_grad(set_to_none=True)
+        return loss, metrics, norm
+
+    def _snapshot(self, groups) -> float:
+        """theta0 and g0 into the flat buffers; returns ||g0|| over all ranks."""
+        g0_sq = sum(flat_ops.snapshot(g, g.local_grads()) for g in groups)
+        self._had_grad = {id(p) for p in self._params() if p.grad is not None}
+        return math.sqrt(self._all_reduce(g0_sq.reshape(1)).item())
+
+    def _restore_theta0_and_step_with_g0(self, groups, g0_norm):
+        """Back to theta0, then one plain step with the cached g0: the fallback for a non-finite pass."""
+        self.base.zero_grad(set_to_none=True)
+        for g in groups:
+            flat_ops.restore(g)
+            for j, p in enumerate(g.params):
+                if id(p) not in self._had_grad:
+                    continue
+                grad = g.view(g.g0, j).clone()
+                if isinstance(p, DTensor):
+                    grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                p.grad = grad
+        self._base_step(g0_norm)
+        self.base.zero_grad(set_to_none=True)
+
+    def _save_optimizer_state(self):
+        if self.optimizer_state != "transactional":
+            return None
+        return {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                for p, s in self.base.state.items()}
+
+    def _load_optimizer_state(self, saved):
+        if saved is None:
+            return
+        for p in list(self.base.state):
+            if p not in saved:
+                del self.base.state[p]
+        for p, s in saved.items():
+            live = self.base.state[p]
+            for k, v in s.items():
+                if torch.is_tensor(v) and torch.is_tensor(live.get(k)) and live[k].shape == v.shape:
+                    live[k].copy_(v)
+                else:
+                    live[k] = v
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self):
+        return {"base": self.base.state_dict(), "gate": self.gate.state_dict(),
+                "backward_passes": self.backward_passes, "steps": self.steps}
+
+    def load_state_dict(self, state_dict):
+        self.base.load_state_dict(state_dict["base"])
+        self.gate.load_state_dict(state_dict["gate"])
+        self.backward_passes = state_dict["backward_passes"]
+        self.steps = state_dict["steps"]
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.base.zero_grad(set_to_none=set_to_none)

@@ -1,0 +1,91 @@
+"""SFPO: K fast steps on the same batch, reposition theta_tilde = theta0 + alpha (theta_K - theta0),
+one corrective step; a z-score gate on the batch token entropy falls back to one-pass GRPO."""
+
+import math
+
+import torch
+
+from .gate import ZScoreGate
+from .rule import UpdateRule
+
+
+class SFPO(UpdateRule):
+    """sfpo = SFPO(params, base=torch.optim.AdamW, K=3, alpha=0.8, tau=1.0, lr=...).
+
+    An active step calls the closure K + 1 times. The gate statistic is the batch token entropy:
+    pass it as step(closure, gate_value=H), or let the closure return (loss, {"entropy_mean": H})
+    (grpo_loss(..., return_entropy=True) metrics do). step() returns the first pass's loss.
+    A non-finite gradient in any pass ends the step as one plain step with the first pass's gradient.
+    """
+
+    def __init__(self, params, base=torch.optim.AdamW, K=3, alpha=0.8, tau=1.0, gate="ema", omega=0.1,
+                 window=30, patience=1, fallback="permanent", fallback_window=10,
+                 optimizer_state="accumulate", max_grad_norm=None, delta=1e-8, **base_kwargs):
+        if not (isinstance(K, int) and K >= 1):
+            raise ValueError(f"K must be an int >= 1, got {K!r}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        gate_obj = ZScoreGate(gate, tau, omega, window, patience, fallback, fallback_window)
+        super().__init__(params, base, base_kwargs, gate=gate_obj, optimizer_state=optimizer_state,
+                         max_grad_norm=max_grad_norm, delta=delta)
+        self.K, self.alpha = K, alpha
+
+    @torch.no_grad()
+    def step(self, closure=None, gate_value=None):
+        if closure is None:
+            raise ValueError("SFPO.step needs a closure that computes the loss on the batch and calls backward")
+        self.steps += 1
+        if not self.gate.open:
+            loss, _, norm = self._plain_step(closure)
+            self.gate.tick_closed()
+            self.last_stats = {"active": 0.0, "gate_open": float(self.gate.open), "g0_norm": norm,
+                               "backward_passes": float(self.backward_passes)}
+            return loss
+
+        groups = self._flat_groups()
+        loss, metrics = self._closure_pass(closure)
+        if gate_value is None and self.gate.kind != "never":
+            if "entropy_mean" not in metrics:
+                raise ValueError("SFPO's gate needs the batch token entropy: pass step(closure, gate_value=H) "
+                                 "or return (loss, {'entropy_mean': H}) from the closure (or use gate='never')")
+            gate_value = float(metrics["entropy_mean"])
+        g0_norm = self._snapshot(groups)
+        if not math.isfinite(g0_norm):
+            self.base.zero_grad(set_to_none=True)
+            return self._finish(loss, fallback=1.0, g0_norm=g0_norm)
+        saved_state = self._save_optimizer_state()
+        self._base_step(g0_norm)
+        for _ in range(self.K - 1):
+            self._closure_pass(closure)
+            norm, _ = self._grad_norm(groups)
+            if not math.isfinite(norm):
+                self._restore_theta0_and_step_with_g0(groups, g0_norm)
+                return self._finish(loss, fallback=3.0, g0_norm=g0_norm)
+            self._base_step(norm)
+        step_sq = 0.0
+        for g in groups:  # theta_tilde = theta0 + alpha * (theta_K - theta0)
+            params = g.local_params()
+            theta0 = [g.view(g.theta0, i) for i in range(len(params))]
+            step_sq += sum(float((p - t0).double().square().sum()) for p, t0 in zip(params, theta0, strict=True))
+            torch._foreach_lerp_(params, theta0, 1.0 - self.alpha)
+        self._load_optimizer_state(saved_state)
+
+        self._closure_pass(closure)
+        norm, _ = self._grad_norm(groups)
+        if not math.isfinite(norm):
+            self._restore_theta0_and_step_with_g0(groups, g0_norm)
+            return self._finish(loss, fallback=4.0, g0_norm=g0_norm)
+        self._base_step(norm)
+        self.base.zero_grad(set_to_none=True)
+        z = self.gate.observe(gate_value) if gate_value is not None else 0.0
+        return self._finish(loss, active=1.0, g0_norm=g0_norm, gtilde_norm=norm, z=z,
+                            gate_stat=gate_value if gate_value is not None else float("nan"),
+                            step_norm=math.sqrt(step_sq))
+
+    def _finish(self, loss, fallback=0.0, **stats):
+        self.last_stats = {"active": stats.pop("active", 0.0), "fallback": fallback, **stats,
+                           "gate_open": float(self.gate.open), "backward_passes": float(self.backward_passes)}
+        return loss
+
+
+

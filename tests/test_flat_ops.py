@@ -1,0 +1,116 @@
+"""Flat-buffer ops (Triton over pointer tables; interpreter on CPU) against the per-tensor reference."""
+
+import pytest
+import torch
+from helpers import rel_err
+
+from gxpo_kernels import backend
+from gxpo_kernels.flat import FlatGroup
+from gxpo_kernels.ops import flat_ops
+from gxpo_kernels.optim.reference import EXTRAP_STATS, extrapolate_reference, retention_scale
+
+SIZES = [1, 63, 64, 65, 200, 7, 0, 129]  # odd sizes around the block (64), and an empty tensor
+
+
+def make_group(seed, sizes=SIZES, block=64, special=True):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=g) for n in sizes]
+    g0 = [torch.randn(n, generator=g) for n in sizes]
+    if special:
+        g0[1][::5] = 0.0  # inactive coordinates
+        g0[4][::7] = 1e-9
+    group = FlatGroup(params, block)
+    group.theta0.fill_(float("nan"))  # poison: every element must be written by snapshot
+    group.g0.fill_(float("nan"))
+    return group, params, g0
+
+
+def g1_like(g0, seed, special=True):
+    g = torch.Generator().manual_seed(seed)
+    g1 = [x * (torch.rand(x.shape, generator=g) * 1.6 - 0.2) + 0.01 * torch.randn(x.shape, generator=g) for x in g0]
+    if special:
+        g1[3][:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+        g1[4][::3] = g0[4][::3] * 10  # r far outside [-2, 3]
+        g1[5][:] = -g0[5]  # r = -1: S_2 = 0, scale falls back to 1
+        g1[7][::2] = g0[7][::2]  # r = 1: scale hits its K/2 ... edge
+    return g1
+
+
+@pytest.fixture(params=["triton", "torch"])
+def ops_path(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(backend, "use_triton", lambda t: False)
+    assert backend.use_triton(torch.zeros(1)) == (request.param == "triton")
+    return request.param
+
+
+def test_snapshot_and_restore(ops_path):
+    group, params, g0 = make_group(0)
+    grads = [g if i != 2 else None for i, g in enumerate(g0)]
+    g0_sq = flat_ops.snapshot(group, grads)
+    for i, p in enumerate(params):
+        assert torch.equal(group.view(group.theta0, i), p)
+        assert torch.equal(group.view(group.g0, i), torch.zeros_like(p) if i == 2 else g0[i])
+    expected = sum(g.double().square().sum() for g in grads if g is not None)
+    assert rel_err(g0_sq, expected) < 1e-6
+    originals = [p.clone() for p in params]
+    for p in params:
+        p.add_(1.0)
+    flat_ops.restore(group)
+    assert all(torch.equal(p, o) for p, o in zip(params, originals, strict=True))
+
+
+@pytest.mark.parametrize("with_g0", [False, True])
+def test_grad_dots(ops_path, with_g0):
+    group, params, g0 = make_group(1, special=False)
+    flat_ops.snapshot(group, g0)
+    g1 = g1_like(g0, 2, special=False)
+    g1[0] = None
+    dots = flat_ops.grad_dots(group, g1, with_g0)
+    present = [(a, b) for a, b in zip(g0, g1, strict=True) if b is not None]
+    assert rel_err(dots[0], sum(b.double().square().sum() for _, b in present)) < 1e-6
+    expected_dot = sum((a.double() * b.double()).sum() for a, b in present) if with_g0 else torch.tensor(0.0)
+    assert rel_err(dots[1], expected_dot) < 1e-6
+
+
+@pytest.mark.parametrize("K,alpha,g1_scale", [(5, 0.5, 1.0), (2, 1.0, 1.0), (10, 0.3, 0.25), (3, 0.8, 2.0)])
+def test_extrapolate_matches_reference(ops_path, K, alpha, g1_scale):
+    group, params, g0 = make_group(K)
+    flat_ops.snapshot(group, g0)
+    theta0 = [p.clone() for p in params]
+    for i, p in enumerate(params):  # theta2: somewhere near theta0
+        p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    theta2 = [p.clone() for p in params]
+    grads = g1_like(g0, K + 1)
+    grads[6] = None
+    stats = flat_ops.extrapolate(group, grads, K=K, alpha=alpha, delta=1e-8, g1_scale=g1_scale)
+
+    ref_rows = []
+    for i, p in enumerate(params):
+        g1 = torch.zeros_like(p) if grads[i] is None else grads[i] * g1_scale
+        ref, row = extrapolate_reference(theta0[i].double(), theta2[i].double(), g0[i].double(), g1.double(),
+                                         K=K, alpha=alpha)
+        assert torch.isfinite(p).all()
+        assert rel_err(p, ref) < 1e-6, i
+        ref_rows.append(row)
+    ref_stats = flat_ops.combine_stats(torch.stack(ref_rows))
+    finite = [i for i, name in enumerate(EXTRAP_STATS) if name not in ("g1_sq", "g0_g1")]
+    assert rel_err(stats[finite], ref_stats[finite]) < 1e-6
+    assert not torch.isfinite(stats[EXTRAP_STATS.index("g1_sq")])  # the inf entries reach the norm
+    assert stats[EXTRAP_STATS.index("n_clipped")] > 0
+
+
+def test_retention_scale_rules():
+    """The clamp and fallback rules of DESIGN.md step 3, coordinate by coordinate."""
+    g0 = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -2.0, 0.0, 1e-9, 1.0], dtype=torch.float64)
+    g1 = torch.tensor([0.5, 10.0, -5.0, float("nan"), float("inf"), 1.0, 3.0, 1.0, -1.0], dtype=torch.float64)
+    scale, r, active, clipped = retention_scale(g0, g1, K=5, delta=1e-8)
+    assert r.tolist()[:6] == [0.5, 3.0, -2.0, 1.0, 3.0, -0.5]
+    assert active.tolist() == [True] * 6 + [False, False, True]
+    assert clipped.tolist() == [False, True, True, True, True, False, False, False, False]
+    s = lambda x, n: sum(x**i for i in range(n))  # noqa: E731
+    assert scale[0].item() == pytest.approx(s(0.5, 5) / s(0.5, 2))
+    assert scale[1].item() == 3.5  # S_5(3) / S_2(3) = 121 / 4, clamped to K/2 + 1
+    assert scale[3].item() == pytest.approx(2.5)  # NaN -> r = 1: S_5 / S_2 = 5 / 2
+    assert scale[6].item() == 1.0 and scale[7].item() == 1.0  # inactive
+    assert scale[8].item() == 1.0  # r = -1: |S_2| <= delta -> 1
