@@ -77,7 +77,7 @@ class GXPO(UpdateRule):
         self.base.step()  # theta2
         sums = sum(flat_ops.extrapolate(g, g.local_grads(), K=self.K, alpha=self.alpha, delta=self.delta,
                                         g1_scale=g1_scale) for g in groups)
-        sums = self._all_reduce(sums, max_index=EXTRAP_STATS.index("scale_max"))
+        sums = self._all_reduce(sums, with_max=True)
         sums = dict(zip(EXTRAP_STATS, sums.tolist(), strict=True))
         self._load_optimizer_state(saved_state)
 

@@ -73,13 +73,14 @@ class UpdateRule(torch.optim.Optimizer):
     def _sharded(self):
         return dist.is_available() and dist.is_initialized() and any(isinstance(p, DTensor) for p in self._params())
 
-    def _all_reduce(self, vec: torch.Tensor, max_index=None) -> torch.Tensor:
-        """Sum a small float64 vector over ranks (FSDP2 local shards); entry max_index takes the max."""
+    def _all_reduce(self, vec: torch.Tensor, with_max=False) -> torch.Tensor:
+        """Sum a small float64 vector over ranks (FSDP2 local shards); with_max: an EXTRAP_STATS vector."""
         if not self._sharded():
             return vec
-        rows = torch.empty(dist.get_world_size(), vec.numel(), dtype=vec.dtype, device=vec.device)
-        dist.all_gather_into_tensor(rows, vec.contiguous())
-        return flat_ops.combine_stats(rows) if max_index is not None else rows.sum(0)
+        rows = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, vec.contiguous())
+        rows = torch.stack(rows)
+        return flat_ops.combine_stats(rows) if with_max else rows.sum(0)
 
     def _closure_pass(self, closure):
         self.base.zero_grad(set_to_none=True)

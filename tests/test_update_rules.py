@@ -1,0 +1,182 @@
+"""GXPO / SFPO behaviour: pass counting, optimizer-state modes, fallbacks, checkpoints, config errors."""
+
+import copy
+
+import pytest
+import torch
+
+from gxpo_kernels import GXPO, SFPO
+
+
+def tiny_problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    return model, x, y
+
+
+def make_closure(model, x, y, poison_call=None, record=None):
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if calls[0] == poison_call:
+            loss = loss * float("nan")
+        loss.backward()
+        if record is not None:
+            record.append([p.grad.clone() for p in model.parameters()])
+        return loss, {"entropy_mean": 1.0 + 0.01 * calls[0]}
+
+    return closure
+
+
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_backward_pass_counting_and_gate_fallback():
+    model, x, y = tiny_problem()
+    opt = GXPO(model.parameters(), lr=1e-2, tau=1e-9)  # any |Z| > 0 trips the gate on the first step
+    closure = make_closure(model, x, y)
+    opt.step(closure)
+    assert opt.backward_passes == 3 and opt.last_stats["active"] == 1.0 and not opt.active
+    for n in range(3):
+        opt.step(closure)
+        assert opt.backward_passes == 4 + n and opt.last_stats["active"] == 0.0
+
+
+def test_sfpo_counts_k_plus_one():
+    model, x, y = tiny_problem()
+    opt = SFPO(model.parameters(), K=4, lr=1e-2, tau=100.0)
+    for step in range(3):
+        opt.step(make_closure(model, x, y))
+        assert opt.backward_passes == 5 * (step + 1)
+    assert opt.last_stats["gate_stat"] == pytest.approx(1.01)
+
+
+def test_sfpo_needs_a_gate_statistic():
+    model, x, y = tiny_problem()
+    opt = SFPO(model.parameters(), lr=1e-2)
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="entropy"):
+        opt.step(closure)
+    opt.step(closure, gate_value=2.0)
+    assert opt.last_stats["gate_stat"] == 2.0
+
+
+def test_diagnostics_are_reported():
+    model, x, y = tiny_problem()
+    opt = GXPO(model.parameters(), lr=1e-2, gate="never")
+    opt.step(make_closure(model, x, y))
+    s = opt.last_stats
+    for key in ("g0_norm", "g1_norm", "gtilde_norm", "cos_g0_g1", "cos_g0_gtilde", "r_mean", "r_std", "scale_mean",
+                "scale_max", "step_norm", "scaled_step_norm", "inactive_frac", "ratio_clip_frac", "z", "gate_stat"):
+        assert isinstance(s[key], float) and s[key] == s[key], key
+    assert 1.0 <= s["scale_mean"] <= s["scale_max"] <= 5 / 2 + 1
+    assert -1.0 <= s["cos_g0_g1"] <= 1.0 and s["step_norm"] > 0 and 0 <= s["inactive_frac"] < 1
+    assert s["gate_stat"] == s["gtilde_norm"]
+
+
+@pytest.mark.parametrize("mode,expected_steps", [("accumulate", 3), ("transactional", 1)])
+def test_optimizer_state_modes(mode, expected_steps):
+    model, x, y = tiny_problem()
+    grads = []
+    opt = GXPO(model.parameters(), lr=1e-2, gate="never", optimizer_state=mode, betas=(0.9, 0.99))
+    opt.step(make_closure(model, x, y, record=grads))
+    for p, g_tilde in zip(model.parameters(), grads[2], strict=True):
+        state = opt.base.state[p]
+        assert state["step"].item() == expected_steps
+        if mode == "transactional":  # only the corrective step is retained: moments of one step from zero
+            assert torch.allclose(state["exp_avg"], 0.1 * g_tilde, rtol=1e-6, atol=1e-9)
+            assert torch.allclose(state["exp_avg_sq"], 0.01 * g_tilde**2, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("poison_call,reason", [(1, 1.0), (2, 3.0), (3, 4.0)])
+def test_nonfinite_pass_falls_back_to_a_plain_step(poison_call, reason):
+    model, x, y = tiny_problem()
+    theta0 = params_of(model)
+    reference, _, _ = tiny_problem()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    torch.nn.functional.mse_loss(reference(x), y).backward()
+    ref_opt.step()
+
+    opt = GXPO(model.parameters(), lr=1e-2, gate="never", optimizer_state="transactional")
+    opt.step(make_closure(model, x, y, poison_call=poison_call))
+    assert opt.last_stats["fallback"] == reason
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    expected = theta0 if poison_call == 1 else params_of(reference)  # NaN g0: no step at all
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert torch.allclose(p, e, rtol=1e-6, atol=1e-7)
+
+
+def test_parameters_without_grad_are_left_alone():
+    model, x, y = tiny_problem()
+    unused = torch.nn.Parameter(torch.randn(4))
+    opt = GXPO(list(model.parameters()) + [unused], lr=1e-2, gate="never", weight_decay=0.1)
+    before = unused.detach().clone()
+    opt.step(make_closure(model, x, y))
+    assert torch.equal(unused, before) and unused.grad is None
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    model, x, y = tiny_problem()
+    opt = GXPO(model.parameters(), lr=1e-2, tau=3.0, max_grad_norm=0.5)
+    for _ in range(2):
+        opt.step(make_closure(model, x, y))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    opt.step(make_closure(model, x, y))
+    expected, expected_stats = params_of(model), dict(opt.last_stats)
+
+    model2, _, _ = tiny_problem(seed=1)
+    model2.load_state_dict(saved_model)
+    opt2 = GXPO(model2.parameters(), lr=1e-2, tau=3.0, max_grad_norm=0.5)
+    opt2.load_state_dict(saved_opt)
+    opt2.step(make_closure(model2, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model2), expected, strict=True))
+    assert opt2.last_stats == expected_stats and opt2.backward_passes == opt.backward_passes
+
+
+def test_prebuilt_base_and_lr_scheduler():
+    model, x, y = tiny_problem()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = GXPO(model.parameters(), base=base, gate="never")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(make_closure(model, x, y))
+    sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="already-built optimizer"):
+        GXPO(model.parameters(), base=base, lr=0.1)
+
+
+def test_gradient_clipping_bounds_each_step():
+    model, x, y = tiny_problem()
+    opt = GXPO(model.parameters(), base=torch.optim.SGD, lr=1.0, gate="never", max_grad_norm=1e-3, K=2, alpha=1.0)
+    theta0 = params_of(model)
+    opt.step(make_closure(model, x, y))
+    moved = sum((p - t).double().square().sum() for p, t in zip(model.parameters(), theta0, strict=True)).sqrt()
+    assert opt.last_stats["g0_norm"] > 1e-3
+    assert moved.item() <= 3 * 1e-3 * (1 + 1e-4)  # K = 2, alpha = 1: scale 1; three clipped SGD steps
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"K": 1}, "K must be an int >= 2"), ({"alpha": 0.0}, r"alpha must be in \(0, 1\]"),
+    ({"alpha": 1.5}, "alpha must be"), ({"tau": 0.0}, "tau must be > 0"), ({"gate": "maybe"}, "unknown gate"),
+    ({"gate_stat": "loss"}, "unknown gate_stat"), ({"optimizer_state": "x"}, "unknown optimizer_state"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm must be"), ({"base": "adam"}, "base must be"),
+])
+def test_bad_config(kwargs, message):
+    model, _, _ = tiny_problem()
+    with pytest.raises(ValueError, match=message):
+        GXPO(model.parameters(), **kwargs)
+
+
+def test_step_needs_a_closure():
+    model, _, _ = tiny_problem()
+    with pytest.raises(ValueError, match="closure"):
+        GXPO(model.parameters()).step()
