@@ -11,15 +11,16 @@ INTERP  = $(if $(filter 1,$(HAS_GPU)),,TRITON_INTERPRET=1)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+# --no-build-isolation: the C++ extension (csrc/) builds against the venv's torch.
+$(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,liger]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,liger]"
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(INTERP) $(PY) -m pytest -q tests
+	$(INTERP) GXPO_REQUIRE_CPP=1 $(PY) -m pytest -q tests
 
 test-gpu:
 	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest -q -m gpu tests

@@ -2,8 +2,9 @@
 
 - CUDA tensors: compiled Triton.
 - CPU float32 tensors with TRITON_INTERPRET=1 set before import: Triton's interpreter (tests).
-- Anything else (CPU without the interpreter, float64, bf16 on CPU): the plain torch reference
-  of the same math.
+- Otherwise, for the update rules' flat-buffer ops on CPU float32/float64: the C++ (OpenMP)
+  extension gxpo_kernels._C when it was built (setup.py).
+- Anything else: torch ops with the same math.
 """
 
 import os
@@ -16,6 +17,14 @@ try:
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is a core dependency
     HAS_TRITON = False
+
+try:
+    from . import _C  # noqa: F401
+
+    HAS_CPP = True
+except ImportError:
+    _C = None
+    HAS_CPP = False
 
 # Triton reads this when a kernel is decorated, so it is fixed at import time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -31,6 +40,10 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return t.device.type == "cpu" and INTERPRET and t.dtype == torch.float32
+
+
+def use_cpp(t: torch.Tensor) -> bool:
+    return HAS_CPP and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
 def empty(*shape, dtype, device) -> torch.Tensor:

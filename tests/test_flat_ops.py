@@ -1,5 +1,7 @@
 """Flat-buffer ops (Triton over pointer tables; interpreter on CPU) against the per-tensor reference."""
 
+import os
+
 import pytest
 import torch
 from helpers import rel_err
@@ -36,10 +38,17 @@ def g1_like(g0, seed, special=True):
     return g1
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=["triton", "cpp", "torch"])
 def ops_path(request, monkeypatch):
-    if request.param == "torch":
+    """Triton (interpreter on CPU), the C++ extension, and the torch fallback."""
+    if request.param != "triton":
         monkeypatch.setattr(backend, "use_triton", lambda t: False)
+    if request.param == "cpp" and not backend.HAS_CPP:
+        if os.environ.get("GXPO_REQUIRE_CPP") == "1":
+            pytest.fail("gxpo_kernels._C was not built (GXPO_REQUIRE_CPP=1)")
+        pytest.skip("gxpo_kernels._C not built")
+    if request.param == "torch":
+        monkeypatch.setattr(backend, "use_cpp", lambda t: False)
     assert backend.use_triton(torch.zeros(1)) == (request.param == "triton")
     return request.param
 

@@ -3,7 +3,8 @@
 Every kernel walks the group's block map (block -> tensor index, start) and its int64 pointer
 tables, reads the flat theta0 / g0 state at the tensor's offset, and writes per-block partial sums
 that torch reduces (deterministic, no atomics). A gradient pointer of 0 means "no grad": g = 0.
-The torch path (CPU without the interpreter, float64) runs the per-tensor reference.
+On CPU without the interpreter the C++ extension (csrc/flat_ops.cpp) runs the same math; the
+torch path (the per-tensor reference) is the fallback when neither is there.
 """
 
 import torch
@@ -124,6 +125,9 @@ def snapshot(group: FlatGroup, grads) -> torch.Tensor:
     """theta0 <- params, g0 <- grads (0 where None); returns sum(g0^2) (0-d, float64)."""
     if group.total == 0:
         return torch.zeros((), dtype=torch.float64, device=group.device)
+    if not backend.use_triton(group.theta0) and backend.use_cpp(group.theta0):
+        total = backend._C.snapshot(group.local_params(), grads, group.theta0, group.g0, group.offsets)
+        return torch.tensor(total, dtype=torch.float64)
     if not backend.use_triton(group.theta0):
         total = torch.zeros((), dtype=torch.float64, device=group.device)
         for i, (p, g) in enumerate(zip(group.local_params(), grads, strict=True)):
@@ -144,6 +148,9 @@ def restore(group: FlatGroup) -> None:
     """params <- theta0."""
     if group.total == 0:
         return
+    if not backend.use_triton(group.theta0) and backend.use_cpp(group.theta0):
+        backend._C.restore(group.local_params(), group.theta0, group.offsets)
+        return
     if not backend.use_triton(group.theta0):
         for i, p in enumerate(group.local_params()):
             p.copy_(group.view(group.theta0, i))
@@ -156,6 +163,9 @@ def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
     """[sum(g^2), sum(g0 * g)] (float64; the second is 0 unless with_g0)."""
     if group.total == 0:
         return torch.zeros(2, dtype=torch.float64, device=group.device)
+    if not backend.use_triton(group.theta0) and backend.use_cpp(group.theta0):
+        dots = backend._C.grad_dots(group.local_params(), grads, group.g0, group.offsets, with_g0)
+        return torch.tensor(dots, dtype=torch.float64)
     if not backend.use_triton(group.theta0):
         out = torch.zeros(2, dtype=torch.float64, device=group.device)
         for i, g in enumerate(grads):
@@ -179,6 +189,10 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
         out = torch.zeros(n_stats, dtype=torch.float64, device=group.device)
         out[EXTRAP_STATS.index("scale_max")] = 1.0
         return out
+    if not backend.use_triton(group.theta0) and backend.use_cpp(group.theta0):
+        sums = backend._C.extrapolate(group.local_params(), grads, group.theta0, group.g0, group.offsets, K,
+                                      float(alpha), float(delta), float(g1_scale))
+        return torch.tensor(sums, dtype=torch.float64)
     if not backend.use_triton(group.theta0):
         rows = []
         for i, (p, g) in enumerate(zip(group.local_params(), grads, strict=True)):

@@ -1,0 +1,191 @@
+// CPU (OpenMP) versions of the update rules' flat-buffer ops: the same math as
+// gxpo_kernels/ops/flat_ops.py (Triton) and gxpo_kernels/optim/reference.py (torch).
+// Parameters and gradients arrive as lists of contiguous tensors; theta0 / g0 are flat buffers and
+// offsets[i] is tensor i's start in them. Reductions accumulate in double.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using GradList = std::vector<std::optional<at::Tensor>>;
+
+const void* grad_data(const GradList& grads, size_t i) {
+  return grads[i].has_value() && grads[i]->defined() ? grads[i]->data_ptr() : nullptr;
+}
+
+void check_inputs(const std::vector<at::Tensor>& params, const GradList& grads, const at::Tensor& flat,
+                  const std::vector<int64_t>& offsets) {
+  TORCH_CHECK(params.size() == grads.size() && params.size() == offsets.size(), "list lengths differ");
+  TORCH_CHECK(flat.is_contiguous() && flat.device().is_cpu(), "flat buffer must be a contiguous CPU tensor");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].is_contiguous() && params[i].scalar_type() == flat.scalar_type(), "bad parameter ", i);
+    TORCH_CHECK(offsets[i] + params[i].numel() <= flat.numel(), "offset out of range for tensor ", i);
+    if (grad_data(grads, i)) {
+      TORCH_CHECK(grads[i]->is_contiguous() && grads[i]->scalar_type() == flat.scalar_type() &&
+                      grads[i]->numel() == params[i].numel(), "bad gradient ", i);
+    }
+  }
+}
+
+template <typename T>
+double snapshot_impl(const std::vector<at::Tensor>& params, const GradList& grads, at::Tensor& theta0, at::Tensor& g0,
+                     const std::vector<int64_t>& offsets) {
+  T* theta0_ptr = theta0.data_ptr<T>();
+  T* g0_ptr = g0.data_ptr<T>();
+  double total = 0.0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel(), off = offsets[i];
+    std::memcpy(theta0_ptr + off, params[i].data_ptr<T>(), n * sizeof(T));
+    const T* g = static_cast<const T*>(grad_data(grads, i));
+    if (!g) {
+      std::fill(g0_ptr + off, g0_ptr + off + n, T(0));
+      continue;
+    }
+    double s = 0.0;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+      g0_ptr[off + j] = g[j];
+      s += double(g[j]) * double(g[j]);
+    }
+    total += s;
+  }
+  return total;
+}
+
+template <typename T>
+void restore_impl(std::vector<at::Tensor>& params, const at::Tensor& theta0, const std::vector<int64_t>& offsets) {
+  const T* theta0_ptr = theta0.data_ptr<T>();
+  for (size_t i = 0; i < params.size(); ++i) {
+    std::memcpy(params[i].data_ptr<T>(), theta0_ptr + offsets[i], params[i].numel() * sizeof(T));
+  }
+}
+
+template <typename T>
+std::vector<double> grad_dots_impl(const GradList& grads, const at::Tensor& g0, const std::vector<int64_t>& offsets,
+                                   bool with_g0) {
+  const T* g0_ptr = g0.data_ptr<T>();
+  double sq = 0.0, dot = 0.0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const T* g = static_cast<const T*>(grad_data(grads, i));
+    if (!g) continue;
+    const int64_t n = grads[i]->numel(), off = offsets[i];
+    double s = 0.0, d = 0.0;
+#pragma omp parallel for reduction(+ : s, d) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+      s += double(g[j]) * double(g[j]);
+      if (with_g0) d += double(g0_ptr[off + j]) * double(g[j]);
+    }
+    sq += s;
+    dot += d;
+  }
+  return {sq, dot};
+}
+
+// Order of the returned sums: EXTRAP_STATS in gxpo_kernels/optim/reference.py.
+template <typename T>
+std::vector<double> extrapolate_impl(std::vector<at::Tensor>& params, const GradList& grads, const at::Tensor& theta0,
+                                     const at::Tensor& g0, const std::vector<int64_t>& offsets, int64_t K,
+                                     double alpha_d, double delta_d, double g1_scale_d) {
+  const T alpha = T(alpha_d), delta = T(delta_d), g1_scale = T(g1_scale_d), scale_hi = T(K / 2.0 + 1.0);
+  const T* theta0_ptr = theta0.data_ptr<T>();
+  const T* g0_ptr = g0.data_ptr<T>();
+  std::vector<double> out(11, 0.0);
+  out[8] = 1.0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    T* p = params[i].data_ptr<T>();
+    const T* g = static_cast<const T*>(grad_data(grads, i));
+    const int64_t n = params[i].numel(), off = offsets[i];
+    double g0_sq = 0, g1_sq = 0, g0_g1 = 0, n_active = 0, r_sum = 0, r_sq = 0, n_clipped = 0, scale_sum = 0,
+           scale_max = 1, d_sq = 0, scaled_d_sq = 0;
+#pragma omp parallel for schedule(static) reduction(+ : g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, \
+                                                        scale_sum, d_sq, scaled_d_sq) reduction(max : scale_max)
+    for (int64_t j = 0; j < n; ++j) {
+      const T a = g0_ptr[off + j];
+      const T b = g ? g[j] * g1_scale : T(0);
+      const T abs_a = std::abs(a);
+      const bool active = abs_a > delta;
+      T r = b / ((a >= 0 ? T(1) : T(-1)) * std::max(abs_a, delta));
+      const bool clipped = active && (!std::isfinite(r) || r < T(-2) || r > T(3));
+      if (std::isnan(r)) r = T(1);
+      r = std::min(std::max(r, T(-2)), T(3));
+      if (!active) r = T(1);
+      T s_k = T(1);
+      for (int64_t k = 1; k < K; ++k) s_k = s_k * r + T(1);
+      const T s_2 = T(1) + r;
+      T scale = std::abs(s_2) > delta ? s_k / s_2 : T(1);
+      if (!std::isfinite(scale)) scale = T(1);
+      scale = std::min(std::max(scale, T(1)), scale_hi);
+      if (!active) scale = T(1);
+      const T theta0_j = theta0_ptr[off + j];
+      const T d = p[j] - theta0_j;
+      p[j] = theta0_j + alpha * scale * d;
+      g0_sq += double(a) * a;
+      g1_sq += double(b) * b;
+      g0_g1 += double(a) * b;
+      if (active) {
+        n_active += 1;
+        r_sum += r;
+        r_sq += double(r) * r;
+        scale_sum += scale;
+      }
+      n_clipped += clipped;
+      scale_max = std::max(scale_max, double(scale));
+      d_sq += double(d) * d;
+      scaled_d_sq += double(scale * d) * double(scale * d);
+    }
+    const double row[11] = {g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq,
+                            scaled_d_sq};
+    for (int k = 0; k < 11; ++k) out[k] = k == 8 ? std::max(out[k], row[k]) : out[k] + row[k];
+  }
+  return out;
+}
+
+#define DISPATCH_FLOAT(dtype, NAME, ...)                                     \
+  [&] {                                                                      \
+    if ((dtype) == at::kFloat) { using scalar_t = float; return __VA_ARGS__(); }   \
+    TORCH_CHECK((dtype) == at::kDouble, NAME ": float32 or float64 only");   \
+    using scalar_t = double;                                                 \
+    return __VA_ARGS__();                                                    \
+  }()
+
+double snapshot(std::vector<at::Tensor> params, GradList grads, at::Tensor theta0, at::Tensor g0,
+                std::vector<int64_t> offsets) {
+  check_inputs(params, grads, theta0, offsets);
+  return DISPATCH_FLOAT(theta0.scalar_type(), "snapshot",
+                        [&] { return snapshot_impl<scalar_t>(params, grads, theta0, g0, offsets); });
+}
+
+void restore(std::vector<at::Tensor> params, at::Tensor theta0, std::vector<int64_t> offsets) {
+  check_inputs(params, GradList(params.size()), theta0, offsets);
+  DISPATCH_FLOAT(theta0.scalar_type(), "restore", [&] { restore_impl<scalar_t>(params, theta0, offsets); });
+}
+
+std::vector<double> grad_dots(std::vector<at::Tensor> params, GradList grads, at::Tensor g0,
+                              std::vector<int64_t> offsets, bool with_g0) {
+  check_inputs(params, grads, g0, offsets);
+  return DISPATCH_FLOAT(g0.scalar_type(), "grad_dots",
+                        [&] { return grad_dots_impl<scalar_t>(grads, g0, offsets, with_g0); });
+}
+
+std::vector<double> extrapolate(std::vector<at::Tensor> params, GradList grads, at::Tensor theta0, at::Tensor g0,
+                                std::vector<int64_t> offsets, int64_t K, double alpha, double delta,
+                                double g1_scale) {
+  check_inputs(params, grads, theta0, offsets);
+  return DISPATCH_FLOAT(theta0.scalar_type(), "extrapolate", [&] {
+    return extrapolate_impl<scalar_t>(params, grads, theta0, g0, offsets, K, alpha, delta, g1_scale);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("snapshot", &snapshot, "theta0 <- params, g0 <- grads; returns sum(g0^2)");
+  m.def("restore", &restore, "params <- theta0");
+  m.def("grad_dots", &grad_dots, "[sum(g^2), sum(g0 * g)]");
+  m.def("extrapolate", &extrapolate, "GXPO extrapolation in place; returns the EXTRAP_STATS sums");
+}
