@@ -1,5 +1,6 @@
 """Turn a pytest-benchmark JSON file into a markdown table: per group, each implementation's median
-time, peak extra memory (CUDA), and how many times slower it is than ours (same run, same device)."""
+time, peak extra memory (CUDA), achieved bandwidth where the benchmark counts its bytes, and how many
+times slower it is than ours (same run, same device)."""
 
 import argparse
 import json
@@ -20,12 +21,15 @@ def render(data, title):
              f"host {machine.get('cpu', {}).get('brand_raw', '?')}; {data.get('datetime', '')}", ""]
     for group, impls in groups.items():
         ours = impls.get("ours")
-        lines += [f"## {group}", "", "| impl | median ms | peak extra MiB | time / ours |", "|---|---|---|---|"]
+        lines += [f"## {group}", "", "| impl | median ms | peak extra MiB | GB/s (bytes counted) | time / ours |",
+                  "|---|---|---|---|---|"]
         for name, bench in sorted(impls.items(), key=lambda kv: kv[1]["stats"]["median"]):
             median = bench["stats"]["median"]
             ratio = f"{median / ours['stats']['median']:.2f}x" if ours else "-"
             mem = bench["extra_info"].get("peak_extra_mib", "-")
-            lines.append(f"| {name} | {1e3 * median:.3f} | {mem} | {ratio} |")
+            moved = bench["extra_info"].get("bytes_moved")
+            bandwidth = f"{moved / median / 1e9:.1f}" if moved else "-"
+            lines.append(f"| {name} | {1e3 * median:.3f} | {mem} | {bandwidth} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
