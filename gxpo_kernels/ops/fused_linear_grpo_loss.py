@@ -9,7 +9,7 @@ import torch
 import triton
 
 from .. import backend
-from .grpo_loss import grpo_rows, scale_grad_
+from .grpo_loss import grpo_rows, scale_grad_, take_saved_grads
 from .reference import STAT_NAMES
 
 
@@ -56,14 +56,11 @@ class FusedLinearGRPOLossFunction(torch.autograd.Function):
                 grad_weight.addmm_(dlogits_CV.t(), hidden_CH)
             if need_bias:
                 grad_bias += dlogits_CV.sum(0, dtype=stats_dtype)
-        ctx.grads = (grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias_V.dtype))
+        ctx.saved_grads = (grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias_V.dtype))
         ctx.mark_non_differentiable(stats)
         return (weight_N.to(stats_dtype) * stats[0]).sum(), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        if ctx.grads is None:
-            raise RuntimeError("fused_linear_grpo_loss: backward ran twice; recompute the loss for another "
-                               "backward.")
-        grads, ctx.grads = ctx.grads, None
+        grads = take_saved_grads(ctx, "fused_linear_grpo_loss")
         return (*(scale_grad_(g, grad_loss) for g in grads), None, None, None, None, None, None, None)

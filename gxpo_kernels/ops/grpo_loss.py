@@ -212,6 +212,15 @@ def grpo_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg: LossConfig,
     return _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad)
 
 
+def take_saved_grads(ctx, what: str):
+    """The gradients a loss Function computed in its forward, handed out once."""
+    grads, ctx.saved_grads = ctx.saved_grads, None
+    if grads is None:
+        raise RuntimeError(f"{what}: backward ran twice; the gradient buffers were already handed out. "
+                           "Recompute the loss for another backward.")
+    return grads
+
+
 def scale_grad_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
     """grad * grad_output, in place, skipped when grad_output == 1 (the usual loss.backward())."""
     if grad is not None and bool(grad_output.ne(1)):
@@ -224,14 +233,11 @@ class GRPOLossFunction(torch.autograd.Function):
     def forward(ctx, logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, inplace, block_v):
         stats, dlogits = grpo_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg,
                                    compute_grad=ctx.needs_input_grad[0], inplace=inplace, block_v=block_v)
-        ctx.dlogits = dlogits
+        ctx.saved_grads = dlogits
         ctx.mark_non_differentiable(stats)
         return (weight_N.to(stats.dtype) * stats[0]).sum(), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        if ctx.dlogits is None:
-            raise RuntimeError("grpo_loss: backward ran twice; the gradient buffer was already handed "
-                               "out. Recompute the loss for another backward.")
-        dlogits, ctx.dlogits = ctx.dlogits, None
+        dlogits = take_saved_grads(ctx, "grpo_loss")
         return scale_grad_(dlogits, grad_loss), None, None, None, None, None, None, None, None

@@ -8,7 +8,7 @@ import torch
 from ..ops import flat_ops
 from .gate import ZScoreGate
 from .reference import EXTRAP_STATS
-from .rule import FALLBACK_CODES, UpdateRule
+from .rule import UpdateRule
 
 GATE_STATS = ("trajectory", "g0")
 
@@ -46,14 +46,7 @@ class GXPO(UpdateRule):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is None:
-            raise ValueError("GXPO.step needs a closure that computes the loss on the batch and calls backward")
-        self.steps += 1
-        if not self.gate.open:
-            loss, _, norm = self._plain_step(closure)
-            self.gate.tick_closed()
-            self.last_stats = {"active": 0.0, "gate_open": float(self.gate.open), "g0_norm": norm,
-                               "backward_passes": float(self.backward_passes)}
+        if (loss := self._closed_gate_step(closure)) is not None:
             return loss
 
         groups = self._flat_groups()
@@ -105,8 +98,3 @@ class GXPO(UpdateRule):
             inactive_frac=1.0 - sums["n_active"] / max(n_total, 1.0),
             ratio_clip_frac=sums["n_clipped"] / n_active, z=z, gate_stat=h,
         )
-
-    def _finish(self, loss, reason, **stats):
-        self.last_stats = {"active": stats.pop("active", 0.0), "fallback": FALLBACK_CODES[reason], **stats,
-                           "gate_open": float(self.gate.open), "backward_passes": float(self.backward_passes)}
-        return loss

@@ -107,6 +107,25 @@ class UpdateRule(torch.optim.Optimizer):
         self._clip(norm)
         self.base.step()
 
+    def _closed_gate_step(self, closure):
+        """Start a step: check the closure and count it; while the gate is closed, take one plain step
+        and return its loss (None while the gate is open)."""
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that computes the loss on the batch "
+                             "and calls backward")
+        self.steps += 1
+        if self.gate.open:
+            return None
+        loss, _, norm = self._plain_step(closure)
+        self.gate.tick_closed()
+        self._finish(loss, "none", active=0.0, g0_norm=norm)
+        return loss
+
+    def _finish(self, loss, reason, **stats):
+        self.last_stats = {"active": stats.pop("active", 0.0), "fallback": FALLBACK_CODES[reason], **stats,
+                           "gate_open": float(self.gate.open), "backward_passes": float(self.backward_passes)}
+        return loss
+
     def _plain_step(self, closure):
         """One GRPO step: one pass, clip, base step."""
         loss, metrics = self._closure_pass(closure)

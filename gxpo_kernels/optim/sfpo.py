@@ -32,14 +32,7 @@ class SFPO(UpdateRule):
 
     @torch.no_grad()
     def step(self, closure=None, gate_value=None):
-        if closure is None:
-            raise ValueError("SFPO.step needs a closure that computes the loss on the batch and calls backward")
-        self.steps += 1
-        if not self.gate.open:
-            loss, _, norm = self._plain_step(closure)
-            self.gate.tick_closed()
-            self.last_stats = {"active": 0.0, "gate_open": float(self.gate.open), "g0_norm": norm,
-                               "backward_passes": float(self.backward_passes)}
+        if (loss := self._closed_gate_step(closure)) is not None:
             return loss
 
         groups = self._flat_groups()
@@ -52,7 +45,7 @@ class SFPO(UpdateRule):
         g0_norm = self._snapshot(groups)
         if not math.isfinite(g0_norm):
             self.base.zero_grad(set_to_none=True)
-            return self._finish(loss, fallback=1.0, g0_norm=g0_norm)
+            return self._finish(loss, "nonfinite_g0", g0_norm=g0_norm)
         saved_state = self._save_optimizer_state()
         self._base_step(g0_norm)
         for _ in range(self.K - 1):
@@ -60,7 +53,7 @@ class SFPO(UpdateRule):
             norm, _ = self._grad_norm(groups)
             if not math.isfinite(norm):
                 self._restore_theta0_and_step_with_g0(groups, g0_norm)
-                return self._finish(loss, fallback=3.0, g0_norm=g0_norm)
+                return self._finish(loss, "nonfinite_g1", g0_norm=g0_norm)
             self._base_step(norm)
         step_sq = 0.0
         for g in groups:  # theta_tilde = theta0 + alpha * (theta_K - theta0)
@@ -74,18 +67,10 @@ class SFPO(UpdateRule):
         norm, _ = self._grad_norm(groups)
         if not math.isfinite(norm):
             self._restore_theta0_and_step_with_g0(groups, g0_norm)
-            return self._finish(loss, fallback=4.0, g0_norm=g0_norm)
+            return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)
         self._base_step(norm)
         self.base.zero_grad(set_to_none=True)
         z = self.gate.observe(gate_value) if gate_value is not None else 0.0
-        return self._finish(loss, active=1.0, g0_norm=g0_norm, gtilde_norm=norm, z=z,
+        return self._finish(loss, "none", active=1.0, g0_norm=g0_norm, gtilde_norm=norm, z=z,
                             gate_stat=gate_value if gate_value is not None else float("nan"),
                             step_norm=math.sqrt(step_sq))
-
-    def _finish(self, loss, fallback=0.0, **stats):
-        self.last_stats = {"active": stats.pop("active", 0.0), "fallback": fallback, **stats,
-                           "gate_open": float(self.gate.open), "backward_passes": float(self.backward_passes)}
-        return loss
-
-
-

@@ -1,0 +1,46 @@
+"""Compiled Triton flat ops and the update rules on CUDA (skipped without a GPU)."""
+
+import pytest
+import torch
+from helpers import rel_err
+from test_gxpo_surrogate import closure_for, gd, quadratic_problem
+
+from gxpo_kernels import GXPO, backend
+from gxpo_kernels.flat import FlatGroup
+from gxpo_kernels.ops import flat_ops
+from gxpo_kernels.optim.reference import extrapolate_reference
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("K", [3, 5, 10])
+def test_surrogate_exactness_fp32_on_cuda(K):
+    eta = 0.1
+    h, theta0 = quadratic_problem(100_003, torch.float32, seed=K)
+    h, theta0 = h.cuda(), theta0.cuda()
+    param = torch.nn.Parameter(theta0.clone())
+    opt = GXPO([param], base=torch.optim.SGD, K=K, alpha=1.0, gate="never", lr=eta)
+    assert backend.use_triton(param)
+    opt.step(closure_for(param, h))
+    expected = gd(theta0.double(), h.double(), eta, K + 1)
+    assert ((param.detach().double() - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_extrapolate_on_cuda_matches_reference(dtype, tol):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sizes = [1, 4095, 4096, 4097, 1_000_003]
+    params = [torch.randn(n, device="cuda", generator=g).to(dtype) for n in sizes]
+    g0 = [torch.randn(n, device="cuda", generator=g).to(dtype) for n in sizes]
+    g1 = [(a.float() * 0.7 + 0.1 * torch.randn(a.shape, device="cuda", generator=g)).to(dtype) for a in g0]
+    group = FlatGroup(params, 1024)
+    group.theta0.fill_(float("nan"))
+    flat_ops.snapshot(group, g0)
+    theta0 = [p.clone() for p in params]
+    for p in params:
+        p.add_(0.01)
+    theta2 = [p.clone() for p in params]
+    flat_ops.extrapolate(group, g1, K=5, alpha=0.5, delta=1e-8)
+    for p, t0, t2, a, b in zip(params, theta0, theta2, g0, g1, strict=True):
+        ref, _ = extrapolate_reference(t0.double(), t2.double(), a.double(), b.double(), K=5, alpha=0.5)
+        assert rel_err(p, ref) < tol
