@@ -1,0 +1,158 @@
+"""The trainer on a tiny random Qwen2 model (built locally): every update rule, metrics, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from trainer import train as train_module  # noqa: E402
+from trainer.checkpoint import checkpoint_dir  # noqa: E402
+from trainer.cli import main as cli_main  # noqa: E402
+from trainer.config import load_config, to_toml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def length_reward(text, gold):
+    """A reward the untrained tiny model can earn: completions of even length."""
+    return float(len(text) % 2 == 0)
+
+
+def tiny_cfg(tmp_path, algo, steps=3, **extra):
+    overrides = {"model": "tiny-random", "algo": algo, "steps": steps, "out": str(tmp_path / algo),
+                 "rollout.num_prompts": 3, "rollout.group_size": 4, "rollout.max_new_tokens": 12,
+                 "optim.lr": 1e-3, "gxpo.tau": 100.0, "sfpo.tau": 100.0, **extra}
+    return load_config(overrides=[(k, str(v)) for k, v in overrides.items()])
+
+
+@pytest.fixture(autouse=True)
+def fake_reward_and_cpu_paths(monkeypatch):
+    """A learnable reward; and the CPU paths a user runs (C++ / torch), not the Triton interpreter,
+    whose kernels are tested on their own."""
+    from gxpo_kernels import backend
+
+    monkeypatch.setattr(train_module, "make_reward", lambda kind: length_reward)
+    monkeypatch.setattr(backend, "use_triton", lambda t: t.is_cuda)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo,passes_per_step", [("grpo", 1), ("sfpo", 4), ("gxpo", 3)])
+def test_three_steps_with_each_rule(tmp_path, algo, passes_per_step):
+    cfg = tiny_cfg(tmp_path, algo, **({"loss.micro_batch_size": 5} if algo == "gxpo" else {}))
+    out = train_module.train(cfg, log=lambda *_: None)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["backward_passes"] for r in rows] == [passes_per_step * (i + 1) for i in range(3)]
+    for r in rows:
+        assert r["loss"] is not None and abs(r["loss"]) < 1e3
+        for key in ("reward_mean", "accuracy", "wall_time_s", "time/rollout", "time/reward", "time/pass_1",
+                    "time/update_rule", "time/unaccounted", "tokens_per_s", "entropy_mean"):
+            assert key in r, key
+        phases = sum(v for k, v in r.items() if k.startswith("time/") and k != "time/step")
+        assert phases == pytest.approx(r["time/step"], rel=1e-6, abs=1e-6)
+    assert (out / "config.toml").exists() and (out / "final" / "config.json").exists()
+    assert load_config(out / "config.toml").algo == algo  # the written config reads back
+
+
+def test_micro_batches_give_the_whole_batch_gradient(tmp_path):
+    from trainer.models import load_policy
+    from trainer.rollout import make_engine
+    from trainer.step import LossClosure
+
+    for loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        grads = []
+        for micro in (0, 3):
+            cfg = tiny_cfg(tmp_path, "grpo", **{"loss.loss_agg": loss_agg, "loss.micro_batch_size": micro})
+            torch.manual_seed(0)
+            model, tok = load_policy("tiny-random", torch.float32)
+            batch = make_engine("hf", model, tok, cfg.rollout).generate(["user: 1 + 1\nassistant: "] * 2, 4)
+            adv = torch.linspace(-1, 1, 8)
+            model.zero_grad()
+            LossClosure(model, batch, adv, cfg)()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), loss_agg
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train_module.train(tiny_cfg(tmp_path / "a", "gxpo", steps=4), log=lambda *_: None)
+    first = tiny_cfg(tmp_path / "b", "gxpo", steps=2)
+    train_module.train(first, log=lambda *_: None)
+    resumed = train_module.train(tiny_cfg(tmp_path / "b", "gxpo", steps=4, resume=True), log=lambda *_: None)
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("reward_mean", "loss", "backward_passes", "rule/gtilde_norm"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+
+
+def test_torn_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    out = train_module.train(tiny_cfg(tmp_path, "grpo", steps=3, save_every=1), log=lambda *_: None)
+    ckpts = sorted(checkpoint_dir(out).glob("step_*.pt"))
+    assert [p.name for p in ckpts] == ["step_00000002.pt", "step_00000003.pt"]
+    ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # torn mid-write
+    messages = []
+    from trainer.checkpoint import load_latest_checkpoint
+
+    assert load_latest_checkpoint(out, log=messages.append)["step"] == 2
+    assert "unreadable" in messages[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_exactly(tmp_path, sig):
+    """SIGTERM: the run checkpoints after the current step and exits 0. SIGKILL: it dies wherever it is.
+    Either way --resume continues from the newest whole checkpoint, and the steps after it equal an
+    uninterrupted run's."""
+    steps, run = 6, tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    script = ("import sys; from trainer import train as t; from test_trainer import length_reward;"
+              "t.make_reward = lambda kind: length_reward; from trainer.cli import main; main(sys.argv[1:])")
+    cfg = tiny_cfg(run, "gxpo", steps=steps, save_every=1)
+    args = ["--config", str(tmp_path / "cfg.toml")]
+
+    (tmp_path / "cfg.toml").write_text(to_toml(cfg))
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=Path(__file__).parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0 and "SIGTERM" in output, output
+    stopped_at = len(read_metrics(cfg.out))
+    assert 2 <= stopped_at < steps, "the run finished before the signal; make it longer"
+
+    resumed = read_metrics(train_module.train(tiny_cfg(run, "gxpo", steps=steps, save_every=1, resume=True),
+                                              log=lambda *_: None))
+    straight = read_metrics(train_module.train(tiny_cfg(tmp_path / "straight", "gxpo", steps=steps),
+                                               log=lambda *_: None))
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    for ra, rb in zip(straight, resumed, strict=True):
+        for key in ("reward_mean", "loss", "backward_passes", "rule/gtilde_norm"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+
+
+def test_config_errors_and_help(capsys, tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'gxpo.KK'"):
+        cli_main(["--gxpo.KK", "3"])
+    with pytest.raises(SystemExit, match="'algo' must be one of"):
+        cli_main(["--algo", "ppo"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[rollout]\ngroup_sizes = 4\n")
+    with pytest.raises(SystemExit, match="unknown config key 'rollout.group_sizes'"):
+        cli_main(["--config", str(bad)])
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--help"])
+    assert e.value.code == 0 and "gxpo-train" in capsys.readouterr().out

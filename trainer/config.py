@@ -1,0 +1,199 @@
+"""Training configuration: dataclasses, loaded from TOML, every field overridable on the command line
+as --section.field VALUE (or --field VALUE for top-level fields). Unknown keys and bad values are
+errors that name the key."""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import tomllib
+
+ALGOS = ("grpo", "sfpo", "gxpo")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # | "vllm"
+    num_prompts: int = 8  # prompts per step
+    group_size: int = 4  # completions per prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0  # k3 KL to a frozen reference copy (loaded only when > 0)
+    loss_agg: str = "token-mean"
+    max_completion_len: int | None = None
+    micro_batch_size: int = 0  # sequences per micro-batch inside the closure; 0: the whole batch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.99)
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class GXPOConfig:
+    K: int = 5
+    alpha: float = 0.5
+    tau: float = 0.5
+    gate: str = "ema"
+    gate_stat: str = "trajectory"
+    optimizer_state: str = "accumulate"
+
+
+@dataclass
+class SFPOConfig:
+    K: int = 3
+    alpha: float = 0.8
+    tau: float = 1.0
+    gate: str = "ema"
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"  # | "jsonl"
+    difficulty: int = 1
+    path: str = ""  # jsonl: a file of {"question": ..., "answer": ...}
+    on_bad_record: str = "skip"  # | "error"
+    reward: str = "math-verify"  # | "exact"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"  # | "tiny-random" | a transformers model directory or hub id
+    algo: str = "grpo"
+    steps: int = 10
+    seed: int = 0
+    out: str = "runs/default"
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    gxpo: GXPOConfig = field(default_factory=GXPOConfig)
+    sfpo: SFPOConfig = field(default_factory=SFPOConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+def _coerce(key, value, annotation):
+    """value (from TOML or a CLI string) as the field's type, or a ValueError naming key."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        annotation = args[0]
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if annotation is tuple:
+            parts = value.split(",") if isinstance(value, str) else value
+            return tuple(float(x) for x in parts)
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return annotation(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: cannot read {value!r} as {getattr(annotation, '__name__', annotation)}"
+                         ) from None
+
+
+def _set(cfg, dotted_key, value):
+    obj, parts = cfg, dotted_key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields:
+            known = ", ".join(sorted(fields))
+            raise ValueError(f"unknown config key {dotted_key!r} ({'.'.join(parts[:i + 1])!r} is not one of: {known})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ValueError(f"config key {dotted_key!r} is a section; set its fields, e.g. {dotted_key}.<field>")
+            hints = typing.get_type_hints(type(obj))
+            setattr(obj, part, _coerce(dotted_key, value, hints[part]))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ValueError(f"config key {dotted_key!r}: {part!r} is not a section")
+
+
+def _flatten(table, prefix=""):
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def load_config(toml_path=None, overrides=()) -> TrainConfig:
+    """TrainConfig from defaults, then the TOML file, then (key, value) overrides; validated."""
+    cfg = TrainConfig()
+    if toml_path:
+        with open(toml_path, "rb") as f:
+            for key, value in _flatten(tomllib.load(f)):
+                _set(cfg, key, value)
+    for key, value in overrides:
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig):
+    checks = [
+        ("algo", cfg.algo in ALGOS, f"one of {ALGOS}"),
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("rollout.engine", cfg.rollout.engine in ("hf", "vllm"), "'hf' or 'vllm'"),
+        ("rollout.num_prompts", cfg.rollout.num_prompts >= 1, ">= 1"),
+        ("rollout.group_size", cfg.rollout.group_size >= 2, ">= 2 (group-normalized advantages need a group)"),
+        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens >= 1, ">= 1"),
+        ("rollout.temperature", cfg.rollout.temperature > 0, "> 0"),
+        ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "in (0, 1]"),
+        ("loss.micro_batch_size", cfg.loss.micro_batch_size >= 0, ">= 0"),
+        ("optim.lr", cfg.optim.lr > 0, "> 0"),
+        ("task.name", cfg.task.name in ("arithmetic", "jsonl"), "'arithmetic' or 'jsonl'"),
+        ("task.path", cfg.task.name != "jsonl" or bool(cfg.task.path), "set for task.name = 'jsonl'"),
+        ("task.on_bad_record", cfg.task.on_bad_record in ("skip", "error"), "'skip' or 'error'"),
+        ("task.reward", cfg.task.reward in ("math-verify", "exact"), "'math-verify' or 'exact'"),
+        ("dtype", cfg.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"config key {key!r} must be {expected}")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    lines, sections = [], []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            sections.append((f.name, value))
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for name, section in sections:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(section).items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v):
+    if v is None:
+        return '"none"'  # TOML has no null; _coerce reads "none" back as None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
