@@ -156,3 +156,33 @@ def test_config_errors_and_help(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])
     assert e.value.code == 0 and "gxpo-train" in capsys.readouterr().out
+
+
+def test_pass_at_k_by_hand():
+    from trainer.evaluate import pass_at_k
+
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 3, 2) == 1.0 and pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_held_out_evaluation_every_n_steps(tmp_path):
+    cfg = tiny_cfg(tmp_path, "grpo", steps=3, **{"eval.every": 2, "eval.num_problems": 3, "eval.n_samples": 4,
+                                                 "eval.k": 2})
+    rows = read_metrics(train_module.train(cfg, log=lambda *_: None))
+    assert ["eval/pass@1" in r for r in rows] == [False, True, True]
+    for r in rows[1:]:
+        assert 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1 and r["time/eval"] > 0
+    held_out = {p.question for p in train_module.held_out_problems(cfg, log=None)}
+    trained = {p.question for s in range(3) for p in train_module.problems_for_step(cfg, s, None)}
+    assert held_out and not held_out & trained
+    assert (Path(cfg.out) / "tensorboard").is_dir()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "trainer" / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path, tmp_path):
+    cfg = load_config(path)
+    round_trip = tmp_path / "again.toml"
+    round_trip.write_text(to_toml(cfg))
+    assert load_config(round_trip) == cfg

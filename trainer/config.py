@@ -69,6 +69,15 @@ class TaskConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N steps (and after the last); 0: never
+    num_problems: int = 16  # held-out problems (arithmetic: seeds disjoint from training)
+    n_samples: int = 4  # completions per problem: pass@1 is averaged over them
+    k: int = 4  # pass@k, k <= n_samples
+    path: str = ""  # jsonl task: the held-out file
+
+
+@dataclass
 class TrainConfig:
     model: str = "smollm2-135m"  # | "tiny-random" | a transformers model directory or hub id
     algo: str = "grpo"
@@ -84,6 +93,7 @@ class TrainConfig:
     gxpo: GXPOConfig = field(default_factory=GXPOConfig)
     sfpo: SFPOConfig = field(default_factory=SFPOConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _coerce(key, value, annotation):
@@ -168,6 +178,11 @@ def validate(cfg: TrainConfig):
         ("task.on_bad_record", cfg.task.on_bad_record in ("skip", "error"), "'skip' or 'error'"),
         ("task.reward", cfg.task.reward in ("math-verify", "exact"), "'math-verify' or 'exact'"),
         ("task.difficulty", cfg.task.difficulty >= 0, ">= 0"),
+        ("eval.every", cfg.eval.every >= 0, ">= 0"),
+        ("eval.num_problems", cfg.eval.num_problems >= 1, ">= 1"),
+        ("eval.k", 1 <= cfg.eval.k <= cfg.eval.n_samples, "in [1, eval.n_samples]"),
+        ("eval.path", not (cfg.eval.every and cfg.task.name == "jsonl") or bool(cfg.eval.path),
+         "set (a held-out JSONL file) when evaluating a jsonl task"),
         ("dtype", cfg.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     ]
     for key, ok, expected in checks:

@@ -14,6 +14,7 @@ import torch
 from .advantages import group_normalized
 from .checkpoint import load_latest_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, to_toml
+from .evaluate import evaluate
 from .models import load_policy
 from .rollout import make_engine
 from .step import LossClosure, decoder_and_head, make_update_rule, run_update
@@ -48,6 +49,14 @@ def problems_for_step(cfg: TrainConfig, step: int, dataset):
     order = random.Random(cfg.seed + step // max(1, len(dataset) // n)).sample(range(len(dataset)), len(dataset))
     start = (step * n) % len(dataset)
     return [dataset[order[(start + i) % len(dataset)]] for i in range(n)]
+
+
+def held_out_problems(cfg: TrainConfig, log):
+    """Evaluation problems: arithmetic from seeds no training step uses, or the eval JSONL file."""
+    if cfg.task.name == "jsonl":
+        return jsonl_problems(cfg.eval.path, cfg.task.on_bad_record, log)[:cfg.eval.num_problems]
+    stream = arithmetic_problems(2**40 + cfg.seed, cfg.task.difficulty)  # training seeds stay far below
+    return [next(stream) for _ in range(cfg.eval.num_problems)]
 
 
 def prompt_text(tokenizer, question, system_prompt):
@@ -106,6 +115,8 @@ def train(cfg: TrainConfig, log=None) -> Path:
         lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
         metrics_path.write_text("".join(ln + "\n" for ln in lines))
 
+    eval_problems = None
+    tb = _tensorboard_writer(out)
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     t_start = time.perf_counter() - wall_offset
@@ -143,6 +154,14 @@ def train(cfg: TrainConfig, log=None) -> Path:
             record["tokens_per_s"] = tokens / update_time if update_time > 0 else float("nan")
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.steps):
+                eval_problems = eval_problems or held_out_problems(cfg, log)
+                rng_state = torch.get_rng_state()  # evaluation must not shift the training samples
+                with phases("eval"):
+                    record.update(evaluate(engine, [prompt_text(tokenizer, p.question, cfg.task.system_prompt)
+                                                    for p in eval_problems], [p.answer for p in eval_problems],
+                                           reward_fn, cfg.eval.n_samples, cfg.eval.k))
+                torch.set_rng_state(rng_state)
             save = step + 1 == cfg.steps or stop["requested"] or (cfg.save_every and (step + 1) % cfg.save_every == 0)
             if save:
                 with phases("checkpoint"):
@@ -155,6 +174,10 @@ def train(cfg: TrainConfig, log=None) -> Path:
             record["wall_time_s"] = time.perf_counter() - t_start
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            if tb is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        tb.add_scalar(key, value, step + 1)
             eta = (cfg.steps - step - 1) * (record["wall_time_s"] - wall_offset) / (step + 1 - start_step)
             log(f"step {step + 1}/{cfg.steps} reward {record['reward_mean']:.3f} acc {record['accuracy']:.2f} "
                 f"loss {record['loss']:+.4f} passes {backward_passes} {step_time:.1f}s (ETA {eta:.0f}s)")
@@ -163,9 +186,19 @@ def train(cfg: TrainConfig, log=None) -> Path:
                 return out
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if tb is not None:
+            tb.close()
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(out / "final")
     return out
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is part of the train extra, not a core dependency
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _jsonable(v):
