@@ -120,6 +120,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     t_start = time.perf_counter() - wall_offset
+    bar = _progress_bar(cfg.steps, start_step)
     try:
         for step in range(start_step, cfg.steps):
             t_step = time.perf_counter()
@@ -179,18 +180,41 @@ def train(cfg: TrainConfig, log=None) -> Path:
                     if isinstance(value, (int, float)) and key != "step":
                         tb.add_scalar(key, value, step + 1)
             eta = (cfg.steps - step - 1) * (record["wall_time_s"] - wall_offset) / (step + 1 - start_step)
-            log(f"step {step + 1}/{cfg.steps} reward {record['reward_mean']:.3f} acc {record['accuracy']:.2f} "
-                f"loss {record['loss']:+.4f} passes {backward_passes} {step_time:.1f}s (ETA {eta:.0f}s)")
+            summary = (f"reward {record['reward_mean']:.3f} acc {record['accuracy']:.2f} loss {record['loss']:+.4f} "
+                       f"passes {backward_passes}")
+            if bar is not None:
+                bar.update(bar.task_ids[0], completed=step + 1, summary=summary)
+            else:
+                log(f"step {step + 1}/{cfg.steps} {summary} {step_time:.1f}s (ETA {eta:.0f}s)")
             if stop["requested"]:
                 log(f"SIGTERM: stopped after step {step + 1} with a checkpoint; rerun with --resume to continue")
                 return out
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if bar is not None:
+            bar.stop()
         if tb is not None:
             tb.close()
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(out / "final")
     return out
+
+
+def _progress_bar(total, start):
+    """A rich progress bar with ETA on an interactive console; None (plain log lines) otherwise."""
+    import sys
+
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    except ImportError:
+        return None
+    if not sys.stdout.isatty():
+        return None
+    bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[summary]}"))
+    bar.add_task("train", total=total, completed=start, summary="")
+    bar.start()
+    return bar
 
 
 def _tensorboard_writer(out: Path):
