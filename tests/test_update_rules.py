@@ -180,3 +180,23 @@ def test_step_needs_a_closure():
     model, _, _ = tiny_problem()
     with pytest.raises(ValueError, match="closure"):
         GXPO(model.parameters()).step()
+
+
+def test_mixed_dtypes_make_separate_groups_and_match_reference():
+    """float32 and float64 parameters: two flat groups (Triton/interpreter and C++ paths), same math."""
+    torch.manual_seed(0)
+    a32, a64 = torch.nn.Parameter(torch.randn(37)), torch.nn.Parameter(torch.randn(29, dtype=torch.float64))
+    h32, h64 = torch.rand(37) + 0.5, torch.rand(29, dtype=torch.float64) + 0.5
+
+    def closure():
+        loss = 0.5 * (h32 * a32 * a32).sum() + 0.5 * (h64 * a64 * a64).sum().float()
+        loss.backward()
+        return loss
+
+    theta0 = (a32.detach().double().clone(), a64.detach().clone())
+    opt = GXPO([a32, a64], base=torch.optim.SGD, lr=0.1, K=3, alpha=1.0, gate="never")
+    opt.step(closure)
+    assert len(opt._flat_groups()) == 2
+    for p, t0, h in zip((a32, a64), theta0, (h32.double(), h64), strict=True):
+        expected = t0 * (1 - 0.1 * h) ** 4  # K + 1 = 4 GD steps on the quadratic
+        assert torch.allclose(p.detach().double(), expected, rtol=1e-5)

@@ -54,7 +54,7 @@ class UpdateRule(torch.optim.Optimizer):
         self.backward_passes = 0
         self.steps = 0
         self.last_stats = {}
-        self._groups = None
+        self._groups, self._groups_key = None, None
 
     @property
     def active(self) -> bool:
@@ -65,9 +65,10 @@ class UpdateRule(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _flat_groups(self):
-        params = self._params()
-        if self._groups is None or [p for g in self._groups for p in g.params] != params:
-            self._groups = build_groups(params, BLOCK)
+        """The flat groups, rebuilt when the parameter set changed (e.g. fully_shard after construction)."""
+        key = [(id(p), local(p).data_ptr()) for p in self._params()]
+        if self._groups is None or key != self._groups_key:
+            self._groups, self._groups_key = build_groups(self._params(), BLOCK), key
         return self._groups
 
     def _sharded(self):
