@@ -27,7 +27,7 @@ class LossConfig:
     eps_high: float = 0.2
     beta: float = 0.0  # k3 KL to a frozen reference copy (loaded only when > 0)
     loss_agg: str = "token-mean"
-    max_completion_len: int | None = None
+    max_completion_len: int | None = None  # Dr. GRPO constant; None: rollout.max_new_tokens
     micro_batch_size: int = 0  # sequences per micro-batch inside the closure; 0: the whole batch
 
 

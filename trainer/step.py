@@ -51,6 +51,7 @@ class LossClosure:
         B = batch.completion_ids.shape[0]
         n_tokens = batch.completion_mask.sum().clamp(min=1)
         P, T = batch.prompt_len, batch.completion_ids.shape[1]
+        max_len = cfg.loss.max_completion_len or cfg.rollout.max_new_tokens
         total_loss, logp_parts, sums = 0.0, [], {}
         for mb in self._micro_batches():
             hidden = decoder(input_ids=batch.input_ids[mb], attention_mask=batch.attention_mask[mb],
@@ -61,7 +62,7 @@ class LossClosure:
                 old_logp_BT=None if self.old_logp_BT is None else self.old_logp_BT[mb],
                 ref_logp_BT=None if self.ref is None else self.ref[mb], beta=cfg.loss.beta,
                 eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, temperature=cfg.rollout.temperature,
-                loss_agg=cfg.loss.loss_agg, max_completion_len=cfg.loss.max_completion_len or T,
+                loss_agg=cfg.loss.loss_agg, max_completion_len=max_len,
                 return_entropy=True, lm_head_bias_V=getattr(head, "bias", None))
             if cfg.loss.loss_agg == "token-mean":
                 weight = mask_mb.sum() / n_tokens
