@@ -45,6 +45,13 @@ def test_reward(kind):
     assert reward("", "47") == 0.0
 
 
+def test_format_reward_bonus():
+    reward = make_reward("exact", format_weight=0.2)
+    assert reward("\\boxed{47}", "47") == pytest.approx(1.2)
+    assert reward("\\boxed{46}", "47") == pytest.approx(0.2)
+    assert reward("47", "47") == 1.0 and reward("46", "47") == 0.0
+
+
 def test_jsonl_reports_bad_records_by_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join([json.dumps({"question": "1+1?", "answer": 2}), "{not json",

@@ -38,7 +38,7 @@ def fake_reward_and_cpu_paths(monkeypatch):
     whose kernels are tested on their own."""
     from gxpo_kernels import backend
 
-    monkeypatch.setattr(train_module, "make_reward", lambda kind: length_reward)
+    monkeypatch.setattr(train_module, "make_reward", lambda kind, format_weight=0.0: length_reward)
     monkeypatch.setattr(backend, "use_triton", lambda t: t.is_cuda)
 
 
@@ -116,7 +116,8 @@ def test_killed_run_resumes_exactly(tmp_path, sig):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     script = ("import sys; from trainer import train as t; from test_trainer import length_reward;"
-              "t.make_reward = lambda kind: length_reward; from trainer.cli import main; main(sys.argv[1:])")
+              "t.make_reward = lambda kind, format_weight=0.0: length_reward;"
+              "from trainer.cli import main; main(sys.argv[1:])")
     cfg = tiny_cfg(run, "gxpo", steps=steps, save_every=1)
     args = ["--config", str(tmp_path / "cfg.toml")]
 

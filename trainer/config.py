@@ -65,6 +65,7 @@ class TaskConfig:
     path: str = ""  # jsonl: a file of {"question": ..., "answer": ...}
     on_bad_record: str = "skip"  # | "error"
     reward: str = "math-verify"  # | "exact"
+    format_reward: float = 0.0  # bonus for an answer in \\boxed{}; in [0, 1)
     system_prompt: str = "Solve the problem. Put the final answer in \\boxed{}."
 
 
@@ -178,6 +179,7 @@ def validate(cfg: TrainConfig):
         ("task.on_bad_record", cfg.task.on_bad_record in ("skip", "error"), "'skip' or 'error'"),
         ("task.reward", cfg.task.reward in ("math-verify", "exact"), "'math-verify' or 'exact'"),
         ("task.difficulty", cfg.task.difficulty >= 0, ">= 0"),
+        ("task.format_reward", 0 <= cfg.task.format_reward < 1, "in [0, 1)"),
         ("eval.every", cfg.eval.every >= 0, ">= 0"),
         ("eval.num_problems", cfg.eval.num_problems >= 1, ">= 1"),
         ("eval.k", 1 <= cfg.eval.k <= cfg.eval.n_samples, "in [1, eval.n_samples]"),

@@ -73,8 +73,16 @@ def _exact(pred: str, gold: str) -> bool:
         return pred.strip() == gold.strip()
 
 
-def make_reward(kind: str = "math-verify"):
-    """reward(completion_text, gold_answer) -> 1.0 or 0.0."""
+def make_reward(kind: str = "math-verify", format_weight: float = 0.0):
+    """reward(completion_text, gold_answer): 1.0 for a correct answer, plus format_weight when the answer
+    is given in \\boxed{} (so accuracy is still reward >= 1 for format_weight < 1)."""
+    correctness = _correctness(kind)
+    if format_weight == 0.0:
+        return correctness
+    return lambda text, gold: correctness(text, gold) + format_weight * float(bool(_BOXED.search(text)))
+
+
+def _correctness(kind: str):
     verify = None
     if kind == "math-verify":
         try:

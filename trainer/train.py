@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(rule, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     engine = make_engine(cfg.rollout.engine, model, tokenizer, cfg.rollout)
-    reward_fn = make_reward(cfg.task.reward)
+    reward_fn = make_reward(cfg.task.reward, cfg.task.format_reward)
     dataset = jsonl_problems(cfg.task.path, cfg.task.on_bad_record, log) if cfg.task.name == "jsonl" else None
 
     start_step, wall_offset, backward_passes = 0, 0.0, 0
