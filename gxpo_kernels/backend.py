@@ -46,6 +46,13 @@ def use_cpp(t: torch.Tensor) -> bool:
     return HAS_CPP and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
+def flat_path(t: torch.Tensor) -> str:
+    """Which implementation runs the update rules' flat-buffer ops on t: "triton", "cpp" or "torch"."""
+    if use_triton(t):
+        return "triton"
+    return "cpp" if use_cpp(t) else "torch"
+
+
 def empty(*shape, dtype, device) -> torch.Tensor:
     """torch.empty for kernel outputs; NaN-filled when `poison_outputs` is on."""
     if poison_outputs:

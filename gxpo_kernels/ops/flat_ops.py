@@ -125,10 +125,11 @@ def snapshot(group: FlatGroup, grads) -> torch.Tensor:
     """theta0 <- params, g0 <- grads (0 where None); returns sum(g0^2) (0-d, float64)."""
     if group.total == 0:
         return torch.zeros((), dtype=torch.float64, device=group.device)
-    if not backend.use_triton(group.theta0) and backend.use_cpp(group.theta0):
+    path = backend.flat_path(group.theta0)
+    if path == "cpp":
         total = backend._C.snapshot(group.local_params(), grads, group.theta0, group.g0, group.offsets)
         return torch.tensor(total, dtype=torch.float64)
-    if not backend.use_triton(group.theta0):
+    if path == "torch":
         total = torch.zeros((), dtype=torch.float64, device=group.device)
         for i, (p, g) in enumerate(zip(group.local_params(), grads, strict=True)):
             group.view(group.theta0, i).copy_(p)
@@ -148,10 +149,11 @@ def restore(group: FlatGroup) -> None:
     """params <- theta0."""
     if group.total == 0:
         return
-    if not backend.use_triton(group.theta0) and backend.use_cpp(group.theta0):
+    path = backend.flat_path(group.theta0)
+    if path == "cpp":
         backend._C.restore(group.local_params(), group.theta0, group.offsets)
         return
-    if not backend.use_triton(group.theta0):
+    if path == "torch":
         for i, p in enumerate(group.local_params()):
             p.copy_(group.view(group.theta0, i))
         return
@@ -163,10 +165,11 @@ def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
     """[sum(g^2), sum(g0 * g)] (float64; the second is 0 unless with_g0)."""
     if group.total == 0:
         return torch.zeros(2, dtype=torch.float64, device=group.device)
-    if not backend.use_triton(group.theta0) and backend.use_cpp(group.theta0):
+    path = backend.flat_path(group.theta0)
+    if path == "cpp":
         dots = backend._C.grad_dots(group.local_params(), grads, group.g0, group.offsets, with_g0)
         return torch.tensor(dots, dtype=torch.float64)
-    if not backend.use_triton(group.theta0):
+    if path == "torch":
         out = torch.zeros(2, dtype=torch.float64, device=group.device)
         for i, g in enumerate(grads):
             if g is not None:
@@ -189,11 +192,12 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
         out = torch.zeros(n_stats, dtype=torch.float64, device=group.device)
         out[EXTRAP_STATS.index("scale_max")] = 1.0
         return out
-    if not backend.use_triton(group.theta0) and backend.use_cpp(group.theta0):
+    path = backend.flat_path(group.theta0)
+    if path == "cpp":
         sums = backend._C.extrapolate(group.local_params(), grads, group.theta0, group.g0, group.offsets, K,
                                       float(alpha), float(delta), float(g1_scale))
         return torch.tensor(sums, dtype=torch.float64)
-    if not backend.use_triton(group.theta0):
+    if path == "torch":
         rows = []
         for i, (p, g) in enumerate(zip(group.local_params(), grads, strict=True)):
             g1 = torch.zeros_like(p) if g is None else g * g1_scale

@@ -70,8 +70,9 @@ class GXPO(UpdateRule):
         self.base.step()  # theta2
         sums = sum(flat_ops.extrapolate(g, g.local_grads(), K=self.K, alpha=self.alpha, delta=self.delta,
                                         g1_scale=g1_scale) for g in groups)
-        sums = self._all_reduce(sums, with_max=True)
-        sums = dict(zip(EXTRAP_STATS, sums.tolist(), strict=True))
+        n_total = sums.new_tensor([float(sum(g.total for g in groups))])  # rides along in the same reduction
+        *sums, n_total = self._all_reduce(torch.cat([sums, n_total]), with_max=True).tolist()
+        sums = dict(zip(EXTRAP_STATS, sums, strict=True))
         self._load_optimizer_state(saved_state)
 
         self._closure_pass(closure)  # at theta_tilde
@@ -84,8 +85,6 @@ class GXPO(UpdateRule):
 
         h = gt_norm if self.gate_stat == "trajectory" else g0_norm
         z = self.gate.observe(h)
-        n_total = sum(g.total for g in groups)
-        n_total = self._all_reduce(torch.tensor([float(n_total)], dtype=torch.float64)).item()
         n_active = max(sums["n_active"], 1.0)
         r_mean = sums["r_sum"] / n_active
         return self._finish(

@@ -75,7 +75,8 @@ class UpdateRule(torch.optim.Optimizer):
         return dist.is_available() and dist.is_initialized() and any(isinstance(p, DTensor) for p in self._params())
 
     def _all_reduce(self, vec: torch.Tensor, with_max=False) -> torch.Tensor:
-        """Sum a small float64 vector over ranks (FSDP2 local shards); with_max: an EXTRAP_STATS vector."""
+        """Sum a small float64 vector over ranks (FSDP2 local shards); with_max: it starts with the
+        EXTRAP_STATS sums, whose scale_max entry takes the max."""
         if not self._sharded():
             return vec
         rows = [torch.empty_like(vec) for _ in range(dist.get_world_size())]

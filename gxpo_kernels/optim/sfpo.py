@@ -55,12 +55,14 @@ class SFPO(UpdateRule):
                 self._restore_theta0_and_step_with_g0(groups, g0_norm)
                 return self._finish(loss, "nonfinite_g1", g0_norm=g0_norm)
             self._base_step(norm)
-        step_sq = 0.0
+        step_sq = torch.zeros(1, dtype=torch.float64, device=groups[0].device)
         for g in groups:  # theta_tilde = theta0 + alpha * (theta_K - theta0)
             params = g.local_params()
             theta0 = [g.view(g.theta0, i) for i in range(len(params))]
-            step_sq += sum(float((p - t0).double().square().sum()) for p, t0 in zip(params, theta0, strict=True))
+            for p, t0 in zip(params, theta0, strict=True):
+                step_sq += (p - t0).double().square().sum().to(step_sq.device)
             torch._foreach_lerp_(params, theta0, 1.0 - self.alpha)
+        step_norm = math.sqrt(self._all_reduce(step_sq).item())
         self._load_optimizer_state(saved_state)
 
         self._closure_pass(closure)
@@ -73,4 +75,4 @@ class SFPO(UpdateRule):
         z = self.gate.observe(gate_value) if gate_value is not None else 0.0
         return self._finish(loss, "none", active=1.0, g0_norm=g0_norm, gtilde_norm=norm, z=z,
                             gate_stat=gate_value if gate_value is not None else float("nan"),
-                            step_norm=math.sqrt(step_sq))
+                            step_norm=step_norm)
