@@ -1,6 +1,7 @@
 """The training loop: rollouts, rewards, advantages, one update per step with the configured rule,
 per-phase wall-clock, metrics.jsonl, checkpoints, resume, and the final HF-format model."""
 
+import contextlib
 import copy
 import json
 import math
@@ -22,22 +23,18 @@ from .tasks import arithmetic_problems, jsonl_problems, make_reward
 
 
 class Phases:
-    """Wall-clock per named phase within a step."""
+    """Wall-clock per named phase within a step: `with phases("rollout"): ...`."""
 
     def __init__(self):
         self.times = {}
 
+    @contextlib.contextmanager
     def __call__(self, name):
-        phases = self
-
-        class _Timer:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                phases.times[name] = phases.times.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Timer()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def problems_for_step(cfg: TrainConfig, step: int, dataset):
