@@ -28,16 +28,18 @@ def test_loads_with_its_tokenizer_and_chat_template(smollm2):
 def test_one_gxpo_step_runs(smollm2, monkeypatch):
     from gxpo_kernels import GXPO, backend
     from trainer.config import load_config
+    from trainer.policy import PolicyRunner
     from trainer.rollout import make_engine
     from trainer.step import LossClosure
 
     monkeypatch.setattr(backend, "use_triton", lambda t: t.is_cuda)  # the CPU path a user runs
     model, tok = smollm2
     cfg = load_config(overrides=[("rollout.max_new_tokens", "8")])
-    batch = make_engine("hf", model, tok, cfg.rollout).generate(["What is 12 + 35?"], group_size=2)
+    runner = PolicyRunner(model)
+    batch = make_engine("hf", runner, tok, cfg.rollout).generate(["What is 12 + 35?"], group_size=2, prompt_keys=[0])
     before = model.lm_head.weight.detach().clone()
     opt = GXPO(model.parameters(), lr=1e-5, gate="never")
-    opt.step(LossClosure(model, batch, torch.tensor([1.0, -1.0]), cfg))
+    opt.step(LossClosure(runner, batch, torch.tensor([1.0, -1.0]), cfg))
     assert opt.backward_passes == 3 and opt.last_stats["active"] == 1.0
     assert torch.isfinite(model.lm_head.weight).all() and not torch.equal(model.lm_head.weight, before)
 

@@ -1,46 +1,111 @@
-"""Checkpoints: model, update rule (base optimizer, gate, counters), scheduler, step, RNG and data
-position in one file per step, written to a temporary name and renamed, so a killed save never
-replaces the last good checkpoint. Loading takes the newest checkpoint that reads back whole."""
+"""Checkpoints through torch.distributed.checkpoint (DCP): model, base optimizer, update-rule state
+(gate, counters), scheduler, step and counters, sharded as the model is (a run resumes on another
+number of ranks); plus each rank's RNG state. A save goes to step_N.tmp/ and is renamed to step_N/
+once every rank has written, so a killed save never replaces the last good checkpoint. Loading takes
+the newest checkpoint that reads back whole on every rank."""
 
-import os
+import contextlib
 import random
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .distributed import SINGLE, Dist
+from .step import base_optimizer
 
 
 def checkpoint_dir(out: str) -> Path:
     return Path(out) / "checkpoints"
 
 
-def save_checkpoint(out: str, step: int, model, rule, scheduler, extra: dict, keep: int = 2):
+def _rule_state(rule) -> dict:
+    """The update rule's own state beyond its base optimizer (gate, counters); {} for plain AdamW."""
+    if not hasattr(rule, "base"):
+        return {}
+    return {k: v for k, v in rule.state_dict().items() if k != "base"}
+
+
+def _state(model, rule, scheduler, train_state: dict) -> dict:
+    model_sd, optim_sd = get_state_dict(model, base_optimizer(rule))
+    return {"model": model_sd, "optim": optim_sd, "rule": _rule_state(rule), "scheduler": scheduler.state_dict(),
+            "train": dict(train_state)}
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load that it assumes a single process: that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(out: str, step: int, model, rule, scheduler, train_state: dict, dist: Dist = SINGLE,
+                    keep: int = 2) -> Path:
+    """Collective: every rank calls it. train_state is a dict of plain numbers (step is added)."""
     ckpt_dir = checkpoint_dir(out)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step, "model": model.state_dict(), "rule": rule.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        **extra,
-    }
-    final = ckpt_dir / f"step_{step:08d}.pt"
-    tmp = final.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
-        old.unlink()
+    final, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f"step_{step:08d}.tmp"
+    if dist.main:
+        for stale in ckpt_dir.glob("*.tmp"):
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    torch.save(_rng_state(), tmp / f"rng_rank{dist.rank}.pt")
+    with _single_process_quiet():
+        dcp.save(_state(model, rule, scheduler, {**train_state, "step": step}), checkpoint_id=tmp,
+                 no_dist=dist.world == 1)
+    dist.barrier()  # every rank's files are written before the rename makes the checkpoint visible
+    if dist.main:
+        if final.exists():  # a step redone after resuming from an older checkpoint
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in sorted(p for p in ckpt_dir.glob("step_*") if p.suffix != ".tmp")[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
     return final
 
 
-def load_latest_checkpoint(out: str, log=print):
-    """The newest checkpoint that loads, or None; a torn or corrupt file is reported and skipped."""
-    for path in sorted(checkpoint_dir(out).glob("step_*.pt"), reverse=True):
+def complete_checkpoints(out: str) -> list:
+    """Finished checkpoint directories, newest first."""
+    return sorted((p for p in checkpoint_dir(out).glob("step_*") if p.is_dir() and p.suffix != ".tmp"),
+                  reverse=True)
+
+
+def load_latest_checkpoint(out: str, model, rule, scheduler, dist: Dist = SINGLE, log=print) -> dict | None:
+    """Loads the newest whole checkpoint into model, rule and scheduler and restores this rank's RNG;
+    returns its train_state, or None when there is none. A torn or corrupt one is reported and skipped."""
+    for path in complete_checkpoints(out):
+        state = _state(model, rule, scheduler, {"step": 0, "wall_time_s": 0.0, "backward_passes": 0})
+        error = None
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a truncated or corrupt file: fall back to the previous one
-            log(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
+            with _single_process_quiet():
+                dcp.load(state, checkpoint_id=path, no_dist=dist.world == 1)
+            rng_file = path / f"rng_rank{dist.rank}.pt"
+            rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+        except (Exception, CheckpointException) as e:  # truncated or corrupt: try the previous checkpoint
+            error = f"{type(e).__name__}: {e}"
+        if dist.any(error is not None):
+            if dist.main:
+                log(f"checkpoint {path} is unreadable ({error or 'on another rank'}); trying the previous one")
+            continue
+        set_state_dict(model, base_optimizer(rule), model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if state["rule"]:
+            rule.load_state_dict({"base": base_optimizer(rule).state_dict(), **state["rule"]})
+        scheduler.load_state_dict(state["scheduler"])
+        if rng is not None:
+            restore_rng(rng)
+        elif dist.main:
+            log(f"checkpoint {path} has no RNG state for rank {dist.rank} (saved on fewer ranks); RNG not restored")
+        return state["train"]
     return None
 
 

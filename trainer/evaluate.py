@@ -15,12 +15,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, prompts: list, answers: list, reward_fn, n_samples: int, k: int) -> dict:
-    """Sample n_samples completions per held-out prompt with the rollout engine and score them."""
-    batch = engine.generate(prompts, n_samples)
-    golds = [a for a in answers for _ in range(n_samples)]
+def evaluate(engine, prompts: list, answers: list, keys: list, reward_fn, n_samples: int, k: int, dist=None) -> dict:
+    """Sample n_samples completions per held-out prompt with the rollout engine and score them. Under
+    several ranks each samples its share of the prompts and the counts are gathered."""
+    local = list(zip(prompts, answers, keys, strict=True))
+    if dist is not None:
+        local = dist.shard(local)
+    batch = engine.generate([p for p, _, _ in local], n_samples, [key for _, _, key in local])
+    golds = [a for _, a, _ in local for _ in range(n_samples)]
     correct = torch.tensor([reward_fn(t, g) >= 1 for t, g in zip(batch.texts, golds, strict=True)])
-    per_problem = correct.view(len(prompts), n_samples).sum(1).tolist()
+    per_problem = correct.view(len(local), n_samples).sum(1).tolist()
+    if dist is not None:
+        per_problem = [c for part in dist.gather(per_problem) for c in part]
     return {
         "eval/pass@1": sum(c / n_samples for c in per_problem) / len(prompts),
         f"eval/pass@{k}": sum(pass_at_k(n_samples, c, k) for c in per_problem) / len(prompts),

@@ -13,13 +13,18 @@ from pathlib import Path
 import torch
 
 from .advantages import group_normalized
-from .checkpoint import load_latest_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .config import TrainConfig, to_toml
+from .distributed import init_distributed, shard_policy
 from .evaluate import evaluate
 from .models import load_policy
+from .policy import PolicyRunner
 from .rollout import make_engine
-from .step import LossClosure, decoder_and_head, make_update_rule, run_update
+from .sampling import row_seed
+from .step import LossClosure, make_update_rule, run_update
 from .tasks import arithmetic_problems, jsonl_problems, make_reward
+
+EVAL_KEY = 2**31  # keys evaluation samples apart from training samples
 
 
 class Phases:
@@ -61,80 +66,83 @@ def prompt_text(tokenizer, question, system_prompt):
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-@torch.no_grad()
-def reference_logp(ref_model, batch, cfg):
-    """Per-token log-probs of the frozen reference policy (only when beta > 0)."""
-    from gxpo_kernels import fused_linear_grpo_loss
-
-    decoder, head = decoder_and_head(ref_model)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids).last_hidden_state
-    P, T = batch.prompt_len, batch.completion_ids.shape[1]
-    zeros = torch.zeros(batch.completion_ids.shape[0], device=hidden.device)
-    _, metrics = fused_linear_grpo_loss(hidden[:, P - 1:P - 1 + T], head.weight, batch.completion_ids, zeros,
-                                        batch.completion_mask, temperature=cfg.rollout.temperature)
-    return metrics["logp_BT"]
+def _compute_dtypes(cfg: TrainConfig, device: torch.device, world: int):
+    """(dtype the parameters are stored in, FSDP2 compute dtype or None)."""
+    named = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+    if device.type != "cuda":
+        return named or torch.float32, None
+    if world > 1:  # fp32 shards, bf16 compute through the FSDP2 mixed-precision policy
+        return torch.float32, named or torch.bfloat16
+    return named or torch.bfloat16, None
 
 
 def train(cfg: TrainConfig, log=None) -> Path:
     log = log or (lambda message: print(message, flush=True))
+    d = init_distributed()
+    if cfg.rollout.num_prompts % d.world or (cfg.eval.every and cfg.eval.num_problems % d.world):
+        raise ValueError(f"rollout.num_prompts ({cfg.rollout.num_prompts}) and eval.num_problems "
+                         f"({cfg.eval.num_problems}) must be multiples of the number of ranks ({d.world})")
+    if not d.main:
+        log = lambda *_: None  # noqa: E731
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(cfg))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(to_toml(cfg))
+    device = d.device
+    param_dtype, compute_dtype = _compute_dtypes(cfg, device, d.world)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.model, dtype, cfg.seed)
+    model, tokenizer = load_policy(cfg.model, param_dtype, cfg.seed)
     model.to(device)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.beta > 0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    ref_runner = PolicyRunner(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.loss.beta > 0 else None
+    runner = PolicyRunner(model)
+    if d.world > 1:
+        shard_policy(runner, compute_dtype)
+        if ref_runner is not None:
+            shard_policy(ref_runner, compute_dtype)
+    params = [p for p in runner.parameters() if p.requires_grad]
     rule = make_update_rule(cfg, params)
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(rule, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-    engine = make_engine(cfg.rollout.engine, model, tokenizer, cfg.rollout)
+    engine = make_engine(cfg.rollout.engine, runner, tokenizer, cfg.rollout, d.world)
     reward_fn = make_reward(cfg.task.reward, cfg.task.format_reward)
     dataset = jsonl_problems(cfg.task.path, cfg.task.on_bad_record, log) if cfg.task.name == "jsonl" else None
 
     start_step, wall_offset, backward_passes = 0, 0.0, 0
-    if cfg.resume and (ckpt := load_latest_checkpoint(cfg.out, log)) is not None:
-        model.load_state_dict(ckpt["model"])
-        rule.load_state_dict(ckpt["rule"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        restore_rng(ckpt["rng"])
-        start_step, wall_offset, backward_passes = ckpt["step"], ckpt["wall_time_s"], ckpt["backward_passes"]
+    if cfg.resume and (state := load_latest_checkpoint(cfg.out, model, rule, scheduler, d, log)) is not None:
+        start_step, wall_offset, backward_passes = state["step"], state["wall_time_s"], state["backward_passes"]
         log(f"resumed from step {start_step}")
     metrics_path = out / "metrics.jsonl"
-    if start_step == 0:
+    if d.main and start_step == 0:
         metrics_path.write_text("")
-    else:  # drop lines past the checkpoint, written by the interrupted run
+    elif d.main:  # drop lines past the checkpoint, written by the interrupted run
         lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
         metrics_path.write_text("".join(ln + "\n" for ln in lines))
 
     eval_problems = None
-    tb = _tensorboard_writer(out)
+    tb = _tensorboard_writer(out) if d.main else None
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     t_start = time.perf_counter() - wall_offset
-    bar = _progress_bar(cfg.steps, start_step)
+    bar = _progress_bar(cfg.steps, start_step) if d.main else None
     try:
         for step in range(start_step, cfg.steps):
             t_step = time.perf_counter()
             phases = Phases()
             problems = problems_for_step(cfg, step, dataset)
+            keyed = d.shard([(p, row_seed(cfg.seed, step, i)) for i, p in enumerate(problems)])
             with phases("rollout"):
-                prompts = [prompt_text(tokenizer, p.question, cfg.task.system_prompt) for p in problems]
-                batch = engine.generate(prompts, cfg.rollout.group_size)
+                prompts = [prompt_text(tokenizer, p.question, cfg.task.system_prompt) for p, _ in keyed]
+                batch = engine.generate(prompts, cfg.rollout.group_size, [key for _, key in keyed])
             with phases("reward"):
-                golds = [p.answer for p in problems for _ in range(cfg.rollout.group_size)]
+                golds = [p.answer for p, _ in keyed for _ in range(cfg.rollout.group_size)]
                 rewards = torch.tensor([reward_fn(t, g) for t, g in zip(batch.texts, golds, strict=True)])
-                adv, adv_stats = group_normalized(rewards.view(len(problems), -1))
+                adv, adv_stats = group_normalized(rewards.view(len(keyed), -1))
             ref_logp = None
-            if ref_model is not None:
+            if ref_runner is not None:
                 with phases("ref_logprob"):
-                    ref_logp = reference_logp(ref_model, batch, cfg)
-            closure = LossClosure(model, batch, adv.to(device), cfg, ref_logp)
+                    ref_logp = ref_runner.logp(batch, cfg.rollout.temperature)
+            closure = LossClosure(runner, batch, adv.to(device), cfg, ref_logp, d)
             with phases("update"):
                 rule_stats = run_update(rule, closure, cfg, params)
             scheduler.step()
@@ -142,40 +150,38 @@ def train(cfg: TrainConfig, log=None) -> Path:
             for i, t in enumerate(closure.pass_times):
                 phases.times[f"pass_{i + 1}"] = t
             phases.times["update_rule"] = phases.times.pop("update") - sum(closure.pass_times)
-            record = {"step": step + 1, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                      "accuracy": (rewards >= 1).float().mean().item(),
-                      "response_len": batch.completion_mask.sum(1).float().mean().item(),
-                      **adv_stats, **closure.last_metrics, **rule_stats, "backward_passes": backward_passes,
-                      "lr": scheduler.get_last_lr()[0]}
-            tokens = int(batch.attention_mask.sum()) * len(closure.pass_times)
+            all_rewards = torch.tensor([r for part in d.gather(rewards.tolist()) for r in part])
+            zero_var_groups, tokens = d.sum([adv_stats["zero_variance_groups"], batch.attention_mask.sum()])
+            record = {"step": step + 1, "reward_mean": all_rewards.mean().item(),
+                      "reward_std": all_rewards.std().item(), "accuracy": (all_rewards >= 1).float().mean().item(),
+                      "response_len": closure.total_tokens / closure.total_seqs,
+                      "zero_variance_groups": int(zero_var_groups), **closure.last_metrics, **rule_stats,
+                      "backward_passes": backward_passes, "lr": scheduler.get_last_lr()[0], "world_size": d.world}
             update_time = sum(closure.pass_times)
-            record["tokens_per_s"] = tokens / update_time if update_time > 0 else float("nan")
+            record["tokens_per_s"] = tokens * len(closure.pass_times) / update_time if update_time > 0 else float("nan")
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.steps):
                 eval_problems = eval_problems or held_out_problems(cfg, log)
-                rng_state = torch.get_rng_state()  # evaluation must not shift the training samples
                 with phases("eval"):
                     record.update(evaluate(engine, [prompt_text(tokenizer, p.question, cfg.task.system_prompt)
                                                     for p in eval_problems], [p.answer for p in eval_problems],
-                                           reward_fn, cfg.eval.n_samples, cfg.eval.k))
-                torch.set_rng_state(rng_state)
-            save = step + 1 == cfg.steps or stop["requested"] or (cfg.save_every and (step + 1) % cfg.save_every == 0)
+                                           [row_seed(cfg.seed, EVAL_KEY, step, i) for i in range(len(eval_problems))],
+                                           reward_fn, cfg.eval.n_samples, cfg.eval.k, d))
+            stopping = d.any(stop["requested"])  # SIGTERM may reach the ranks in different steps
+            save = step + 1 == cfg.steps or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0)
             if save:
                 with phases("checkpoint"):
                     save_checkpoint(cfg.out, step + 1, model, rule, scheduler,
-                                    {"wall_time_s": time.perf_counter() - t_start, "backward_passes": backward_passes})
+                                    {"wall_time_s": time.perf_counter() - t_start, "backward_passes": backward_passes},
+                                    d)
             step_time = time.perf_counter() - t_step
             record.update({f"time/{k}": v for k, v in phases.times.items()})
             record["time/unaccounted"] = step_time - sum(phases.times.values())
             record["time/step"] = step_time
             record["wall_time_s"] = time.perf_counter() - t_start
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-            if tb is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        tb.add_scalar(key, value, step + 1)
+            if d.main:
+                _write_record(metrics_path, tb, record)
             eta = (cfg.steps - step - 1) * (record["wall_time_s"] - wall_offset) / (step + 1 - start_step)
             summary = (f"reward {record['reward_mean']:.3f} acc {record['accuracy']:.2f} loss {record['loss']:+.4f} "
                        f"passes {backward_passes}")
@@ -183,7 +189,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
                 bar.update(bar.task_ids[0], completed=step + 1, summary=summary)
             else:
                 log(f"step {step + 1}/{cfg.steps} {summary} {step_time:.1f}s (ETA {eta:.0f}s)")
-            if stop["requested"]:
+            if stopping:
                 log(f"SIGTERM: stopped after step {step + 1} with a checkpoint; rerun with --resume to continue")
                 return out
     finally:
@@ -192,9 +198,28 @@ def train(cfg: TrainConfig, log=None) -> Path:
             bar.stop()
         if tb is not None:
             tb.close()
-    model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
+    export_final(model, tokenizer, out / "final", d)
     return out
+
+
+def export_final(model, tokenizer, path: Path, d):
+    """The trained policy in HF format (gathered from the shards under FSDP2), written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.main:
+        model.save_pretrained(path, state_dict=full)
+        tokenizer.save_pretrained(path)
+    d.barrier()
+
+
+def _write_record(metrics_path: Path, tb, record: dict):
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+    if tb is not None:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                tb.add_scalar(key, value, record["step"])
 
 
 def _progress_bar(total, start):

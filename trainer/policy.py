@@ -1,0 +1,42 @@
+"""PolicyRunner: every use of the policy goes through one module's forward (sampling, a loss pass,
+log-probs). Under FSDP2 it is the root, so its forward gathers the root's parameters (embeddings,
+final norm, LM head) that the fused loss reads directly; with one process it is a thin wrapper."""
+
+import torch
+
+from gxpo_kernels import fused_linear_grpo_loss
+
+
+def decoder_and_head(model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return decoder, model.get_output_embeddings()
+
+
+class PolicyRunner(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, kind: str, *args, **kwargs):
+        if kind == "generate":
+            return self.model.generate(*args, **kwargs)
+        if kind == "token_loss":
+            return self._token_loss(*args, **kwargs)
+        raise ValueError(f"unknown PolicyRunner call {kind!r}")
+
+    def _token_loss(self, batch, rows: slice, advantages_B, **loss_kwargs):
+        """fused_linear_grpo_loss over the completion tokens of batch[rows]: (loss, metrics)."""
+        decoder, head = decoder_and_head(self.model)
+        hidden = decoder(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+                         position_ids=batch.position_ids[rows]).last_hidden_state
+        P, T = batch.prompt_len, batch.completion_ids.shape[1]
+        return fused_linear_grpo_loss(hidden[:, P - 1:P - 1 + T], head.weight, batch.completion_ids[rows],
+                                      advantages_B, batch.completion_mask[rows],
+                                      lm_head_bias_V=getattr(head, "bias", None), **loss_kwargs)
+
+    @torch.no_grad()
+    def logp(self, batch, temperature: float) -> torch.Tensor:
+        """Per-token log-probs [B, T] of the sampled completions (no gradient)."""
+        zeros = torch.zeros(batch.completion_ids.shape[0], device=batch.input_ids.device)
+        _, metrics = self("token_loss", batch, slice(None), zeros, temperature=temperature)
+        return metrics["logp_BT"]
