@@ -194,3 +194,51 @@ def test_shipped_configs_load(path, tmp_path):
     round_trip = tmp_path / "again.toml"
     round_trip.write_text(to_toml(cfg))
     assert load_config(round_trip) == cfg
+
+
+def test_lora_trains_only_the_adapters(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from trainer.models import load_policy
+
+    exported = {}
+    real_export = train_module.export_final
+    monkeypatch.setattr(train_module, "export_final", lambda model, *a: (exported.update(model=model),
+                                                                           real_export(model, *a)))
+    cfg = tiny_cfg(tmp_path, "gxpo", steps=2, **{"lora.r": 4, "lora.alpha": 8})
+    out = train_module.train(cfg, log=lambda *_: None)
+    assert [r["backward_passes"] for r in read_metrics(out)] == [3, 6]
+    adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert adapter and all(k.split(".")[-2] in ("lora_A", "lora_B") for k in adapter)
+    assert {k.split(".")[-3] for k in adapter} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "lora_B starts at 0 and must move"
+    base_before = load_policy("tiny-random", torch.float32)[0].state_dict()
+    base_after = {k.replace(".base_layer", ""): v for k, v in exported["model"].get_base_model().state_dict().items()
+                  if "lora_" not in k}
+    assert base_after.keys() == base_before.keys()
+    for name, value in base_after.items():
+        assert torch.equal(value, base_before[name]), name
+
+
+def test_lora_config_errors(tmp_path):
+    from trainer.models import apply_lora, load_policy
+
+    with pytest.raises(ValueError, match="lora.r"):
+        tiny_cfg(tmp_path, "grpo", **{"lora.r": -1})
+    model = load_policy("tiny-random", torch.float32)[0]
+    cfg = tiny_cfg(tmp_path, "grpo", **{"lora.r": 4, "lora.target_modules": "q_proj,qkv"})
+    with pytest.raises(ValueError, match=r"\['qkv'\] are not modules"):
+        apply_lora(model, cfg.lora)
+
+
+def test_flops_per_token_by_hand():
+    from trainer.flops import train_flops_per_token
+    from trainer.models import load_policy
+
+    model = load_policy("tiny-random", torch.float32)[0]
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    n_matmul = n - c.vocab_size * c.hidden_size  # untied: the input embedding is a lookup
+    assert train_flops_per_token(model, 10) == 6 * n_matmul + 12 * c.num_hidden_layers * c.hidden_size * 10
+    model.requires_grad_(False)
+    assert train_flops_per_token(model, 10) == 4 * n_matmul + 12 * c.num_hidden_layers * c.hidden_size * 10

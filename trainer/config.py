@@ -79,6 +79,14 @@ class EvalConfig:
 
 
 @dataclass
+class LoRAConfig:
+    r: int = 0  # 0: full fine-tuning; > 0: LoRA adapters through peft, the base weights frozen
+    alpha: float = 256.0
+    dropout: float = 0.0
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated module names
+
+
+@dataclass
 class TrainConfig:
     model: str = "smollm2-135m"  # | "tiny-random" | a transformers model directory or hub id
     algo: str = "grpo"
@@ -95,6 +103,7 @@ class TrainConfig:
     sfpo: SFPOConfig = field(default_factory=SFPOConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 def _coerce(key, value, annotation):
@@ -185,6 +194,10 @@ def validate(cfg: TrainConfig):
         ("eval.k", 1 <= cfg.eval.k <= cfg.eval.n_samples, "in [1, eval.n_samples]"),
         ("eval.path", not (cfg.eval.every and cfg.task.name == "jsonl") or bool(cfg.eval.path),
          "set (a held-out JSONL file) when evaluating a jsonl task"),
+        ("lora.r", cfg.lora.r >= 0, ">= 0 (0 turns LoRA off)"),
+        ("lora.alpha", cfg.lora.alpha > 0, "> 0"),
+        ("lora.dropout", 0 <= cfg.lora.dropout < 1, "in [0, 1)"),
+        ("lora.target_modules", bool(cfg.lora.target_modules.strip(",").strip()), "a comma-separated module list"),
         ("dtype", cfg.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     ]
     for key, ok, expected in checks:

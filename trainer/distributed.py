@@ -18,8 +18,11 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, items: list) -> list:
-        """This rank's contiguous share of a list whose length the world size divides."""
+    def shard(self, items: list, even: bool = True) -> list:
+        """This rank's contiguous share of a list whose length the world size divides; with even=False
+        every world-th item from this rank's index (shares differ by at most one)."""
+        if not even:
+            return items[self.rank::self.world]
         if len(items) % self.world:
             raise ValueError(f"{len(items)} items cannot be split evenly over {self.world} ranks")
         n = len(items) // self.world

@@ -20,7 +20,7 @@ def evaluate(engine, prompts: list, answers: list, keys: list, reward_fn, n_samp
     several ranks each samples its share of the prompts and the counts are gathered."""
     local = list(zip(prompts, answers, keys, strict=True))
     if dist is not None:
-        local = dist.shard(local)
+        local = dist.shard(local, even=False)
     batch = engine.generate([p for p, _, _ in local], n_samples, [key for _, _, key in local])
     golds = [a for _, a, _ in local for _ in range(n_samples)]
     correct = torch.tensor([reward_fn(t, g) >= 1 for t, g in zip(batch.texts, golds, strict=True)])

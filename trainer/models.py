@@ -72,3 +72,20 @@ def load_policy(name: str, dtype: torch.dtype, seed: int = 0):
     tokenizer.padding_side = "left"
     model.train()
     return model, tokenizer
+
+
+def apply_lora(model, lora_cfg):
+    """LoRA adapters (peft) on the named modules; only the adapters train. r = 0 returns the model."""
+    if lora_cfg.r == 0:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("lora.r > 0 needs peft: pip install peft (or the 'train' extra)") from None
+    targets = [m.strip() for m in lora_cfg.target_modules.split(",") if m.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if missing := [t for t in targets if t not in present]:
+        raise ValueError(f"lora.target_modules: {missing} are not modules of this model")
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -17,7 +17,8 @@ from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .config import TrainConfig, to_toml
 from .distributed import init_distributed, shard_policy
 from .evaluate import evaluate
-from .models import load_policy
+from .flops import peak_flops, train_flops_per_token
+from .models import apply_lora, load_policy
 from .policy import PolicyRunner
 from .rollout import make_engine
 from .sampling import row_seed
@@ -79,9 +80,12 @@ def _compute_dtypes(cfg: TrainConfig, device: torch.device, world: int):
 def train(cfg: TrainConfig, log=None) -> Path:
     log = log or (lambda message: print(message, flush=True))
     d = init_distributed()
-    if cfg.rollout.num_prompts % d.world or (cfg.eval.every and cfg.eval.num_problems % d.world):
-        raise ValueError(f"rollout.num_prompts ({cfg.rollout.num_prompts}) and eval.num_problems "
-                         f"({cfg.eval.num_problems}) must be multiples of the number of ranks ({d.world})")
+    if cfg.rollout.num_prompts % d.world:
+        raise ValueError(f"rollout.num_prompts ({cfg.rollout.num_prompts}) must be a multiple of the number "
+                         f"of ranks ({d.world})")
+    if cfg.eval.every and cfg.eval.num_problems < d.world:
+        raise ValueError(f"eval.num_problems ({cfg.eval.num_problems}) must be at least the number of ranks "
+                         f"({d.world})")
     if not d.main:
         log = lambda *_: None  # noqa: E731
     out = Path(cfg.out)
@@ -95,6 +99,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     model, tokenizer = load_policy(cfg.model, param_dtype, cfg.seed)
     model.to(device)
     ref_runner = PolicyRunner(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.loss.beta > 0 else None
+    model = apply_lora(model, cfg.lora)
     runner = PolicyRunner(model)
     if d.world > 1:
         shard_policy(runner, compute_dtype)
@@ -104,6 +109,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     rule = make_update_rule(cfg, params)
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(rule, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    peak = peak_flops(device)
     engine = make_engine(cfg.rollout.engine, runner, tokenizer, cfg.rollout, d.world)
     reward_fn = make_reward(cfg.task.reward, cfg.task.format_reward)
     dataset = jsonl_problems(cfg.task.path, cfg.task.on_bad_record, log) if cfg.task.name == "jsonl" else None
@@ -159,6 +165,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
                       "backward_passes": backward_passes, "lr": scheduler.get_last_lr()[0], "world_size": d.world}
             update_time = sum(closure.pass_times)
             record["tokens_per_s"] = tokens * len(closure.pass_times) / update_time if update_time > 0 else float("nan")
+            if peak is not None and update_time > 0:
+                per_token = train_flops_per_token(model, int(tokens / closure.total_seqs))
+                record["mfu"] = record["tokens_per_s"] * per_token / (peak * d.world)
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.steps):
