@@ -1,0 +1,1 @@
+"""gxpo-bench: kernel and training-step benchmarks with roofline floors (see `gxpo-bench --help`)."""

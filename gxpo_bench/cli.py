@@ -1,0 +1,129 @@
+"""gxpo-bench: what each kernel and each training-step phase costs on this device, against the
+alternatives and against the hardware's floor.
+
+  gxpo-bench kernels [--fast] [--out FILE.json]
+  gxpo-bench step [--model smollm2-135m] [--algo grpo,sfpo,gxpo] [--fast] [--out FILE.json]
+  gxpo-bench compare A.json B.json [--threshold 1.10]
+
+Results go to FILE.json and FILE.md (default bench/results/DATE-DEVICE-KIND[-fast].json). On CPU the
+losses' "ours" is the torch fallback and the bookkeeping's is the C++ extension; Triton's interpreter is
+never timed. --fast uses tiny shapes (seconds on CPU) and, on CPU, leaves torch.compile out (its compile
+alone takes ~20 s per shape there).
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import torch
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_kernels(args) -> dict:
+    from gxpo_bench import kernels, results, timing
+
+    device = _device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compile_ = args.compile if args.compile is not None else not (args.fast and device.type == "cpu")
+    reps = args.reps or (5 if args.fast else 20 if device.type == "cuda" else 10)
+    ceil = timing.ceilings(device, dtype, args.fast)
+    out = {**results.header("kernels", device, args.fast, args.command), "ceilings": ceil, "cases": []}
+    for case, shape, impls, nbytes, flops in kernels.cases(device, dtype, args.fast, compile_):
+        floor = max(nbytes / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
+        rows = []
+        for impl, entry in impls.items():
+            if entry is None:
+                why = "torch.compile off (--fast on CPU; --compile to force)" if impl == "torch_compile" else \
+                    "needs CUDA (Triton interpreter not timed)" if impl == "liger" else "not available here"
+                rows.append({"impl": impl, "skipped": why})
+                continue
+            t = timing.measure(*entry, device, reps)
+            rows.append({"impl": impl, "median_ms": 1e3 * t["median_s"], "iqr_ms": 1e3 * t["iqr_s"],
+                         "peak_mib": t["peak_mib"], "gbps": nbytes / t["median_s"] / 1e9 if nbytes else None,
+                         "tflops": flops / t["median_s"] / 1e12 if flops else None,
+                         "x_floor": t["median_s"] / floor if floor else None})
+            print(f"{case} {shape} {impl}: {rows[-1]['median_ms']:.3f} ms", file=sys.stderr)
+        ours = next((r["median_ms"] for r in rows if r["impl"] == "ours" and "median_ms" in r), None)
+        for r in rows:
+            r["x_ours"] = r["median_ms"] / ours if ours and "median_ms" in r else None
+        out["cases"].append({"case": case, "shape": shape, "bytes": nbytes, "flops": flops, "floor_ms": 1e3 * floor,
+                             "rows": rows})
+    return out
+
+
+def run_step(args) -> dict:
+    from gxpo_bench import results, step
+
+    device = _device()
+    algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+    if bad := [a for a in algos if a not in ("grpo", "sfpo", "gxpo")]:
+        raise ValueError(f"--algo: {bad} not among grpo, sfpo, gxpo")
+    cuda = device.type == "cuda"
+    model = args.model or ("tiny-random" if args.fast else "smollm2-135m")
+    B, P, T = (8, 16, 32) if args.fast else (64, 256, 1024) if cuda else (16, 32, 64)
+    B, P, T = args.batch or B, args.prompt_len or P, args.completion_len or T
+    steps, warmup = args.steps or (3 if args.fast else 10 if cuda else 4), 1 if args.fast or not cuda else 2
+    per_algo = step.bench_algos(algos, model, (B, P, T), steps, warmup, args.beta, device)
+    real_tokens = int(step.synthetic_batch(100, B, P, T, "cpu").attention_mask.sum())
+    return {**results.header("step", device, args.fast, args.command),
+            "setup": {"model": model, "batch": B, "prompt_len": P, "completion_len": T, "real_tokens": real_tokens,
+                      "steps": steps, "warmup": warmup, "beta": args.beta},
+            "algos": per_algo, "ratios": step.ratios(per_algo)}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="gxpo-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("kernels", "step"):
+        p = sub.add_parser(name)
+        p.add_argument("--fast", action="store_true", help="tiny shapes: seconds on CPU (what CI runs)")
+        p.add_argument("--out", help="FILE.json (FILE.md next to it); default under bench/results/")
+    k = sub.choices["kernels"]
+    k.add_argument("--reps", type=int, default=0, help="timed repetitions per implementation")
+    k.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="include torch.compile (default: yes, except --fast on CPU)")
+    s = sub.choices["step"]
+    s.add_argument("--model", help="smollm2-135m (default), tiny-random (--fast default) or an HF path")
+    s.add_argument("--algo", default="grpo,sfpo,gxpo")
+    s.add_argument("--steps", type=int, default=0, help="timed steps per rule")
+    s.add_argument("--batch", type=int, default=0)
+    s.add_argument("--prompt-len", type=int, default=0)
+    s.add_argument("--completion-len", type=int, default=0)
+    s.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 adds the reference forward")
+    c = sub.add_parser("compare", help="B / A per row of two result files")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--threshold", type=float, default=1.10, help="exit 1 when a row of B is slower than this x A")
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # before gxpo_kernels is imported: the interpreter is never timed
+    from gxpo_bench import results
+
+    if args.cmd == "compare":
+        with open(args.a) as fa, open(args.b) as fb:
+            table, slower = results.compare(json.load(fa), json.load(fb), args.threshold)
+        print(table)
+        if slower:
+            print(f"\n{len(slower)} row(s) slower than {args.threshold}x", file=sys.stderr)
+            sys.exit(1)
+        return
+    args.command = "gxpo-bench " + shlex.join(argv)
+    try:
+        result = run_kernels(args) if args.cmd == "kernels" else run_step(args)
+    except ValueError as e:
+        sys.exit(f"gxpo-bench: {e}")
+    device = _device()
+    path = args.out or results.default_path(args.cmd, device, args.fast)
+    md = results.write(result, path)
+    print(md.read_text())
+    print(f"wrote {path} and {md}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`gxpo-bench kernels`: each kernel against its alternatives at the issues' shapes, with the floor for
+that shape (bytes over the measured copy bandwidth, FLOPs over the measured matmul rate; the larger).
+
+Cases: the GRPO loss from logits (ours, Liger's Triton kernel, torch eager, torch.compile of the
+reference), the loss fused with the LM head (ours, ours on materialized logits, Liger's chunked
+LigerFusedLinearGRPOLoss, eager, compile) and GXPO's bookkeeping per active step (our flat ops vs the
+per-tensor torch implementation). On CPU "ours" is the torch fallback for the losses and the C++
+extension for the bookkeeping; Triton's interpreter is never timed."""
+
+from functools import partial
+
+import torch
+
+from gxpo_kernels import backend, fused_linear_grpo_loss, grpo_loss
+from gxpo_kernels.flat import build_groups
+from gxpo_kernels.ops import flat_ops
+from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.optim.rule import BLOCK
+
+from . import shapes
+from .per_tensor import bookkeeping as per_tensor_bookkeeping
+
+KW = {"beta": 0.04, "eps_low": 0.2, "eps_high": 0.28, "temperature": 1.0}
+# snapshot r/w 16, ||g1|| 4, extrapolation 20, <g0, g~> and ||g~|| 8 (bench/README.md)
+BOOKKEEPING_BYTES_PER_PARAM = 48
+
+
+def liger_triton(logits, ids, adv, mask, old, ref):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    # Liger scores logits[:, :-1]; it gets the causal LM's [B, T + 1, V] view.
+    return triton_grpo_loss(logits, old, ref, ids, adv, mask.float(), temperature=KW["temperature"],
+                            beta=KW["beta"], eps_low=KW["eps_low"], eps_high=KW["eps_high"], inplace=True,
+                            loss_type="dapo", reduce=True)[0]
+
+
+def liger_fused(hidden, weight, ids, adv, mask, old, ref, compiled=True):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss = LigerFusedLinearGRPOLoss(beta=KW["beta"], compiled=compiled, epsilon_low=KW["eps_low"],
+                                    epsilon_high=KW["eps_high"], temperature=KW["temperature"], loss_type="dapo")
+    out = loss(hidden, weight, ids, mask.float(), adv, ref_per_token_logps=ref, old_per_token_logps=old)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def loss_impls(cuda: bool, compile_: bool) -> dict:
+    """name -> loss(logits [B, T + 1, V], ids, adv, mask, old, ref); None marks a skipped alternative."""
+    compiled = torch.compile(grpo_loss_reference, dynamic=False) if compile_ else None
+    return {
+        "ours": lambda x, *a: grpo_loss(x[:, :-1], *a, **KW, inplace=True)[0],
+        "ours_not_inplace": lambda x, *a: grpo_loss(x[:, :-1], *a, **KW)[0],
+        "liger": liger_triton if cuda and _has_liger() else None,
+        "torch_eager": lambda x, *a: grpo_loss_reference(x[:, :-1], *a, **KW)[0],
+        "torch_compile": (lambda x, *a: compiled(x[:, :-1], *a, **KW)[0]) if compiled else None,
+    }
+
+
+def linear_impls(compile_: bool) -> dict:
+    """name -> loss(hidden [B, T, H], weight [V, H], ids, adv, mask, old, ref)."""
+    compiled = torch.compile(grpo_loss_reference, dynamic=False) if compile_ else None
+    return {
+        "ours": lambda h, w, *a: fused_linear_grpo_loss(h, w, *a, **KW)[0],
+        "ours_materialized": lambda h, w, *a: grpo_loss(h @ w.t(), *a, **KW, inplace=True)[0],
+        "liger": (lambda h, w, *a: liger_fused(h, w, *a, compiled=compile_)) if _has_liger() else None,
+        "torch_eager": lambda h, w, *a: grpo_loss_reference(h @ w.t(), *a, **KW)[0],
+        "torch_compile": (lambda h, w, *a: compiled(h @ w.t(), *a, **KW)[0]) if compiled else None,
+    }
+
+
+def ours_bookkeeping(groups, g0, g1, gt, K=5, alpha=0.5):
+    """Everything an active GXPO step does besides the three closures and three base steps."""
+    group = groups[0]
+    flat_ops.snapshot(group, g0)
+    flat_ops.grad_dots(group, g1, False).tolist()
+    flat_ops.extrapolate(group, g1, K=K, alpha=alpha, delta=1e-8).tolist()
+    flat_ops.grad_dots(group, gt, True).tolist()
+
+
+def _has_liger() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cases(device: torch.device, dtype: torch.dtype, fast: bool, compile_: bool):
+    """Yields (case, shape, {impl: (fn, setup) or None}, bytes_moved, flops) for every benchmark."""
+    cuda = device.type == "cuda"
+    elt = torch.finfo(dtype).bits // 8
+    for N, V in shapes.loss_shapes(cuda, fast):
+        ids, adv, mask, old, ref = shapes.loss_inputs(N, V, device)
+        B, T = ids.shape
+
+        def setup(B=B, T=T, V=V):
+            return (torch.randn(B, T + 1, V, device=device, dtype=dtype).requires_grad_(),)
+
+        impls = {name: None if f is None else ((lambda x, f=f, a=(ids, adv, mask, old, ref): f(x, *a).backward()),
+                                               setup)
+                 for name, f in loss_impls(cuda, compile_).items()}
+        # logits read by the forward, read again and overwritten with the gradient by the backward
+        yield "grpo_loss", f"N={N} V={V}", impls, 3 * elt * B * T * V, 0
+
+    for N, H, V in shapes.linear_shapes(cuda, fast):
+        ids, adv, mask, old, ref = shapes.loss_inputs(N, V, device)
+        B, T = ids.shape
+        weight = (torch.randn(V, H, device=device) / H**0.5).to(dtype).requires_grad_()
+
+        def setup(B=B, T=T, H=H, weight=weight):
+            weight.grad = None
+            return torch.randn(B, T, H, device=device, dtype=dtype).requires_grad_(), weight
+
+        impls = {name: None if f is None else ((lambda h, w, f=f, a=(ids, adv, mask, old, ref): f(h, w, *a)
+                                                .backward()), setup)
+                 for name, f in linear_impls(compile_).items()}
+        # logits, d_hidden and d_weight: three N x H x V products; read h, W; write dh, dW
+        yield "fused_linear_grpo_loss", f"N={N} H={H} V={V}", impls, 2 * elt * (N * H + V * H), 6 * N * H * V
+
+    for size in shapes.model_sizes(cuda, fast):
+        g = torch.Generator(device=device).manual_seed(0)
+        param_shapes = shapes.model_shapes(*shapes.MODELS[size])
+        params = [torch.randn(s, device=device, generator=g) for s in param_shapes]
+        g0, g1, gt = ([torch.randn(s, device=device, generator=g) for s in param_shapes] for _ in range(3))
+        n = sum(p.numel() for p in params)
+        groups = build_groups(params, BLOCK)
+        ours_ok = cuda or backend.HAS_CPP
+        impls = {"ours": (partial(ours_bookkeeping, groups, g0, g1, gt), tuple) if ours_ok else None,
+                 "per_tensor": (partial(per_tensor_bookkeeping, params, g0, g1, gt), tuple)}
+        yield "gxpo_bookkeeping", f"{size} model ({n / 1e6:.1f}M fp32 params)", impls, \
+            BOOKKEEPING_BYTES_PER_PARAM * n, 0

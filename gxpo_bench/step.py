@@ -1,0 +1,158 @@
+"""`gxpo-bench step`: whole training updates on a fixed synthetic batch (no rollout variance), per
+update rule, through the trainer's own closure and rules. Per-phase wall-clock (each forward+backward
+pass, base-optimizer steps, the rule's bookkeeping, reference log-probs; old log-probs are reused from
+pass 1 and cost nothing), tokens/s over real tokens, MFU and peak memory on GPU, and the ratios that
+matter for GXPO."""
+
+import statistics
+import time
+
+import torch
+
+from trainer.config import load_config
+from trainer.flops import peak_flops, train_flops_per_token
+from trainer.models import load_policy
+from trainer.policy import PolicyRunner
+from trainer.rollout import RolloutBatch
+from trainer.step import LossClosure, base_optimizer, make_update_rule, run_update
+
+PHASES = ("ref_logprob", "optimizer", "bookkeeping")
+
+
+def synthetic_batch(vocab: int, B: int, prompt_len: int, completion_len: int, device, seed=0) -> RolloutBatch:
+    """Random tokens (ids >= 3: no pad/eos), prompts of equal length, completion lengths uniform in
+    [completion_len / 4, completion_len]."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, vocab, (B, prompt_len), generator=g)
+    completion = torch.randint(3, vocab, (B, completion_len), generator=g)
+    lengths = torch.randint(max(1, completion_len // 4), completion_len + 1, (B,), generator=g)
+    mask = torch.arange(completion_len)[None] < lengths[:, None]
+    input_ids = torch.cat([prompt, completion], 1)
+    attention = torch.cat([torch.ones_like(prompt, dtype=torch.bool), mask], 1)
+    return RolloutBatch(input_ids.to(device), attention.to(device), prompt_len, completion.to(device), mask.to(device),
+                        [""] * B)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _TimedStep:
+    """Wraps a base optimizer's step() to add its (synchronized) time to a counter."""
+
+    def __init__(self, optimizer, device):
+        self.inner, self.device, self.seconds = optimizer.step, device, 0.0
+        optimizer.step = self
+
+    def __call__(self, *args, **kwargs):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        _sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+class AlgoBench:
+    """One update rule on its own copy of the model (same seed for all), stepped on the fixed batch."""
+
+    def __init__(self, algo: str, model_name: str, batch_shape: tuple, beta: float, device):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.algo, self.device = algo, device
+        self.cfg = load_config(overrides=[("model", model_name), ("algo", algo), ("gxpo.gate", "never"),
+                                          ("sfpo.gate", "never"), ("loss.beta", str(beta)),
+                                          ("rollout.max_new_tokens", str(batch_shape[2]))])
+        model, tokenizer = load_policy(model_name, dtype, seed=0)
+        self.runner = PolicyRunner(model.to(device))
+        self.ref_runner = (PolicyRunner(load_policy(model_name, dtype, seed=0)[0].to(device).eval())
+                           if beta > 0 else None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.rule = make_update_rule(self.cfg, self.params)
+        self.opt_timer = _TimedStep(base_optimizer(self.rule), device)
+        self.batch = synthetic_batch(len(tokenizer), *batch_shape, device)
+        self.adv = torch.randn(batch_shape[0], generator=torch.Generator().manual_seed(1)).to(device)
+        self.per_token = train_flops_per_token(model, int(self.batch.attention_mask.sum(1).float().mean()))
+        self.peak = peak_flops(device)
+        self.rows = []
+
+    def step(self, record: bool):
+        device, rule = self.device, self.rule
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.opt_timer.seconds = 0.0
+        passes_before = getattr(rule, "backward_passes", None)
+        _sync(device)
+        t_step = time.perf_counter()
+        times = {}
+        ref_logp = None
+        if self.ref_runner is not None:
+            ref_logp = self.ref_runner.logp(self.batch, self.cfg.rollout.temperature)
+            _sync(device)
+            times["ref_logprob"] = time.perf_counter() - t_step
+        closure = LossClosure(self.runner, self.batch, self.adv, self.cfg, ref_logp)
+        t_update = time.perf_counter()
+        run_update(rule, closure, self.cfg, self.params)
+        _sync(device)
+        update = time.perf_counter() - t_update
+        step_time = time.perf_counter() - t_step
+        for j, t in enumerate(closure.pass_times):
+            times[f"pass_{j + 1}"] = t
+        times["optimizer"] = self.opt_timer.seconds
+        times["bookkeeping"] = update - sum(closure.pass_times) - self.opt_timer.seconds
+        times["unaccounted"] = step_time - sum(times.values())
+        real_tokens = float(self.batch.attention_mask.sum())
+        row = {"step_s": step_time, "times": times, "passes": len(closure.pass_times),
+               "rule_passes": 1 if passes_before is None else rule.backward_passes - passes_before,
+               "tokens_per_s": real_tokens * len(closure.pass_times) / update}
+        if self.peak is not None:
+            row["mfu"] = row["tokens_per_s"] * self.per_token / self.peak
+        if device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if record:
+            self.rows.append(row)
+
+
+def bench_algos(algos: list, model_name: str, batch_shape: tuple, steps: int, warmup: int, beta: float,
+                device) -> dict:
+    """Steps the rules in turn (grpo, sfpo, gxpo, grpo, ...) so that drift in the machine's speed hits
+    them alike; medians per rule."""
+    benches = [AlgoBench(a, model_name, batch_shape, beta, device) for a in algos]
+    for i in range(warmup + steps):
+        for b in benches:
+            b.step(record=i >= warmup)
+    return {b.algo: summarize(b.algo, b.rows) for b in benches}
+
+
+def summarize(algo: str, rows: list) -> dict:
+    """Medians over the timed steps; phases in a fixed order; every step's raw numbers kept."""
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    keys = [k for k in rows[0]["times"] if k.startswith("pass_")] + [k for k in PHASES if k in rows[0]["times"]]
+    out = {"algo": algo, "step_ms": 1e3 * med([r["step_s"] for r in rows]),
+           "phases_ms": {k: 1e3 * med([r["times"][k] for r in rows]) for k in keys + ["unaccounted"]},
+           "passes_per_step": rows[0]["passes"], "rule_passes_per_step": rows[0]["rule_passes"],
+           "tokens_per_s": med([r["tokens_per_s"] for r in rows]), "steps": rows}
+    for key in ("mfu", "peak_mem_gib"):
+        if key in rows[0]:
+            out[key] = med([r[key] for r in rows])
+    return out
+
+
+def ratios(results: dict) -> dict:
+    """The ratios of the issue, from the medians of one run."""
+    out = {}
+
+    def pass_mean(r):
+        passes = [v for k, v in r["phases_ms"].items() if k.startswith("pass_")]
+        return sum(passes) / len(passes)
+
+    if "gxpo" in results and "grpo" in results:
+        gx, gr = results["gxpo"], results["grpo"]
+        out["gxpo_step / grpo_step"] = gx["step_ms"] / gr["step_ms"]
+        out["gxpo_step / (3 x grpo fwd+bwd)"] = gx["step_ms"] / (3 * gr["phases_ms"]["pass_1"])
+    if "gxpo" in results:
+        gx = results["gxpo"]
+        out["gxpo bookkeeping / one fwd+bwd"] = gx["phases_ms"]["bookkeeping"] / pass_mean(gx)
+    if "sfpo" in results and "gxpo" in results:
+        out["sfpo_step / gxpo_step"] = results["sfpo"]["step_ms"] / results["gxpo"]["step_ms"]
+    return out
