@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from trainer import train as train_module  # noqa: E402
 from trainer.cli import main as cli_main  # noqa: E402
 from trainer.config import load_config, to_toml  # noqa: E402
+from trainer.tasks import Problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,3 +243,36 @@ def test_flops_per_token_by_hand():
     assert train_flops_per_token(model, 10) == 6 * n_matmul + 12 * c.num_hidden_layers * c.hidden_size * 10
     model.requires_grad_(False)
     assert train_flops_per_token(model, 10) == 4 * n_matmul + 12 * c.num_hidden_layers * c.hidden_size * 10
+
+
+@pytest.mark.parametrize("algo", ["grpo", "gxpo"])
+@pytest.mark.parametrize("recipe", ["xrpo", "grpo-lambda"])
+def test_plugins_train_two_steps(tmp_path, recipe, algo):
+    cfg = tiny_cfg(tmp_path, algo, steps=2, recipe=recipe, **{"rollout.group_size": 6, "xrpo.n0": 2})
+    rows = read_metrics(train_module.train(cfg, log=lambda *_: None))
+    assert [r["backward_passes"] for r in rows] == [(1 if algo == "grpo" else 3) * (i + 1) for i in range(2)]
+    for r in rows:
+        assert r["rollouts"] == 3 * 6 and abs(r["loss"]) < 1e3  # the budget is conserved
+        if recipe == "xrpo":
+            assert {"xrpo/seeded_rows", "xrpo/sharpened_rows", "xrpo/max_group", "xrpo/min_group"} <= r.keys()
+            assert r["xrpo/min_group"] >= 2
+    assert load_config(Path(cfg.out) / "config.toml").recipe == recipe
+
+
+def test_xrpo_seeds_all_fail_prompts_and_resumes_exactly(tmp_path, monkeypatch):
+    """A reward no completion of the first prompt earns: from step 2 on its extra rollouts are sampled with
+    exemplars from the corpus; the corpus rides in the checkpoint, so a resumed run equals a straight one."""
+    def reward(text, gold):
+        return float(gold != "2" and len(text) % 2 == 0)
+
+    monkeypatch.setattr(train_module, "make_reward", lambda kind, format_weight=0.0: reward)
+    monkeypatch.setattr(train_module, "problems_for_step", lambda cfg, step, dataset: [
+        Problem("1 + 1", "2"), Problem(f"{step} + 5", str(step + 5)), Problem(f"{step} + 6", str(step + 6))])
+    extra = {"recipe": "xrpo", "rollout.group_size": 6, "save_every": 1}
+    straight = read_metrics(train_module.train(tiny_cfg(tmp_path / "a", "grpo", steps=3, **extra), log=print))
+    assert straight[0]["xrpo/seeded_rows"] == 0 and straight[1]["xrpo/seeded_rows"] > 0
+    train_module.train(tiny_cfg(tmp_path / "b", "grpo", steps=2, **extra), log=lambda *_: None)
+    resumed = read_metrics(train_module.train(tiny_cfg(tmp_path / "b", "grpo", steps=3, resume=True, **extra),
+                                              log=lambda *_: None))
+    for key in ("reward_mean", "loss", "xrpo/seeded_rows", "xrpo/max_group"):
+        assert straight[-1][key] == resumed[-1][key], key

@@ -80,11 +80,14 @@ def complete_checkpoints(out: str) -> list:
                   reverse=True)
 
 
-def load_latest_checkpoint(out: str, model, rule, scheduler, dist: Dist = SINGLE, log=print) -> dict | None:
+def load_latest_checkpoint(out: str, model, rule, scheduler, dist: Dist = SINGLE, log=print,
+                           train_template: dict | None = None) -> dict | None:
     """Loads the newest whole checkpoint into model, rule and scheduler and restores this rank's RNG;
-    returns its train_state, or None when there is none. A torn or corrupt one is reported and skipped."""
+    returns its train_state (the keys of train_template, plain values), or None when there is none. A torn
+    or corrupt one is reported and skipped."""
     for path in complete_checkpoints(out):
-        state = _state(model, rule, scheduler, {"step": 0, "wall_time_s": 0.0, "backward_passes": 0})
+        template = {"step": 0, "wall_time_s": 0.0, "backward_passes": 0, **(train_template or {})}
+        state = _state(model, rule, scheduler, template)
         error = None
         try:
             with _single_process_quiet():

@@ -87,6 +87,45 @@ class LoRAConfig:
 
 
 @dataclass
+class XRPOConfig:
+    allocator: bool | None = None  # None: on under --recipe xrpo
+    seeding: bool | None = None
+    sharpening: bool | None = None
+    n0: int = 2  # first-phase rollouts per prompt (the rest of the group_size budget is allocated)
+    phases: int = 3
+    bonus: float = 0.1  # exploration bonus lambda
+    max_exemplars: int = 2
+    max_chars: int = 800  # exemplar solutions are cut here
+    loss_context: str = "sampled"  # | "original": the loss sees the prompt without the exemplars
+    sharpen_l: float = 2.5
+    sharpen_k: float = 0.5
+
+
+@dataclass
+class CAPOConfig:
+    enabled: bool | None = None  # None: on under --recipe capo
+    preset: str = "grpo"  # | "dr-grpo": sets tau_F, tau_H to 1e-3, 5e-4 unless given
+    tau_F: float | None = None  # predicted-KL threshold; None: the preset's (1e-4)
+    tau_H: float | None = None  # |predicted objective change| threshold; None: the preset's (0.01)
+    top_k: int = 50
+    eps: float = 1e-8
+    chunk_tokens: int = 1024
+
+
+@dataclass
+class GRPOLambdaConfig:
+    enabled: bool | None = None  # None: on under --recipe grpo-lambda
+    lam: float = 0.99
+    gamma: float = 1.0
+    trace: str = "recent"  # | "both"
+    neg_clamp: float | None = -0.1
+
+
+RECIPES = ("none", "xrpo", "capo", "grpo-lambda")
+CAPO_PRESETS = {"grpo": (1e-4, 0.01), "dr-grpo": (1e-3, 5e-4)}
+
+
+@dataclass
 class TrainConfig:
     model: str = "smollm2-135m"  # | "tiny-random" | a transformers model directory or hub id
     algo: str = "grpo"
@@ -104,6 +143,10 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    recipe: str = "none"  # switches a plug-in on with its defaults; its own flags still override
+    xrpo: XRPOConfig = field(default_factory=XRPOConfig)
+    capo: CAPOConfig = field(default_factory=CAPOConfig)
+    grpo_lambda: GRPOLambdaConfig = field(default_factory=GRPOLambdaConfig)
 
 
 def _coerce(key, value, annotation):
@@ -167,8 +210,28 @@ def load_config(toml_path=None, overrides=()) -> TrainConfig:
                 _set(cfg, key, value)
     for key, value in overrides:
         _set(cfg, key, value)
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"config key 'recipe' must be one of {RECIPES}")
+    resolve_recipe(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_recipe(cfg: TrainConfig):
+    """Flags left unset (None) follow --recipe; CAPO's thresholds follow its preset."""
+    x = cfg.xrpo
+    for name in ("allocator", "seeding", "sharpening"):
+        if getattr(x, name) is None:
+            setattr(x, name, cfg.recipe == "xrpo")
+    if cfg.capo.enabled is None:
+        cfg.capo.enabled = cfg.recipe == "capo"
+    if cfg.grpo_lambda.enabled is None:
+        cfg.grpo_lambda.enabled = cfg.recipe == "grpo-lambda"
+    if cfg.capo.preset not in CAPO_PRESETS:
+        raise ValueError(f"config key 'capo.preset' must be one of {tuple(CAPO_PRESETS)}")
+    tau_F, tau_H = CAPO_PRESETS[cfg.capo.preset]
+    cfg.capo.tau_F = tau_F if cfg.capo.tau_F is None else cfg.capo.tau_F
+    cfg.capo.tau_H = tau_H if cfg.capo.tau_H is None else cfg.capo.tau_H
 
 
 def validate(cfg: TrainConfig):
@@ -198,6 +261,21 @@ def validate(cfg: TrainConfig):
         ("lora.alpha", cfg.lora.alpha > 0, "> 0"),
         ("lora.dropout", 0 <= cfg.lora.dropout < 1, "in [0, 1)"),
         ("lora.target_modules", bool(cfg.lora.target_modules.strip(",").strip()), "a comma-separated module list"),
+        ("xrpo.n0", not cfg.xrpo.allocator or 2 <= cfg.xrpo.n0 <= cfg.rollout.group_size,
+         "in [2, rollout.group_size] (the allocator needs a sample std per prompt)"),
+        ("xrpo.phases", cfg.xrpo.phases >= 1, ">= 1"),
+        ("xrpo.bonus", cfg.xrpo.bonus >= 0, ">= 0"),
+        ("xrpo.max_exemplars", cfg.xrpo.max_exemplars >= 1, ">= 1"),
+        ("xrpo.max_chars", cfg.xrpo.max_chars >= 1, ">= 1"),
+        ("xrpo.loss_context", cfg.xrpo.loss_context in ("sampled", "original"), "'sampled' or 'original'"),
+        ("xrpo.sharpen_k", cfg.xrpo.sharpen_k >= 0, ">= 0"),
+        ("capo.top_k", cfg.capo.top_k >= 2, ">= 2"),
+        ("capo.tau_F", cfg.capo.tau_F > 0, "> 0"),
+        ("capo.tau_H", cfg.capo.tau_H > 0, "> 0"),
+        ("capo.chunk_tokens", cfg.capo.chunk_tokens >= 1, ">= 1"),
+        ("grpo_lambda.lam", 0 < cfg.grpo_lambda.lam <= 1, "in (0, 1]"),
+        ("grpo_lambda.gamma", 0 < cfg.grpo_lambda.gamma <= 1, "in (0, 1]"),
+        ("grpo_lambda.trace", cfg.grpo_lambda.trace in ("recent", "both"), "'recent' or 'both'"),
         ("dtype", cfg.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     ]
     for key, ok, expected in checks:

@@ -21,6 +21,36 @@ class RolloutBatch:
     def position_ids(self):
         return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def rows(self) -> list:
+        """Per row: (prompt token ids, completion token ids), unpadded."""
+        P = self.prompt_len
+        return [(ids[:P][am[:P]], comp[m]) for ids, am, comp, m in
+                zip(self.input_ids, self.attention_mask.bool(), self.completion_ids, self.completion_mask, strict=True)]
+
+    @staticmethod
+    def from_rows(rows: list, texts: list, pad_id: int) -> "RolloutBatch":
+        """Rows of (prompt ids, completion ids): prompts left-padded, completions right-padded."""
+        P = max(len(p) for p, _ in rows)
+        T = max(1, max(len(c) for _, c in rows))
+        B = len(rows)
+        device = rows[0][0].device
+        input_ids = torch.full((B, P + T), pad_id, dtype=torch.long, device=device)
+        attention = torch.zeros(B, P + T, dtype=torch.bool, device=device)
+        for i, (p, c) in enumerate(rows):
+            input_ids[i, P - len(p):P], attention[i, P - len(p):P] = p, True
+            input_ids[i, P:P + len(c)], attention[i, P:P + len(c)] = c, True
+        return RolloutBatch(input_ids, attention, P, input_ids[:, P:].clone(), attention[:, P:].clone(), list(texts))
+
+    @staticmethod
+    def concat(batches: list, pad_id: int) -> "RolloutBatch":
+        rows = [r for b in batches for r in b.rows()]
+        return RolloutBatch.from_rows(rows, [t for b in batches for t in b.texts], pad_id)
+
+    def select(self, order: list, pad_id: int) -> "RolloutBatch":
+        """The rows in `order` (a permutation or subset), re-padded."""
+        rows = self.rows()
+        return RolloutBatch.from_rows([rows[i] for i in order], [self.texts[i] for i in order], pad_id)
+
 
 def completion_mask_from(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """True up to and including the first EOS of each row."""
@@ -38,16 +68,24 @@ class HFGenerateEngine:
         self.runner, self.tokenizer, self.world = runner, tokenizer, world
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
 
-    @torch.no_grad()
     def generate(self, prompts: list, group_size: int, prompt_keys: list) -> RolloutBatch:
+        """group_size completions of each prompt; completion j of the prompt with key s from row_seed(s, j)."""
         if len(prompt_keys) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_keys)} prompt keys")
+        return self.generate_rows([p for p in prompts for _ in range(group_size)],
+                                  [row_seed(key, j) for key in prompt_keys for j in range(group_size)])
+
+    @torch.no_grad()
+    def generate_rows(self, prompts: list, row_seeds: list) -> RolloutBatch:
+        """One completion per (prompt text, row seed)."""
+        if not prompts or len(prompts) != len(row_seeds):
+            raise ValueError(f"generate_rows needs one seed per prompt, got {len(prompts)} prompts and "
+                             f"{len(row_seeds)} seeds")
         tok = self.tokenizer
-        enc = tok([p for p in prompts for _ in range(group_size)], return_tensors="pt", padding=True,
-                  add_special_tokens=False)
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(self.runner.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
-        seeds_B = torch.tensor([row_seed(key, j) for key in prompt_keys for j in range(group_size)])
+        seeds_B = torch.tensor(row_seeds, dtype=torch.int64)
         sampler = RowKeyedSampler(seeds_B, self.temperature, self.top_p)
         was_training = self.runner.training
         self.runner.eval()

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import torch
 
-from .advantages import group_normalized
+from .advantages import group_normalized_ragged
 from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .collect import collect, prompt_text
 from .config import TrainConfig, to_toml
 from .distributed import init_distributed, shard_policy
 from .evaluate import evaluate
 from .flops import peak_flops, train_flops_per_token
 from .models import apply_lora, load_policy
+from .plugins.grpo_lambda import grpo_lambda_advantages
+from .plugins.xrpo_seeding import SolutionCorpus
+from .plugins.xrpo_sharpening import sharpen
 from .policy import PolicyRunner
 from .rollout import make_engine
 from .sampling import row_seed
@@ -62,9 +66,30 @@ def held_out_problems(cfg: TrainConfig, log):
     return [next(stream) for _ in range(cfg.eval.num_problems)]
 
 
-def prompt_text(tokenizer, question, system_prompt):
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def advantages(cfg, runner, got, d):
+    """The advantage slot: group-normalized GRPO, then XRPO sharpening and GRPO-lambda when on."""
+    adv, stats = group_normalized_ragged(got.rewards, got.group_sizes)
+    if cfg.xrpo.sharpening:
+        logp_BT = runner.logp(got.batch, cfg.rollout.temperature)  # one no-grad forward
+        mask = got.batch.completion_mask
+        mean_logp = (torch.where(mask, logp_BT, 0.0).sum(1) / mask.sum(1).clamp(min=1)).cpu()
+        adv, grown = sharpen(adv, mean_logp, got.group_sizes, cfg.xrpo.sharpen_l, cfg.xrpo.sharpen_k)
+        stats["xrpo/sharpened_rows"] = grown
+    if cfg.grpo_lambda.enabled:
+        g = cfg.grpo_lambda
+        adv = grpo_lambda_advantages(adv.to(got.batch.completion_mask.device), got.batch.completion_mask, g.lam,
+                                     g.gamma, g.trace, g.neg_clamp)
+    return adv, stats
+
+
+def corpus_add(corpus, keyed, got, d):
+    """Correct completions join XRPO's exemplar corpus (gathered over ranks, so every rank has the same)."""
+    owners = [i for i, n in enumerate(got.group_sizes) for _ in range(n)]
+    solved = [(keyed[i][0].question, text) for i, text, r in zip(owners, got.batch.texts, got.rewards.tolist(),
+                                                                  strict=True) if r >= 1]
+    for part in d.gather(solved):
+        for question, text in part:
+            corpus.add(question, text)
 
 
 def _compute_dtypes(cfg: TrainConfig, device: torch.device, world: int):
@@ -109,14 +134,18 @@ def train(cfg: TrainConfig, log=None) -> Path:
     rule = make_update_rule(cfg, params)
     warmup = cfg.optim.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(rule, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    corpus = SolutionCorpus() if cfg.xrpo.seeding else None
     peak = peak_flops(device)
     engine = make_engine(cfg.rollout.engine, runner, tokenizer, cfg.rollout, d.world)
     reward_fn = make_reward(cfg.task.reward, cfg.task.format_reward)
     dataset = jsonl_problems(cfg.task.path, cfg.task.on_bad_record, log) if cfg.task.name == "jsonl" else None
 
     start_step, wall_offset, backward_passes = 0, 0.0, 0
-    if cfg.resume and (state := load_latest_checkpoint(cfg.out, model, rule, scheduler, d, log)) is not None:
+    template = {"corpus": ""} if corpus is not None else {}
+    if cfg.resume and (state := load_latest_checkpoint(cfg.out, model, rule, scheduler, d, log, template)):
         start_step, wall_offset, backward_passes = state["step"], state["wall_time_s"], state["backward_passes"]
+        if corpus is not None and state["corpus"]:
+            corpus.load_state_dict(json.loads(state["corpus"]))
         log(f"resumed from step {start_step}")
     metrics_path = out / "metrics.jsonl"
     if d.main and start_step == 0:
@@ -137,13 +166,12 @@ def train(cfg: TrainConfig, log=None) -> Path:
             phases = Phases()
             problems = problems_for_step(cfg, step, dataset)
             keyed = d.shard([(p, row_seed(cfg.seed, step, i)) for i, p in enumerate(problems)])
-            with phases("rollout"):
-                prompts = [prompt_text(tokenizer, p.question, cfg.task.system_prompt) for p, _ in keyed]
-                batch = engine.generate(prompts, cfg.rollout.group_size, [key for _, key in keyed])
-            with phases("reward"):
-                golds = [p.answer for p, _ in keyed for _ in range(cfg.rollout.group_size)]
-                rewards = torch.tensor([reward_fn(t, g) for t, g in zip(batch.texts, golds, strict=True)])
-                adv, adv_stats = group_normalized(rewards.view(len(keyed), -1))
+            got = collect(engine, tokenizer, cfg, keyed, step, reward_fn, phases, corpus)
+            batch, rewards = got.batch, got.rewards
+            with phases("advantages"):
+                adv, adv_stats = advantages(cfg, runner, got, d)
+            if corpus is not None:
+                corpus_add(corpus, keyed, got, d)
             ref_logp = None
             if ref_runner is not None:
                 with phases("ref_logprob"):
@@ -157,11 +185,15 @@ def train(cfg: TrainConfig, log=None) -> Path:
                 phases.times[f"pass_{i + 1}"] = t
             phases.times["update_rule"] = phases.times.pop("update") - sum(closure.pass_times)
             all_rewards = torch.tensor([r for part in d.gather(rewards.tolist()) for r in part])
-            zero_var_groups, tokens = d.sum([adv_stats["zero_variance_groups"], batch.attention_mask.sum()])
+            zero_var_groups, tokens = d.sum([adv_stats.pop("zero_variance_groups"), batch.attention_mask.sum()])
+            plugin_stats = dict(zip(sorted(got.stats | adv_stats),
+                                    d.sum([(got.stats | adv_stats)[k] for k in sorted(got.stats | adv_stats)]),
+                                    strict=True))
             record = {"step": step + 1, "reward_mean": all_rewards.mean().item(),
                       "reward_std": all_rewards.std().item(), "accuracy": (all_rewards >= 1).float().mean().item(),
-                      "response_len": closure.total_tokens / closure.total_seqs,
-                      "zero_variance_groups": int(zero_var_groups), **closure.last_metrics, **rule_stats,
+                      "response_len": closure.total_tokens / closure.total_seqs, "rollouts": int(closure.total_seqs),
+                      "zero_variance_groups": int(zero_var_groups), **plugin_stats, **closure.last_metrics,
+                      **rule_stats,
                       "backward_passes": backward_passes, "lr": scheduler.get_last_lr()[0], "world_size": d.world}
             update_time = sum(closure.pass_times)
             record["tokens_per_s"] = tokens * len(closure.pass_times) / update_time if update_time > 0 else float("nan")
@@ -182,7 +214,8 @@ def train(cfg: TrainConfig, log=None) -> Path:
             if save:
                 with phases("checkpoint"):
                     save_checkpoint(cfg.out, step + 1, model, rule, scheduler,
-                                    {"wall_time_s": time.perf_counter() - t_start, "backward_passes": backward_passes},
+                                    {"wall_time_s": time.perf_counter() - t_start, "backward_passes": backward_passes,
+                                     **({"corpus": json.dumps(corpus.state_dict())} if corpus is not None else {})},
                                     d)
             step_time = time.perf_counter() - t_step
             record.update({f"time/{k}": v for k, v in phases.times.items()})

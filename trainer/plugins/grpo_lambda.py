@@ -1,0 +1,35 @@
+"""GRPO-lambda: per-token advantages from eligibility traces (Parthasarathi et al. 2025, "GRPO-lambda:
+credit assignment improves LLM reasoning").
+
+"recent" (the paper's default trace): token t of a completion of length L gets
+    A_t = (gamma * lambda)^(L - 1 - t) * A,
+so the credit decays from the last token backwards. "both" (the paper's exact formula is not public;
+our reading): the larger of the backward trace and the forward trace (gamma * lambda)^t, so that the
+first and the last tokens get full credit and the middle the least. Negative sequence advantages are
+clamped at `neg_clamp` (-0.1 in the paper) before the trace is applied. Padding gets 0."""
+
+import torch
+
+TRACES = ("recent", "both")
+
+
+def trace_weights(mask_BT: torch.Tensor, lam: float, gamma: float, trace: str) -> torch.Tensor:
+    """[B, T] weights in (0, 1] on completion tokens (mask: a prefix of each row), 0 on padding."""
+    if trace not in TRACES:
+        raise ValueError(f"grpo_lambda.trace must be one of {TRACES}, got {trace!r}")
+    if not 0 < lam <= 1 or not 0 < gamma <= 1:
+        raise ValueError(f"grpo_lambda needs 0 < lambda <= 1 and 0 < gamma <= 1, got {lam}, {gamma}")
+    lengths_B1 = mask_BT.sum(1, keepdim=True)
+    t_BT = torch.arange(mask_BT.shape[1], device=mask_BT.device)[None].expand_as(mask_BT)
+    decay = gamma * lam
+    weights = decay ** (lengths_B1 - 1 - t_BT).clamp(min=0).double()
+    if trace == "both":
+        weights = torch.maximum(weights, decay ** t_BT.double())
+    return torch.where(mask_BT, weights, 0.0)
+
+
+def grpo_lambda_advantages(adv_B: torch.Tensor, mask_BT: torch.Tensor, lam: float = 0.99, gamma: float = 1.0,
+                           trace: str = "recent", neg_clamp: float | None = -0.1) -> torch.Tensor:
+    """[B, T] per-token advantages for grpo_loss from sequence advantages [B]."""
+    adv_B = adv_B.clamp(min=neg_clamp) if neg_clamp is not None else adv_B
+    return (trace_weights(mask_BT, lam, gamma, trace) * adv_B.double()[:, None]).to(adv_B.dtype)
