@@ -3,9 +3,10 @@ that shape (bytes over the measured copy bandwidth, FLOPs over the measured matm
 
 Cases: the GRPO loss from logits (ours, Liger's Triton kernel, torch eager, torch.compile of the
 reference), the loss fused with the LM head (ours, ours on materialized logits, Liger's chunked
-LigerFusedLinearGRPOLoss, eager, compile) and GXPO's bookkeeping per active step (our flat ops vs the
-per-tensor torch implementation). On CPU "ours" is the torch fallback for the losses and the C++
-extension for the bookkeeping; Triton's interpreter is never timed."""
+LigerFusedLinearGRPOLoss, eager, compile), CAPO's per-token scores (ours: chunked logits and the
+gathered-quadratic kernel, vs the per-token gradients materialized) and GXPO's bookkeeping per active
+step (our flat ops vs the per-tensor torch implementation). On CPU "ours" is the torch fallback for
+the losses and CAPO, and the C++ extension for the bookkeeping; Triton's interpreter is never timed."""
 
 from functools import partial
 
@@ -14,6 +15,7 @@ import torch
 from gxpo_kernels import backend, fused_linear_grpo_loss, grpo_loss
 from gxpo_kernels.flat import build_groups
 from gxpo_kernels.ops import flat_ops
+from gxpo_kernels.ops.capo import capo_scores, top_rows
 from gxpo_kernels.ops.reference import grpo_loss_reference
 from gxpo_kernels.optim.rule import BLOCK
 
@@ -67,6 +69,20 @@ def linear_impls(compile_: bool) -> dict:
     }
 
 
+def capo_materialized(hidden, weight, actions, adv, precond, lr, top_k):
+    """CAPO's scores as the published code computes them: per-token LM-head gradients [N, K, H] (and
+    their preconditioned steps) materialized, in the inputs' dtype."""
+    rows, pi, onehot = top_rows(hidden @ weight.t(), actions, top_k, 1.0)
+    v = (onehot - pi).to(hidden.dtype)
+    g = adv[:, None, None] * v[:, :, None] * hidden[:, None, :]
+    delta = g * precond[rows]
+    u = torch.einsum("nkh,nh->nk", delta, hidden).float()
+    vu = (v.float() * u).sum(1)
+    curvature = (pi * u.square()).sum(1) - (pi * u).sum(1).square()
+    m_H = lr * (g * delta).float().sum((1, 2)) + 0.5 * lr**2 * adv.float() * (vu.square() - curvature)
+    return m_H, 0.5 * lr**2 * vu.square()
+
+
 def ours_bookkeeping(groups, g0, g1, gt, K=5, alpha=0.5):
     """Everything an active GXPO step does besides the three closures and three base steps."""
     group = groups[0]
@@ -115,6 +131,19 @@ def cases(device: torch.device, dtype: torch.dtype, fast: bool, compile_: bool):
                  for name, f in linear_impls(compile_).items()}
         # logits, d_hidden and d_weight: three N x H x V products; read h, W; write dh, dW
         yield "fused_linear_grpo_loss", f"N={N} H={H} V={V}", impls, 2 * elt * (N * H + V * H), 6 * N * H * V
+
+    for N, H, V, K in shapes.capo_shapes(cuda, fast):
+        g = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(N, H, device=device, generator=g).to(dtype)
+        weight = (torch.randn(V, H, device=device, generator=g) / H**0.5).to(dtype)
+        actions = torch.randint(0, V, (N,), device=device, generator=g)
+        adv = torch.randn(N, device=device, generator=g).to(dtype)
+        precond = (1 / (torch.rand(V, H, device=device, generator=g).sqrt() + 1e-3)).to(dtype)
+        args = (hidden, weight, actions, adv, precond, 1e-6)
+        impls = {"ours": (partial(capo_scores, *args, top_k=K), tuple),
+                 "materialized": (partial(capo_materialized, *args, top_k=K), tuple)}
+        # the logits (2 N H V) dominate; read hidden and the head once, K precond rows per token
+        yield "capo_scores", f"N={N} H={H} V={V} K={K}", impls, elt * (N * H + V * H + N * K * H), 2 * N * H * V
 
     for size in shapes.model_sizes(cuda, fast):
         g = torch.Generator(device=device).manual_seed(0)

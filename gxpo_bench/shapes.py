@@ -18,6 +18,13 @@ def linear_shapes(cuda: bool, fast: bool) -> list:
             if cuda else [(512, 256, 8192)])
 
 
+def capo_shapes(cuda: bool, fast: bool) -> list:
+    """(tokens N, hidden H, vocabulary V, top K): the issue's B=32 x T=1024, H=1536 on GPU."""
+    if fast:
+        return [(4096, 1536, 32000, 50)] if cuda else [(64, 64, 2048, 16)]
+    return [(32768, 1536, 151936, 50)] if cuda else [(512, 256, 8192, 50)]
+
+
 # (hidden, intermediate, layers, vocab): SmolLM2-135M and Qwen2.5-1.5B parameter shapes, and smaller
 # models of the same layout for CPU.
 MODELS = {"tiny": (64, 192, 4, 2048), "14M": (256, 768, 12, 16384), "135M": (576, 1536, 30, 49152),

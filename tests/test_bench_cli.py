@@ -33,7 +33,8 @@ def test_kernels_fast_writes_json_and_table(kernels_run):
     result = json.loads(kernels_run.read_text())
     assert result["kind"] == "kernels" and result["fast"] and result["device"].startswith("cpu")
     assert result["ceilings"]["copy_bytes_per_s"] > 0 and result["ceilings"]["matmul_flops_per_s"] > 0
-    assert {c["case"] for c in result["cases"]} == {"grpo_loss", "fused_linear_grpo_loss", "gxpo_bookkeeping"}
+    assert {c["case"] for c in result["cases"]} == {"grpo_loss", "fused_linear_grpo_loss", "capo_scores",
+                                                  "gxpo_bookkeeping"}
     for case in result["cases"]:
         timed = {r["impl"]: r for r in case["rows"] if "median_ms" in r}
         assert "ours" in timed and len(timed) >= 2, case["case"]  # ours and at least one alternative
@@ -74,7 +75,7 @@ def test_compare_flags_a_slower_run(kernels_run, tmp_path):
     path = tmp_path / "slower.json"
     path.write_text(json.dumps(slower))
     proc = gxpo_bench("compare", str(kernels_run), str(path), check=False)
-    assert proc.returncode == 1 and proc.stdout.count("(slower)") == 3
+    assert proc.returncode == 1 and proc.stdout.count("(slower)") == 4
 
 
 def test_bad_arguments_are_named():

@@ -246,9 +246,11 @@ def test_flops_per_token_by_hand():
 
 
 @pytest.mark.parametrize("algo", ["grpo", "gxpo"])
-@pytest.mark.parametrize("recipe", ["xrpo", "grpo-lambda"])
+@pytest.mark.parametrize("recipe", ["xrpo", "capo", "grpo-lambda"])
 def test_plugins_train_two_steps(tmp_path, recipe, algo):
-    cfg = tiny_cfg(tmp_path, algo, steps=2, recipe=recipe, **{"rollout.group_size": 6, "xrpo.n0": 2})
+    # CAPO's thresholds are scaled to the tiny model's lr here so that GXPO keeps tokens to extrapolate with
+    cfg = tiny_cfg(tmp_path, algo, steps=2, recipe=recipe, **{"rollout.group_size": 6, "xrpo.n0": 2,
+                                                               "capo.tau_H": 1e3, "capo.tau_F": 1e3})
     rows = read_metrics(train_module.train(cfg, log=lambda *_: None))
     assert [r["backward_passes"] for r in rows] == [(1 if algo == "grpo" else 3) * (i + 1) for i in range(2)]
     for r in rows:
@@ -256,6 +258,9 @@ def test_plugins_train_two_steps(tmp_path, recipe, algo):
         if recipe == "xrpo":
             assert {"xrpo/seeded_rows", "xrpo/sharpened_rows", "xrpo/max_group", "xrpo/min_group"} <= r.keys()
             assert r["xrpo/min_group"] >= 2
+        if recipe == "capo":
+            assert 0 <= r["capo/rejected_frac"] <= 1 and r["time/token_mask"] > 0
+            assert ("capo/m_F_q99" in r) == (r["step"] > 1)  # the optimizer has moments after step 1
     assert load_config(Path(cfg.out) / "config.toml").recipe == recipe
 
 
@@ -276,3 +281,35 @@ def test_xrpo_seeds_all_fail_prompts_and_resumes_exactly(tmp_path, monkeypatch):
                                               log=lambda *_: None))
     for key in ("reward_mean", "loss", "xrpo/seeded_rows", "xrpo/max_group"):
         assert straight[-1][key] == resumed[-1][key], key
+
+
+def test_capo_masks_tokens_with_a_huge_predicted_kl(tmp_path):
+    """With a learning rate large enough every token's predicted KL passes tau_F: all are masked, and
+    they leave the loss's token count; with a tiny one none is."""
+    from trainer.models import load_policy
+    from trainer.plugins.capo import capo_token_mask
+    from trainer.policy import PolicyRunner
+    from trainer.rollout import make_engine
+    from trainer.step import LossClosure, make_update_rule
+
+    cfg = tiny_cfg(tmp_path, "grpo", recipe="capo")
+    model, tok = load_policy("tiny-random", torch.float32)
+    runner = PolicyRunner(model)
+    batch = make_engine("hf", runner, tok, cfg.rollout).generate(["user: 1 + 1\nassistant: "] * 2, 4, [0, 1])
+    adv = torch.linspace(-1, 1, 8)
+    rule = make_update_rule(cfg, list(model.parameters()))
+    masked, stats = capo_token_mask(runner, batch, adv, rule, cfg)
+    assert masked is batch and stats["capo/rejected_frac"] == 0  # no optimizer moments yet: nothing to model
+    rule.zero_grad()
+    LossClosure(runner, batch, adv, cfg)()
+    rule.step()
+    kept = {}
+    for lr in (1e3, 1e-12):
+        rule.param_groups[0]["lr"] = lr
+        masked, stats = capo_token_mask(runner, batch, adv, rule, cfg)
+        assert (masked.completion_mask <= batch.completion_mask).all()  # only ever removes tokens
+        kept[lr] = LossClosure(runner, masked, adv, cfg).total_tokens
+        assert stats["capo/rejected_frac"] == pytest.approx(1 - kept[lr] / batch.completion_mask.sum().item())
+    assert kept[1e3] == 0 and kept[1e-12] == batch.completion_mask.sum().item()
+    with pytest.raises(ValueError, match="FSDP"):
+        capo_token_mask(runner, batch, adv, rule, cfg, world=2)

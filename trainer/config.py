@@ -28,7 +28,9 @@ class LossConfig:
     beta: float = 0.0  # k3 KL to a frozen reference copy (loaded only when > 0)
     loss_agg: str = "token-mean"
     max_completion_len: int | None = None  # Dr. GRPO constant; None: rollout.max_new_tokens
-    micro_batch_size: int = 0  # sequences per micro-batch inside the closure; 0: the whole batch
+    pack: bool = True  # padding-free packed micro-batches (trainer/packing.py); false: padded rows
+    max_tokens_per_micro_batch: int = 0  # packed: token budget per micro-batch; 0: the whole batch in one
+    micro_batch_size: int = 0  # padded (pack = false): sequences per micro-batch; 0: the whole batch
 
 
 @dataclass
@@ -245,6 +247,7 @@ def validate(cfg: TrainConfig):
         ("rollout.temperature", cfg.rollout.temperature > 0, "> 0"),
         ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "in (0, 1]"),
         ("loss.micro_batch_size", cfg.loss.micro_batch_size >= 0, ">= 0"),
+        ("loss.max_tokens_per_micro_batch", cfg.loss.max_tokens_per_micro_batch >= 0, ">= 0"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
         ("task.name", cfg.task.name in ("arithmetic", "jsonl"), "'arithmetic' or 'jsonl'"),
         ("task.path", cfg.task.name != "jsonl" or bool(cfg.task.path), "set for task.name = 'jsonl'"),

@@ -36,6 +36,13 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return type(value)(t.item())
+
     def gather(self, obj) -> list:
         """Every rank's object, in rank order."""
         if self.world == 1:

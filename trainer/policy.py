@@ -22,15 +22,45 @@ class PolicyRunner(torch.nn.Module):
             return self.model.generate(*args, **kwargs)
         if kind == "token_loss":
             return self._token_loss(*args, **kwargs)
+        if kind == "packed_token_loss":
+            return self._packed_token_loss(*args, **kwargs)
+        if kind == "zero_loss":
+            return self._zero_loss()
+        if kind == "completion_hidden":
+            return self._completion_hidden(*args, **kwargs)
         raise ValueError(f"unknown PolicyRunner call {kind!r}")
+
+    def _packed_token_loss(self, batch, packed, advantages_B, **loss_kwargs):
+        """The same loss over a packed micro-batch (trainer/packing.py): the decoder runs on the packed
+        stream only; the completion tokens' hidden states are gathered back into [n, T] rows."""
+        decoder, head = decoder_and_head(self.model)
+        hidden_LH = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                            use_cache=False).last_hidden_state[0]
+        rows = packed.rows
+        return fused_linear_grpo_loss(hidden_LH[packed.index_nT], head.weight, batch.completion_ids[rows],
+                                      advantages_B, batch.completion_mask[rows],
+                                      lm_head_bias_V=getattr(head, "bias", None), **loss_kwargs)
+
+    def _zero_loss(self):
+        """A loss of 0 that runs every layer: the pass a rank makes when it has fewer micro-batches than
+        another, so that the FSDP2 collectives of forward and backward still match."""
+        decoder, head = decoder_and_head(self.model)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=head.weight.device)
+        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+        return 0.0 * (hidden.sum() + head.weight.sum())
+
+    def _completion_hidden(self, batch, rows: slice = slice(None)):
+        """(final hidden states [B, T, H] that predict each completion token, the LM head module)."""
+        decoder, head = decoder_and_head(self.model)
+        hidden = decoder(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+                         position_ids=batch.position_ids[rows], use_cache=False).last_hidden_state
+        P, T = batch.prompt_len, batch.completion_ids.shape[1]
+        return hidden[:, P - 1:P - 1 + T], head
 
     def _token_loss(self, batch, rows: slice, advantages_B, **loss_kwargs):
         """fused_linear_grpo_loss over the completion tokens of batch[rows]: (loss, metrics)."""
-        decoder, head = decoder_and_head(self.model)
-        hidden = decoder(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
-                         position_ids=batch.position_ids[rows]).last_hidden_state
-        P, T = batch.prompt_len, batch.completion_ids.shape[1]
-        return fused_linear_grpo_loss(hidden[:, P - 1:P - 1 + T], head.weight, batch.completion_ids[rows],
+        hidden, head = self._completion_hidden(batch, rows)
+        return fused_linear_grpo_loss(hidden, head.weight, batch.completion_ids[rows],
                                       advantages_B, batch.completion_mask[rows],
                                       lm_head_bias_V=getattr(head, "bias", None), **loss_kwargs)
 

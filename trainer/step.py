@@ -9,6 +9,7 @@ import torch
 from gxpo_kernels import GXPO, SFPO
 
 from .distributed import SINGLE, Dist
+from .packing import pack, padding_fractions
 
 
 def make_update_rule(cfg, params):
@@ -45,36 +46,54 @@ class LossClosure:
         self.last_metrics = {}
         B = batch.completion_ids.shape[0]
         self.total_tokens, self.total_seqs = dist.sum([batch.completion_mask.sum(), B])
+        self.micro_batches = self._plan()
 
-    def _micro_batches(self):
-        B = self.batch.completion_ids.shape[0]
-        size = self.cfg.loss.micro_batch_size or B
-        return [slice(i, min(i + size, B)) for i in range(0, B, size)]
+    def _plan(self) -> list:
+        """(rows, packed micro-batch or None) per micro-batch, the same count on every rank: a rank with
+        fewer runs zero-loss passes (rows None) so the FSDP2 collectives of every forward/backward match."""
+        B, loss_cfg = self.batch.completion_ids.shape[0], self.cfg.loss
+        if loss_cfg.pack:
+            plan = [(m.rows, m) for m in pack(self.batch, loss_cfg.max_tokens_per_micro_batch)]
+        else:
+            size = loss_cfg.micro_batch_size or B
+            plan = [(slice(i, min(i + size, B)), None) for i in range(0, B, size)]
+        self.stats = padding_fractions(self.batch, [m for _, m in plan]) if loss_cfg.pack else {}
+        most, fewest = self.dist.max(len(plan)), -self.dist.max(-len(plan))
+        self.stats.update({"micro_batches_max": most, "micro_batches_min": fewest})
+        return plan + [(None, None)] * (most - len(plan))
 
     def __call__(self):
         t0 = time.perf_counter()
         cfg, batch = self.cfg, self.batch
         max_len = cfg.loss.max_completion_len or cfg.rollout.max_new_tokens
-        total_loss, logp_parts, sums = 0.0, [], {}
-        for mb in self._micro_batches():
-            mask_mb = batch.completion_mask[mb]
-            loss, metrics = self.runner(
-                "token_loss", batch, mb, self.adv[mb],
-                old_logp_BT=None if self.old_logp_BT is None else self.old_logp_BT[mb],
-                ref_logp_BT=None if self.ref is None else self.ref[mb], beta=cfg.loss.beta,
+        total_loss, sums = 0.0, {}
+        logp_BT = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
+        for rows, packed in self.micro_batches:
+            if rows is None:
+                self.runner("zero_loss").backward()
+                continue
+            loss_kwargs = dict(
+                old_logp_BT=None if self.old_logp_BT is None else self.old_logp_BT[rows],
+                ref_logp_BT=None if self.ref is None else self.ref[rows], beta=cfg.loss.beta,
                 eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, temperature=cfg.rollout.temperature,
                 loss_agg=cfg.loss.loss_agg, max_completion_len=max_len, return_entropy=True)
+            if packed is None:
+                loss, metrics = self.runner("token_loss", batch, rows, self.adv[rows], **loss_kwargs)
+            else:
+                loss, metrics = self.runner("packed_token_loss", batch, packed, self.adv[rows], **loss_kwargs)
+            mask_mb = batch.completion_mask[rows]
             token_share = float(mask_mb.sum()) / max(self.total_tokens, 1.0)
-            weight = token_share if cfg.loss.loss_agg == "token-mean" else (mb.stop - mb.start) / self.total_seqs
+            seq_share = mask_mb.shape[0] / self.total_seqs
+            weight = token_share if cfg.loss.loss_agg == "token-mean" else seq_share
             (loss * (weight * self.dist.world)).backward()  # FSDP2 averages gradients over ranks
             total_loss += float(loss.detach()) * weight
-            logp_parts.append(metrics.pop("logp_BT"))
+            logp_BT[rows] = metrics.pop("logp_BT").detach().to(logp_BT.dtype)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * token_share
         if self.old_logp_BT is None:
-            self.old_logp_BT = torch.cat(logp_parts).detach()
+            self.old_logp_BT = logp_BT
         keys = sorted(sums)
-        reduced = self.dist.sum([total_loss] + [sums[k] for k in keys])
+        reduced = self.dist.sum([total_loss] + [sums.get(k, 0.0) for k in keys])
         self.last_metrics = {"loss": reduced[0], **dict(zip(keys, reduced[1:], strict=True))}
         self.pass_times.append(time.perf_counter() - t0)
         return torch.tensor(self.last_metrics["loss"]), dict(self.last_metrics)

@@ -20,6 +20,7 @@ from .distributed import init_distributed, shard_policy
 from .evaluate import evaluate
 from .flops import peak_flops, train_flops_per_token
 from .models import apply_lora, load_policy
+from .plugins.capo import capo_token_mask
 from .plugins.grpo_lambda import grpo_lambda_advantages
 from .plugins.xrpo_seeding import SolutionCorpus
 from .plugins.xrpo_sharpening import sharpen
@@ -172,6 +173,10 @@ def train(cfg: TrainConfig, log=None) -> Path:
                 adv, adv_stats = advantages(cfg, runner, got, d)
             if corpus is not None:
                 corpus_add(corpus, keyed, got, d)
+            if cfg.capo.enabled:
+                with phases("token_mask"):
+                    batch, capo_stats = capo_token_mask(runner, batch, adv, rule, cfg, d.world)
+                got.stats.update(capo_stats)
             ref_logp = None
             if ref_runner is not None:
                 with phases("ref_logprob"):
@@ -185,16 +190,19 @@ def train(cfg: TrainConfig, log=None) -> Path:
                 phases.times[f"pass_{i + 1}"] = t
             phases.times["update_rule"] = phases.times.pop("update") - sum(closure.pass_times)
             all_rewards = torch.tensor([r for part in d.gather(rewards.tolist()) for r in part])
-            zero_var_groups, tokens = d.sum([adv_stats.pop("zero_variance_groups"), batch.attention_mask.sum()])
-            plugin_stats = dict(zip(sorted(got.stats | adv_stats),
+            zero_var_groups, tokens, sampled_tokens = d.sum([
+                adv_stats.pop("zero_variance_groups"), batch.attention_mask.sum(), got.batch.completion_mask.sum()])
+            plugin_stats = dict(zip(sorted(got.stats | adv_stats),  # counts, summed over ranks
                                     d.sum([(got.stats | adv_stats)[k] for k in sorted(got.stats | adv_stats)]),
                                     strict=True))
             record = {"step": step + 1, "reward_mean": all_rewards.mean().item(),
                       "reward_std": all_rewards.std().item(), "accuracy": (all_rewards >= 1).float().mean().item(),
-                      "response_len": closure.total_tokens / closure.total_seqs, "rollouts": int(closure.total_seqs),
+                      "response_len": sampled_tokens / closure.total_seqs, "rollouts": int(closure.total_seqs),
+                      "loss_tokens": int(closure.total_tokens),
                       "zero_variance_groups": int(zero_var_groups), **plugin_stats, **closure.last_metrics,
                       **rule_stats,
-                      "backward_passes": backward_passes, "lr": scheduler.get_last_lr()[0], "world_size": d.world}
+                      "backward_passes": backward_passes, "lr": scheduler.get_last_lr()[0], "world_size": d.world,
+                      **closure.stats}
             update_time = sum(closure.pass_times)
             record["tokens_per_s"] = tokens * len(closure.pass_times) / update_time if update_time > 0 else float("nan")
             if peak is not None and update_time > 0:

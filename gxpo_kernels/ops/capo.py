@@ -16,6 +16,8 @@ import triton.language as tl
 
 from .. import backend
 
+MAX_BLOCK_H = 1024
+
 
 @triton.jit
 def _capo_q_kernel(h_ptr, r_ptr, rows_ptr, q_ptr, H, K, stride_h, stride_r, BLOCK_H: tl.constexpr):
@@ -43,7 +45,7 @@ def gathered_quadratic(hidden_NH: torch.Tensor, precond_VH: torch.Tensor, rows_N
     if backend.use_triton(hidden_NH) and out_dtype == torch.float32:
         hidden_NH, precond_VH = hidden_NH.contiguous(), precond_VH.contiguous()
         q_NK = backend.empty(N, K, dtype=torch.float32, device=hidden_NH.device)
-        BLOCK_H = min(1024, triton.next_power_of_2(H))
+        BLOCK_H = min(MAX_BLOCK_H, triton.next_power_of_2(H))
         _capo_q_kernel[(N, K)](hidden_NH, precond_VH, rows_NK.contiguous(), q_NK, H, K, hidden_NH.stride(0),
                                precond_VH.stride(0), BLOCK_H=BLOCK_H)
         return q_NK

@@ -1,5 +1,5 @@
-"""GRPO-lambda: per-token advantages from eligibility traces (Parthasarathi et al. 2025, "GRPO-lambda:
-credit assignment improves LLM reasoning").
+"""GRPO-lambda: per-token advantages from eligibility traces (Parthasarathi et al. 2025, arXiv 2510.00194,
+"GRPO-lambda: credit assignment improves LLM reasoning").
 
 "recent" (the paper's default trace): token t of a completion of length L gets
     A_t = (gamma * lambda)^(L - 1 - t) * A,

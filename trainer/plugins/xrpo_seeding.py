@@ -1,4 +1,4 @@
-"""XRPO in-context seeding (Bamba et al. 2025): a prompt whose rollouts all failed gets up to
+"""XRPO in-context seeding (Bamba et al. 2025, arXiv 2510.06672): a prompt whose rollouts all failed gets up to
 `max_exemplars` verified-correct solutions of other training problems as few-shot turns before its own
 question. The corpus grows with every correct training rollout. Similarity is pluggable; the default is
 lexical (cosine of word-count vectors), which needs no download (the paper used a large embedding

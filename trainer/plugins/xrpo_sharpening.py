@@ -1,6 +1,5 @@
-"""XRPO novelty-aware advantage sharpening (Bamba et al. 2025, "XRPO: pushing the limits of GRPO with
-targeted exploration and exploitation"). With s_i the mean token log-prob of completion i and
-eta_i = exp(s_i - mean of s over its group),
+"""XRPO novelty-aware advantage sharpening (Bamba et al. 2025, arXiv 2510.06672). With s_i the mean token
+log-prob of completion i and eta_i = exp(s_i - mean of s over its group),
     A_i <- A_i + min(max(l * (1 - eta_i), 0), k * A_i)   for A_i > 0 (l = 2.5, k = 0.5),
 so correct but unlikely completions get up to k * A_i more; non-positive advantages are unchanged."""
 
