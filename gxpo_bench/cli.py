@@ -2,7 +2,8 @@
 alternatives and against the hardware's floor.
 
   gxpo-bench kernels [--fast] [--out FILE.json]
-  gxpo-bench step [--model smollm2-135m] [--algo grpo,sfpo,gxpo] [--fast] [--out FILE.json]
+  gxpo-bench step [--model smollm2-135m] [--algo grpo,sfpo,gxpo] [--pack on|off|both] [--ckpt full]
+                  [--lengths uniform|longtail] [--fast] [--out FILE.json]
   gxpo-bench compare A.json B.json [--threshold 1.10]
 
 Results go to FILE.json and FILE.md (default bench/results/DATE-DEVICE-KIND[-fast].json). On CPU the
@@ -68,11 +69,20 @@ def run_step(args) -> dict:
     B, P, T = (8, 16, 32) if args.fast else (64, 256, 1024) if cuda else (16, 32, 64)
     B, P, T = args.batch or B, args.prompt_len or P, args.completion_len or T
     steps, warmup = args.steps or (3 if args.fast else 10 if cuda else 4), 1 if args.fast or not cuda else 2
-    per_algo = step.bench_algos(algos, model, (B, P, T), steps, warmup, args.beta, device)
-    real_tokens = int(step.synthetic_batch(100, B, P, T, "cpu").attention_mask.sum())
+    common = [("activation_checkpointing", args.ckpt), ("loss.max_tokens_per_micro_batch", str(args.max_tokens))]
+    variants = []
+    for a in algos:
+        if args.pack in ("on", "both"):
+            variants.append((a, [*common, ("loss.pack", "true")]))
+        if args.pack in ("off", "both"):
+            variants.append((a if args.pack == "off" else f"{a}+nopack",
+                             [*common, ("loss.pack", "false"), ("loss.micro_batch_size", str(args.micro_batch))]))
+    per_algo = step.bench_algos(variants, model, (B, P, T), steps, warmup, args.beta, device, args.lengths)
+    real_tokens = int(step.synthetic_batch(100, B, P, T, "cpu", distribution=args.lengths).attention_mask.sum())
     return {**results.header("step", device, args.fast, args.command),
             "setup": {"model": model, "batch": B, "prompt_len": P, "completion_len": T, "real_tokens": real_tokens,
-                      "steps": steps, "warmup": warmup, "beta": args.beta},
+                      "steps": steps, "warmup": warmup, "beta": args.beta, "lengths": args.lengths,
+                      "pack": args.pack, "ckpt": args.ckpt, "max_tokens": args.max_tokens},
             "algos": per_algo, "ratios": step.ratios(per_algo)}
 
 
@@ -97,6 +107,13 @@ def main(argv=None):
     s.add_argument("--prompt-len", type=int, default=0)
     s.add_argument("--completion-len", type=int, default=0)
     s.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 adds the reference forward")
+    s.add_argument("--pack", choices=("on", "off", "both"), default="on",
+                   help="packed micro-batches (default), padded rows, or both side by side with their ratios")
+    s.add_argument("--ckpt", choices=("off", "full", "selective"), default="off", help="activation checkpointing")
+    s.add_argument("--lengths", choices=("uniform", "longtail"), default="uniform",
+                   help="completion lengths: uniform in [T/4, T] or log-normal around T/8")
+    s.add_argument("--max-tokens", type=int, default=0, help="packed: tokens per micro-batch (0: one)")
+    s.add_argument("--micro-batch", type=int, default=0, help="padded: sequences per micro-batch (0: one)")
     c = sub.add_parser("compare", help="B / A per row of two result files")
     c.add_argument("a")
     c.add_argument("b")

@@ -72,18 +72,22 @@ def _render_step(result):
     lines = [f"Model {s['model']}; batch {s['batch']} sequences, prompt {s['prompt_len']} + up to "
              f"{s['completion_len']} completion tokens ({s['real_tokens']} real tokens); {s['steps']} timed "
              f"steps after {s['warmup']} warm-up, the rules stepped in turn; medians. GXPO and SFPO with "
-             "the gate off (every step active).",
+             f"the gate off (every step active). Completion lengths {s.get('lengths', 'uniform')}, packing "
+             f"{s.get('pack', 'off')} (+nopack: padded rows), activation checkpointing {s.get('ckpt', 'off')}.",
              ""]
     algos = result["algos"]
     seen = {k for r in algos.values() for k in r["phases_ms"]}
     passes = sorted((k for k in seen if k.startswith("pass_")), key=lambda k: int(k.removeprefix("pass_")))
-    phases = passes + [k for k in ("ref_logprob", "optimizer", "bookkeeping", "unaccounted") if k in seen]
-    lines += ["| algo | step ms | " + " | ".join(f"{p} ms" for p in phases) + " | passes | tokens/s | MFU | peak GiB |",
-              "|---|---|" + "---|" * len(phases) + "---|---|---|---|"]
+    phases = passes + [k for k in ("ref_logprob", "plan", "optimizer", "bookkeeping", "unaccounted") if k in seen]
+    lines += ["| algo | step ms | " + " | ".join(f"{p} ms" for p in phases) +
+              " | passes | tokens/s | padding | MFU | peak GiB |",
+              "|---|---|" + "---|" * len(phases) + "---|---|---|---|---|"]
     for name, r in algos.items():
         cells = [_fmt(r["phases_ms"].get(p)) for p in phases]
         lines.append(f"| {name} | {_fmt(r['step_ms'])} | " + " | ".join(cells) +
-                     f" | {r['passes_per_step']} | {r['tokens_per_s']:.0f} | {_fmt(r.get('mfu'), '.3f')} "
+                     f" | {r['passes_per_step']} | {r['tokens_per_s']:.0f} "
+                     f"| {_fmt(r.get('pack/padding_frac_packed', r.get('pack/padding_frac_padded')), '.2f')} "
+                     f"| {_fmt(r.get('mfu'), '.3f')} "
                      f"| {_fmt(r.get('peak_mem_gib'), '.2f')} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]

@@ -1,14 +1,15 @@
 """`gxpo-bench step`: whole training updates on a fixed synthetic batch (no rollout variance), per
 update rule, through the trainer's own closure and rules. Per-phase wall-clock (each forward+backward
-pass, base-optimizer steps, the rule's bookkeeping, reference log-probs; old log-probs are reused from
-pass 1 and cost nothing), tokens/s over real tokens, MFU and peak memory on GPU, and the ratios that
-matter for GXPO."""
+pass, base-optimizer steps, the rule's bookkeeping, reference log-probs, the micro-batch plan; old
+log-probs are reused from pass 1 and cost nothing), tokens/s over real tokens, MFU and peak memory on
+GPU, and the ratios that matter for GXPO."""
 
 import statistics
 import time
 
 import torch
 
+from trainer.blocks import checkpoint_blocks
 from trainer.config import load_config
 from trainer.flops import peak_flops, train_flops_per_token
 from trainer.models import load_policy
@@ -16,16 +17,28 @@ from trainer.policy import PolicyRunner
 from trainer.rollout import RolloutBatch
 from trainer.step import LossClosure, base_optimizer, make_update_rule, run_update
 
-PHASES = ("ref_logprob", "optimizer", "bookkeeping")
+PHASES = ("ref_logprob", "plan", "optimizer", "bookkeeping")
 
 
-def synthetic_batch(vocab: int, B: int, prompt_len: int, completion_len: int, device, seed=0) -> RolloutBatch:
-    """Random tokens (ids >= 3: no pad/eos), prompts of equal length, completion lengths uniform in
-    [completion_len / 4, completion_len]."""
+def completion_lengths(B: int, completion_len: int, distribution: str, g) -> torch.Tensor:
+    """uniform in [T/4, T]; or longtail: log-normal around T/8 (sigma 1), clipped to [1, T], as GRPO
+    responses are (most short, a few at the cap)."""
+    if distribution == "uniform":
+        return torch.randint(max(1, completion_len // 4), completion_len + 1, (B,), generator=g)
+    if distribution == "longtail":
+        z = torch.randn(B, generator=g, dtype=torch.float64)
+        return torch.exp(torch.log(torch.tensor(completion_len / 8)) + z).ceil().clamp(1, completion_len).long()
+    raise ValueError(f"--lengths must be 'uniform' or 'longtail', got {distribution!r}")
+
+
+def synthetic_batch(vocab: int, B: int, prompt_len: int, completion_len: int, device, seed=0,
+                    distribution: str = "uniform") -> RolloutBatch:
+    """Random tokens (ids >= 3: no pad/eos), prompts of equal length, completion lengths drawn from
+    `distribution`."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, vocab, (B, prompt_len), generator=g)
     completion = torch.randint(3, vocab, (B, completion_len), generator=g)
-    lengths = torch.randint(max(1, completion_len // 4), completion_len + 1, (B,), generator=g)
+    lengths = completion_lengths(B, completion_len, distribution, g)
     mask = torch.arange(completion_len)[None] < lengths[:, None]
     input_ids = torch.cat([prompt, completion], 1)
     attention = torch.cat([torch.ones_like(prompt, dtype=torch.bool), mask], 1)
@@ -57,20 +70,22 @@ class _TimedStep:
 class AlgoBench:
     """One update rule on its own copy of the model (same seed for all), stepped on the fixed batch."""
 
-    def __init__(self, algo: str, model_name: str, batch_shape: tuple, beta: float, device):
+    def __init__(self, name: str, model_name: str, batch_shape: tuple, beta: float, device, overrides=(),
+                 distribution="uniform"):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.algo, self.device = algo, device
-        self.cfg = load_config(overrides=[("model", model_name), ("algo", algo), ("gxpo.gate", "never"),
+        self.algo, self.device = name, device
+        self.cfg = load_config(overrides=[("model", model_name), ("algo", name.split("+")[0]), ("gxpo.gate", "never"),
                                           ("sfpo.gate", "never"), ("loss.beta", str(beta)),
-                                          ("rollout.max_new_tokens", str(batch_shape[2]))])
+                                          ("rollout.max_new_tokens", str(batch_shape[2])), *overrides])
         model, tokenizer = load_policy(model_name, dtype, seed=0)
+        checkpoint_blocks(model, self.cfg.activation_checkpointing)
         self.runner = PolicyRunner(model.to(device))
         self.ref_runner = (PolicyRunner(load_policy(model_name, dtype, seed=0)[0].to(device).eval())
                            if beta > 0 else None)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.rule = make_update_rule(self.cfg, self.params)
         self.opt_timer = _TimedStep(base_optimizer(self.rule), device)
-        self.batch = synthetic_batch(len(tokenizer), *batch_shape, device)
+        self.batch = synthetic_batch(len(tokenizer), *batch_shape, device, distribution=distribution)
         self.adv = torch.randn(batch_shape[0], generator=torch.Generator().manual_seed(1)).to(device)
         self.per_token = train_flops_per_token(model, int(self.batch.attention_mask.sum(1).float().mean()))
         self.peak = peak_flops(device)
@@ -90,7 +105,9 @@ class AlgoBench:
             ref_logp = self.ref_runner.logp(self.batch, self.cfg.rollout.temperature)
             _sync(device)
             times["ref_logprob"] = time.perf_counter() - t_step
+        t_plan = time.perf_counter()
         closure = LossClosure(self.runner, self.batch, self.adv, self.cfg, ref_logp)
+        times["plan"] = time.perf_counter() - t_plan  # the micro-batch (packing) plan, made once per step
         t_update = time.perf_counter()
         run_update(rule, closure, self.cfg, self.params)
         _sync(device)
@@ -105,6 +122,7 @@ class AlgoBench:
         row = {"step_s": step_time, "times": times, "passes": len(closure.pass_times),
                "rule_passes": 1 if passes_before is None else rule.backward_passes - passes_before,
                "tokens_per_s": real_tokens * len(closure.pass_times) / update}
+        row.update(closure.stats)
         if self.peak is not None:
             row["mfu"] = row["tokens_per_s"] * self.per_token / self.peak
         if device.type == "cuda":
@@ -113,11 +131,12 @@ class AlgoBench:
             self.rows.append(row)
 
 
-def bench_algos(algos: list, model_name: str, batch_shape: tuple, steps: int, warmup: int, beta: float,
-                device) -> dict:
-    """Steps the rules in turn (grpo, sfpo, gxpo, grpo, ...) so that drift in the machine's speed hits
-    them alike; medians per rule."""
-    benches = [AlgoBench(a, model_name, batch_shape, beta, device) for a in algos]
+def bench_algos(variants: list, model_name: str, batch_shape: tuple, steps: int, warmup: int, beta: float,
+                device, distribution: str = "uniform") -> dict:
+    """variants: (name, config overrides); the algorithm is the name up to "+". Steps them in turn
+    (grpo, sfpo, gxpo, grpo, ...) so that drift in the machine's speed hits all alike; medians each."""
+    benches = [AlgoBench(name, model_name, batch_shape, beta, device, overrides, distribution)
+               for name, overrides in variants]
     for i in range(warmup + steps):
         for b in benches:
             b.step(record=i >= warmup)
@@ -132,7 +151,7 @@ def summarize(algo: str, rows: list) -> dict:
            "phases_ms": {k: 1e3 * med([r["times"][k] for r in rows]) for k in keys + ["unaccounted"]},
            "passes_per_step": rows[0]["passes"], "rule_passes_per_step": rows[0]["rule_passes"],
            "tokens_per_s": med([r["tokens_per_s"] for r in rows]), "steps": rows}
-    for key in ("mfu", "peak_mem_gib"):
+    for key in ("mfu", "peak_mem_gib", "pack/padding_frac_padded", "pack/padding_frac_packed"):
         if key in rows[0]:
             out[key] = med([r[key] for r in rows])
     return out
@@ -155,4 +174,10 @@ def ratios(results: dict) -> dict:
         out["gxpo bookkeeping / one fwd+bwd"] = gx["phases_ms"]["bookkeeping"] / pass_mean(gx)
     if "sfpo" in results and "gxpo" in results:
         out["sfpo_step / gxpo_step"] = results["sfpo"]["step_ms"] / results["gxpo"]["step_ms"]
+    for name, r in results.items():
+        padded = results.get(f"{name}+nopack")
+        if "+" not in name and padded is not None:
+            out[f"{name}: tokens/s packed / padded"] = r["tokens_per_s"] / padded["tokens_per_s"]
+            if "peak_mem_gib" in r:
+                out[f"{name}: peak memory packed / padded"] = r["peak_mem_gib"] / padded["peak_mem_gib"]
     return out

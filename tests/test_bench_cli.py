@@ -78,6 +78,18 @@ def test_compare_flags_a_slower_run(kernels_run, tmp_path):
     assert proc.returncode == 1 and proc.stdout.count("(slower)") == 4
 
 
+def test_step_packed_vs_padded_ratios(tmp_path):
+    out = tmp_path / "p.json"
+    gxpo_bench("step", "--fast", "--algo", "grpo", "--pack", "both", "--lengths", "longtail", "--ckpt", "full",
+               "--out", str(out))
+    result = json.loads(out.read_text())
+    packed, padded = result["algos"]["grpo"], result["algos"]["grpo+nopack"]
+    assert packed["pack/padding_frac_packed"] == 0 and padded["pack/padding_frac_padded"] > 0.3  # long tail
+    assert result["ratios"]["grpo: tokens/s packed / padded"] == pytest.approx(
+        packed["tokens_per_s"] / padded["tokens_per_s"])
+    assert result["setup"]["ckpt"] == "full" and result["setup"]["lengths"] == "longtail"
+
+
 def test_bad_arguments_are_named():
     proc = gxpo_bench("step", "--fast", "--algo", "grpo,ppo", check=False)
     assert proc.returncode != 0 and "['ppo'] not among" in proc.stderr

@@ -28,8 +28,8 @@ def ragged_batch(vocab, B=7, max_prompt=9, max_completion=11, seed=0):
 
 
 def grads_after_closure(loss_agg, **loss):
-    cfg = load_config(overrides=[("model", "tiny-random"), ("loss.loss_agg", loss_agg), ("rollout.max_new_tokens", "11"),
-                                 ("loss.beta", "0.1"), *((f"loss.{k}", str(v)) for k, v in loss.items())])
+    cfg = load_config(overrides=[("model", "tiny-random"), ("loss.loss_agg", loss_agg), ("loss.beta", "0.1"),
+                                 ("rollout.max_new_tokens", "11"), *((f"loss.{k}", str(v)) for k, v in loss.items())])
     model, tok = load_policy("tiny-random", torch.float32, seed=0)
     batch = ragged_batch(len(tok))
     g = torch.Generator().manual_seed(1)
@@ -85,3 +85,23 @@ def test_pack_layout():
         n = int(batch.completion_mask[r].sum())
         predicted = micro.input_ids[0, micro.index_nT[j, :n] + 1]
         assert torch.equal(predicted, batch.completion_ids[r, :n])
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_identical_gradients(mode):
+    from trainer.blocks import checkpoint_blocks
+    from trainer.distributed import decoder_layers
+
+    grads = []
+    for ckpt in ("off", mode):
+        cfg = load_config(overrides=[("model", "tiny-random"), ("rollout.max_new_tokens", "11")])
+        model, tok = load_policy("tiny-random", torch.float32, seed=0)
+        checkpoint_blocks(model, ckpt)
+        wrapped = [type(layer).__name__ == "CheckpointWrapper" for layer in decoder_layers(model)]
+        assert wrapped == {"off": [False, False], "full": [True, True], "selective": [True, False]}[ckpt]
+        batch = ragged_batch(len(tok))
+        LossClosure(PolicyRunner(model), batch, torch.linspace(-1, 1, 7), cfg)()
+        grads.append({n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name

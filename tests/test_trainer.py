@@ -313,3 +313,14 @@ def test_capo_masks_tokens_with_a_huge_predicted_kl(tmp_path):
     assert kept[1e3] == 0 and kept[1e-12] == batch.completion_mask.sum().item()
     with pytest.raises(ValueError, match="FSDP"):
         capo_token_mask(runner, batch, adv, rule, cfg, world=2)
+
+
+def test_checkpointed_and_compiled_blocks_train(tmp_path):
+    """activation_checkpointing and compile through the trainer: the same metrics as plain blocks."""
+    plain = read_metrics(train_module.train(tiny_cfg(tmp_path / "plain", "gxpo", steps=2), log=lambda *_: None))
+    other = read_metrics(train_module.train(tiny_cfg(tmp_path / "ckpt", "gxpo", steps=2,
+                                                     activation_checkpointing="selective", compile=True),
+                                            log=lambda *_: None))
+    for a, b in zip(plain, other, strict=True):
+        assert a["reward_mean"] == b["reward_mean"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)

@@ -63,12 +63,15 @@ def final_weights(out):
 
 @pytest.mark.parametrize("algo", ["grpo", "gxpo"])
 def test_two_ranks_match_one(tmp_path, algo):
+    # 320 tokens per packed micro-batch: rank 0's sequences (106-107 tokens) fit 3 to a bin and rank 1's
+    # (107) only 2, so the ranks run 3 and 4 micro-batches; rank 0 adds a zero-loss pass, no deadlock
     common = {"rollout.num_prompts": 4, "eval.every": 3, "eval.num_problems": 2, "eval.n_samples": 2, "eval.k": 2,
-              "save_every": 2}
+              "save_every": 2, "loss.max_tokens_per_micro_batch": 320}
     one = tiny_cfg(tmp_path / "one", algo, steps=3, **common)
     two = tiny_cfg(tmp_path / "two", algo, steps=3, **common)
     rows_one, rows_two = run_cli(one, tmp_path, 1), run_cli(two, tmp_path, 2)
     assert {r["world_size"] for r in rows_one} == {1} and {r["world_size"] for r in rows_two} == {2}
+    assert rows_two[0]["micro_batches_min"] < rows_two[0]["micro_batches_max"]
     for r1, r2 in zip(rows_one, rows_two, strict=True):
         for key in ("reward_mean", "accuracy", "response_len", "backward_passes", "zero_variance_groups",
                     "eval/pass@1", "rule/active"):

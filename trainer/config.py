@@ -137,6 +137,8 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     resume: bool = False
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: str = "off"  # | "full" (every decoder block) | "selective" (every other block)
+    compile: bool = False  # torch.compile each decoder block
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -279,6 +281,8 @@ def validate(cfg: TrainConfig):
         ("grpo_lambda.lam", 0 < cfg.grpo_lambda.lam <= 1, "in (0, 1]"),
         ("grpo_lambda.gamma", 0 < cfg.grpo_lambda.gamma <= 1, "in (0, 1]"),
         ("grpo_lambda.trace", cfg.grpo_lambda.trace in ("recent", "both"), "'recent' or 'both'"),
+        ("activation_checkpointing", cfg.activation_checkpointing in ("off", "full", "selective"),
+         "'off', 'full' or 'selective'"),
         ("dtype", cfg.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     ]
     for key, ok, expected in checks:

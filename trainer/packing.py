@@ -69,7 +69,10 @@ def pack(batch, budget: int) -> list:
     return micro
 
 
-def padding_fractions(batch, micro: list) -> dict:
+def padding_fractions(batch, micro: list | None) -> dict:
+    """Share of padding in the padded batch, and in the packed micro-batches when there are some."""
     real = float(batch.attention_mask.sum())
-    return {"pack/padding_frac_padded": 1 - real / batch.attention_mask.numel(),
-            "pack/padding_frac_packed": 1 - real / max(1, sum(m.num_tokens for m in micro))}
+    out = {"pack/padding_frac_padded": 1 - real / batch.attention_mask.numel()}
+    if micro is not None:
+        out["pack/padding_frac_packed"] = 1 - real / max(1, sum(m.num_tokens for m in micro))
+    return out

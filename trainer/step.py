@@ -57,7 +57,7 @@ class LossClosure:
         else:
             size = loss_cfg.micro_batch_size or B
             plan = [(slice(i, min(i + size, B)), None) for i in range(0, B, size)]
-        self.stats = padding_fractions(self.batch, [m for _, m in plan]) if loss_cfg.pack else {}
+        self.stats = padding_fractions(self.batch, [m for _, m in plan] if loss_cfg.pack else None)
         most, fewest = self.dist.max(len(plan)), -self.dist.max(-len(plan))
         self.stats.update({"micro_batches_max": most, "micro_batches_min": fewest})
         return plan + [(None, None)] * (most - len(plan))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .advantages import group_normalized_ragged
+from .blocks import checkpoint_blocks, compile_blocks
 from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .collect import collect, prompt_text
 from .config import TrainConfig, to_toml
@@ -126,6 +127,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
     model.to(device)
     ref_runner = PolicyRunner(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.loss.beta > 0 else None
     model = apply_lora(model, cfg.lora)
+    checkpoint_blocks(model, cfg.activation_checkpointing)
+    if cfg.compile:
+        compile_blocks(model)
     runner = PolicyRunner(model)
     if d.world > 1:
         shard_policy(runner, compute_dtype)
