@@ -39,8 +39,9 @@ def run_kernels(args) -> dict:
         rows = []
         for impl, entry in impls.items():
             if entry is None:
-                why = "torch.compile off (--fast on CPU; --compile to force)" if impl == "torch_compile" else \
-                    "needs CUDA (Triton interpreter not timed)" if impl == "liger" else "not available here"
+                why = ("torch.compile off (--fast on CPU; --compile to force)" if impl == "torch_compile" else
+                       "needs CUDA (Triton interpreter not timed)" if impl == "liger" or impl.startswith("ours")
+                       else "not available here")
                 rows.append({"impl": impl, "skipped": why})
                 continue
             t = timing.measure(*entry, device, reps)

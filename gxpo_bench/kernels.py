@@ -4,10 +4,12 @@ that shape (bytes over the measured copy bandwidth, FLOPs over the measured matm
 Cases: the GRPO loss from logits (ours, Liger's Triton kernel, torch eager, torch.compile of the
 reference), the loss fused with the LM head (ours, ours on materialized logits, Liger's chunked
 LigerFusedLinearGRPOLoss, eager, compile), CAPO's per-token scores (ours: chunked logits and the
-gathered-quadratic kernel, vs the per-token gradients materialized) and GXPO's bookkeeping per active
-step (our flat ops vs the per-tensor torch implementation). On CPU "ours" is the torch fallback for
+gathered-quadratic kernel, vs the per-token gradients materialized), one AdamW step (ours: one launch
+per dtype group, also with GXPO's snapshot fused in; torch foreach and fused) and GXPO's bookkeeping per
+active step (our flat ops vs the per-tensor torch implementation). On CPU "ours" is the torch fallback for
 the losses and CAPO, and the C++ extension for the bookkeeping; Triton's interpreter is never timed."""
 
+import math
 from functools import partial
 
 import torch
@@ -17,6 +19,7 @@ from gxpo_kernels.flat import build_groups
 from gxpo_kernels.ops import flat_ops
 from gxpo_kernels.ops.capo import capo_scores, top_rows
 from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.optim.flat_adamw import FlatAdamW
 from gxpo_kernels.optim.rule import BLOCK
 
 from . import shapes
@@ -92,6 +95,35 @@ def ours_bookkeeping(groups, g0, g1, gt, K=5, alpha=0.5):
     flat_ops.grad_dots(group, gt, True).tolist()
 
 
+def adamw_case(size: str, device, cuda: bool):
+    """One AdamW step over a model's fp32 parameters: ours (one Triton launch per dtype group; with the
+    GXPO pass-1 snapshot written in the same pass) vs torch's foreach and fused AdamW."""
+    g = torch.Generator(device=device).manual_seed(0)
+    param_shapes = shapes.model_shapes(*shapes.MODELS[size])
+    n = sum(math.prod(s) for s in param_shapes)
+
+    def optimizer(kind):
+        params = [torch.randn(s, device=device, generator=g).requires_grad_() for s in param_shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, device=device, generator=g)
+        if kind == "ours":
+            return FlatAdamW(params, lr=1e-4), None
+        if kind == "ours_with_snapshot":
+            return FlatAdamW(params, lr=1e-4), build_groups(params, BLOCK)
+        return torch.optim.AdamW(params, lr=1e-4, **{kind.removeprefix("torch_"): True}), None
+
+    kinds = ["ours", "ours_with_snapshot", "torch_foreach", "torch_fused"]
+    impls = {}
+    for kind in kinds:
+        if kind.startswith("ours") and not cuda:
+            impls[kind] = None  # the kernel is Triton: on CPU only the interpreter, never timed
+            continue
+        opt, snap = optimizer(kind)
+        impls[kind] = ((partial(opt.step, snapshot_groups=snap) if snap else opt.step), tuple)
+    # read p, g, m, v and write p, m, v: 28 B/param (fp32); the snapshot adds 8
+    return "adamw_step", f"{size} model ({n / 1e6:.1f}M fp32 params)", impls, 28 * n, 0
+
+
 def _has_liger() -> bool:
     try:
         import liger_kernel  # noqa: F401
@@ -144,6 +176,9 @@ def cases(device: torch.device, dtype: torch.dtype, fast: bool, compile_: bool):
                  "materialized": (partial(capo_materialized, *args, top_k=K), tuple)}
         # the logits (2 N H V) dominate; read hidden and the head once, K precond rows per token
         yield "capo_scores", f"N={N} H={H} V={V} K={K}", impls, elt * (N * H + V * H + N * K * H), 2 * N * H * V
+
+    for size in shapes.model_sizes(cuda, fast):
+        yield adamw_case(size, device, cuda)
 
     for size in shapes.model_sizes(cuda, fast):
         g = torch.Generator(device=device).manual_seed(0)

@@ -2,6 +2,7 @@
 
 from .loss import fused_linear_grpo_loss, grpo_loss
 from .optim import GXPO, SFPO
+from .optim.flat_adamw import FlatAdamW
 
-__all__ = ["grpo_loss", "fused_linear_grpo_loss", "GXPO", "SFPO"]
+__all__ = ["grpo_loss", "fused_linear_grpo_loss", "GXPO", "SFPO", "FlatAdamW"]
 __version__ = "0.1.0"

@@ -51,5 +51,6 @@ def worker(rank, world_size, init_file, out_file, opt_kwargs):
         decisions, passes = run_steps(model, opt_kwargs)
         full = [p.full_tensor().detach().clone() for p in model.parameters()]
         torch.save({"decisions": decisions, "params": full, "passes": passes}, f"{out_file}.{rank}")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()

@@ -34,15 +34,18 @@ def test_kernels_fast_writes_json_and_table(kernels_run):
     assert result["kind"] == "kernels" and result["fast"] and result["device"].startswith("cpu")
     assert result["ceilings"]["copy_bytes_per_s"] > 0 and result["ceilings"]["matmul_flops_per_s"] > 0
     assert {c["case"] for c in result["cases"]} == {"grpo_loss", "fused_linear_grpo_loss", "capo_scores",
-                                                  "gxpo_bookkeeping"}
+                                                  "adamw_step", "gxpo_bookkeeping"}
     for case in result["cases"]:
         timed = {r["impl"]: r for r in case["rows"] if "median_ms" in r}
+        if case["case"] == "adamw_step":  # Triton-only: on CPU torch's two AdamW paths, ours skipped
+            assert set(timed) == {"torch_foreach", "torch_fused"}
+            continue
         assert "ours" in timed and len(timed) >= 2, case["case"]  # ours and at least one alternative
         assert timed["ours"]["x_ours"] == 1.0 and case["floor_ms"] > 0
         for r in timed.values():
             assert r["median_ms"] > 0 and r["x_floor"] == pytest.approx(r["median_ms"] / case["floor_ms"])
     skipped = [r for c in result["cases"] for r in c["rows"] if "skipped" in r]
-    assert all(r["impl"] in ("liger", "torch_compile") for r in skipped)  # on CPU --fast, and said so
+    assert all(r["impl"] in ("liger", "torch_compile", "ours", "ours_with_snapshot") for r in skipped)
     table = kernels_run.with_suffix(".md").read_text()
     assert "## gxpo_bookkeeping" in table and "time / floor" in table and "skipped:" in table
 
@@ -75,7 +78,7 @@ def test_compare_flags_a_slower_run(kernels_run, tmp_path):
     path = tmp_path / "slower.json"
     path.write_text(json.dumps(slower))
     proc = gxpo_bench("compare", str(kernels_run), str(path), check=False)
-    assert proc.returncode == 1 and proc.stdout.count("(slower)") == 4
+    assert proc.returncode == 1 and proc.stdout.count("(slower)") == 4  # adamw has no "ours" row on CPU
 
 
 def test_step_packed_vs_padded_ratios(tmp_path):

@@ -27,10 +27,10 @@ def ragged_batch(vocab, B=7, max_prompt=9, max_completion=11, seed=0):
     return RolloutBatch.from_rows(rows, [""] * B, pad_id=0)
 
 
-def grads_after_closure(loss_agg, **loss):
+def grads_after_closure(loss_agg, attn="sdpa", **loss):
     cfg = load_config(overrides=[("model", "tiny-random"), ("loss.loss_agg", loss_agg), ("loss.beta", "0.1"),
                                  ("rollout.max_new_tokens", "11"), *((f"loss.{k}", str(v)) for k, v in loss.items())])
-    model, tok = load_policy("tiny-random", torch.float32, seed=0)
+    model, tok = load_policy("tiny-random", torch.float32, seed=0, attn_implementation=attn)
     batch = ragged_batch(len(tok))
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(batch.completion_ids.shape[0], generator=g)
@@ -63,6 +63,25 @@ def test_token_budget_micro_batches_equal_one_batch(loss_agg):
     assert sorted(torch.cat([r for r, _ in closure.micro_batches]).tolist()) == list(range(7))
     for name in g_one:
         assert rel_err(g_budget[name], g_one[name]) < 1e-5, name
+
+
+def test_packed_equals_padded_with_eager_attention():
+    loss_pad, _, g_pad, _ = grads_after_closure("token-mean", attn="eager", pack=False)
+    loss_pack, _, g_pack, _ = grads_after_closure("token-mean", attn="eager", pack=True)
+    assert loss_pack.item() == pytest.approx(loss_pad.item(), rel=1e-5, abs=1e-7)
+    for name in g_pad:
+        assert rel_err(g_pack[name], g_pad[name]) < 1e-5, name
+
+
+def test_attention_and_liger_options_fail_clearly():
+    from trainer.models import apply_liger_patches, resolve_attn_implementation
+
+    assert resolve_attn_implementation("eager") == "eager"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        load_config(overrides=[("attn_implementation", "flash")])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            apply_liger_patches(load_policy("tiny-random", torch.float32)[0])
 
 
 def test_plan_bins():

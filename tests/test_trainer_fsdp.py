@@ -89,12 +89,12 @@ def test_two_ranks_match_one(tmp_path, algo):
 
 
 def test_two_ranks_resume_from_a_checkpoint(tmp_path):
-    """Stopped after 2 of 3 steps on 2 ranks, resumed on 2 ranks: the last step equals the straight run."""
-    straight = run_cli(tiny_cfg(tmp_path / "straight", "gxpo", steps=3, **{"rollout.num_prompts": 4}), tmp_path, 2)
-    first = tiny_cfg(tmp_path / "resumed", "gxpo", steps=2, **{"rollout.num_prompts": 4})
-    run_cli(first, tmp_path, 2)
-    resumed = run_cli(tiny_cfg(tmp_path / "resumed", "gxpo", steps=3, resume=True, **{"rollout.num_prompts": 4}),
-                      tmp_path, 2)
+    """Stopped after 2 of 3 steps on 2 ranks, resumed on 2 ranks: the last step equals the straight run
+    (with activation checkpointing under FSDP2)."""
+    extra = {"rollout.num_prompts": 4, "activation_checkpointing": "selective"}
+    straight = run_cli(tiny_cfg(tmp_path / "straight", "gxpo", steps=3, **extra), tmp_path, 2)
+    run_cli(tiny_cfg(tmp_path / "resumed", "gxpo", steps=2, **extra), tmp_path, 2)
+    resumed = run_cli(tiny_cfg(tmp_path / "resumed", "gxpo", steps=3, resume=True, **extra), tmp_path, 2)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in ("reward_mean", "loss", "backward_passes", "rule/gtilde_norm"):
         assert straight[-1][key] == pytest.approx(resumed[-1][key], rel=1e-6), key

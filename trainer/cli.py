@@ -42,7 +42,13 @@ def main(argv=None):
         cfg = load_config(config_path, overrides)
     except ValueError as e:
         sys.exit(f"gxpo-train: {e}")
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     resume: bool = False
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when flash-attn is installed (CUDA), else sdpa
+    liger_patches: bool = False  # Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels in the model (CUDA)
     activation_checkpointing: str = "off"  # | "full" (every decoder block) | "selective" (every other block)
     compile: bool = False  # torch.compile each decoder block
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -281,6 +283,8 @@ def validate(cfg: TrainConfig):
         ("grpo_lambda.lam", 0 < cfg.grpo_lambda.lam <= 1, "in (0, 1]"),
         ("grpo_lambda.gamma", 0 < cfg.grpo_lambda.gamma <= 1, "in (0, 1]"),
         ("grpo_lambda.trace", cfg.grpo_lambda.trace in ("recent", "both"), "'recent' or 'both'"),
+        ("attn_implementation", cfg.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
+         "'auto', 'sdpa', 'eager' or 'flash_attention_2'"),
         ("activation_checkpointing", cfg.activation_checkpointing in ("off", "full", "selective"),
          "'off', 'full' or 'selective'"),
         ("dtype", cfg.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),

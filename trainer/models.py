@@ -49,24 +49,37 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
-def load_policy(name: str, dtype: torch.dtype, seed: int = 0):
+def resolve_attn_implementation(name: str) -> str:
+    """auto: flash_attention_2 where flash-attn is installed and CUDA is there, sdpa otherwise."""
+    if name != "auto":
+        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_implementation = 'flash_attention_2' needs flash-attn: pip install flash-attn")
+        return name
+    flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    return "flash_attention_2" if flash else "sdpa"
+
+
+def load_policy(name: str, dtype: torch.dtype, seed: int = 0, attn_implementation: str = "auto"):
     """(model, tokenizer) in train mode; tokenizer pads on the left for generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    attn = resolve_attn_implementation(attn_implementation)
     if name == "tiny-random":
         tokenizer = tiny_tokenizer()
         model = tiny_random_model(tokenizer, seed).to(dtype)
+        model.set_attn_implementation(attn)
     elif name == "smollm2-135m":
         gguf = smollm2_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                     attn_implementation=attn)
         # The weights are dequantized on load; drop the GGUF quantizer so the model saves as a plain one.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     else:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -89,3 +102,16 @@ def apply_lora(model, lora_cfg):
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def apply_liger_patches(model):
+    """Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels in place; its cross-entropy paths stay off (the
+    loss is ours). Liger's kernels are Triton: CUDA only."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ValueError("liger_patches = true needs liger-kernel: pip install liger-kernel") from None
+    if not torch.cuda.is_available():
+        raise ValueError("liger_patches = true needs CUDA (Liger's kernels are Triton)")
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    return model

@@ -20,7 +20,7 @@ from .config import TrainConfig, to_toml
 from .distributed import init_distributed, shard_policy
 from .evaluate import evaluate
 from .flops import peak_flops, train_flops_per_token
-from .models import apply_lora, load_policy
+from .models import apply_liger_patches, apply_lora, load_policy
 from .plugins.capo import capo_token_mask
 from .plugins.grpo_lambda import grpo_lambda_advantages
 from .plugins.xrpo_seeding import SolutionCorpus
@@ -123,8 +123,10 @@ def train(cfg: TrainConfig, log=None) -> Path:
     param_dtype, compute_dtype = _compute_dtypes(cfg, device, d.world)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model, tokenizer = load_policy(cfg.model, param_dtype, cfg.seed)
+    model, tokenizer = load_policy(cfg.model, param_dtype, cfg.seed, cfg.attn_implementation)
     model.to(device)
+    if cfg.liger_patches:
+        apply_liger_patches(model)
     ref_runner = PolicyRunner(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.loss.beta > 0 else None
     model = apply_lora(model, cfg.lora)
     checkpoint_blocks(model, cfg.activation_checkpointing)

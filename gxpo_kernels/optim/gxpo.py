@@ -59,7 +59,7 @@ class GXPO(UpdateRule):
             self.base.zero_grad(set_to_none=True)
             return self._finish(loss, reason, g0_norm=g0_norm)
         saved_state = self._save_optimizer_state()
-        self._base_step(g0_norm)  # theta1
+        self._first_step(groups, g0_norm)  # theta1
 
         self._closure_pass(closure)
         g1_norm, _ = self._grad_norm(groups)

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from ..flat import DTensor, build_groups, local
 from ..ops import flat_ops
+from .flat_adamw import FlatAdamW
 from .gate import ZScoreGate
 
 OPTIMIZER_STATES = ("accumulate", "transactional")
@@ -96,11 +97,16 @@ class UpdateRule(torch.optim.Optimizer):
         dots = self._all_reduce(dots).tolist()
         return math.sqrt(dots[0]), dots[1]
 
-    def _clip(self, norm: float) -> float:
-        """Scale gradients in place so that their norm is at most max_grad_norm; returns the factor."""
+    def _clip_coef(self, norm: float) -> float:
         if self.max_grad_norm is None or norm <= self.max_grad_norm:
             return 1.0
-        coef = self.max_grad_norm / (norm + 1e-6)
+        return self.max_grad_norm / (norm + 1e-6)
+
+    def _clip(self, norm: float) -> float:
+        """Scale gradients in place so that their norm is at most max_grad_norm; returns the factor."""
+        coef = self._clip_coef(norm)
+        if coef == 1.0:
+            return 1.0
         grads = [local(p.grad) for p in self._params() if p.grad is not None]
         torch._foreach_mul_(grads, coef)
         return coef
@@ -137,11 +143,25 @@ class UpdateRule(torch.optim.Optimizer):
         self.base.zero_grad(set_to_none=True)
         return loss, metrics, norm
 
+    def _fused_base(self) -> bool:
+        """The base optimizer can write the pass-1 snapshot inside its own step (FlatAdamW on Triton)."""
+        return isinstance(self.base, FlatAdamW) and self.base.uses_kernel()
+
     def _snapshot(self, groups) -> float:
-        """theta0 and g0 into the flat buffers; returns ||g0|| over all ranks."""
-        g0_sq = sum(flat_ops.snapshot(g, g.local_grads()) for g in groups)
+        """theta0 and g0 into the flat buffers; returns ||g0|| over all ranks. With a fused base the
+        buffers are written later, by _first_step's AdamW pass, and only the norm is read here."""
         self._had_grad = {id(p) for p in self._params() if p.grad is not None}
+        if self._fused_base():
+            return self._grad_norm(groups)[0]
+        g0_sq = sum(flat_ops.snapshot(g, g.local_grads()) for g in groups)
         return math.sqrt(self._all_reduce(g0_sq.reshape(1)).item())
+
+    def _first_step(self, groups, g0_norm: float):
+        """theta1: the clipped base step from theta0 (writing the snapshot too when the base is fused)."""
+        if self._fused_base():
+            self.base.step(grad_scale=self._clip_coef(g0_norm), snapshot_groups=groups)
+        else:
+            self._base_step(g0_norm)
 
     def _restore_theta0_and_step_with_g0(self, groups, g0_norm):
         """Back to theta0, then one plain step with the cached g0: the fallback for a non-finite pass."""

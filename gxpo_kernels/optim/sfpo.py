@@ -47,7 +47,7 @@ class SFPO(UpdateRule):
             self.base.zero_grad(set_to_none=True)
             return self._finish(loss, "nonfinite_g0", g0_norm=g0_norm)
         saved_state = self._save_optimizer_state()
-        self._base_step(g0_norm)
+        self._first_step(groups, g0_norm)
         for _ in range(self.K - 1):
             self._closure_pass(closure)
             norm, _ = self._grad_norm(groups)

@@ -1,0 +1,80 @@
+"""FlatAdamW: torch.optim.AdamW whose step is one Triton launch per (device, dtype) group (CUDA, or the
+interpreter in tests), with the same state_dict; elsewhere it is torch's AdamW. As GXPO's base
+optimizer it also takes the pass-1 snapshot inside the AdamW pass (gxpo_kernels/ops/fused_adamw.py)."""
+
+import math
+
+import torch
+
+from .. import backend
+from ..flat import build_groups, local
+from ..ops.fused_adamw import adamw_step
+
+BLOCK = 1024
+
+
+class FlatAdamW(torch.optim.AdamW):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **kwargs):
+        for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
+            if kwargs.get(flag):
+                raise ValueError(f"FlatAdamW does not support {flag}=True; use torch.optim.AdamW")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        self._groups, self._groups_key = None, None
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def flat_groups(self):
+        key = [(id(p), local(p).data_ptr()) for p in self._params()]
+        if self._groups is None or key != self._groups_key:
+            self._groups, self._groups_key = build_groups(self._params(), BLOCK), key
+        return self._groups
+
+    def uses_kernel(self) -> bool:
+        params = self._params()
+        return bool(params) and backend.use_triton(local(params[0]))
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale: float = 1.0, snapshot_groups=None):
+        """One AdamW step with gradients scaled by grad_scale (a clip coefficient, without touching the
+        gradients). snapshot_groups: flat groups over the same parameters (GXPO's) whose theta0 and g0
+        are written in the same pass."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.uses_kernel():
+            if snapshot_groups is not None:
+                raise ValueError("the fused snapshot needs the Triton path (CUDA)")
+            if grad_scale != 1.0:
+                torch._foreach_mul_([p.grad for p in self._params() if p.grad is not None], grad_scale)
+            super().step()
+            return loss
+        hyper = {id(p): g for g in self.param_groups for p in g["params"]}
+        for group in snapshot_groups or self.flat_groups():
+            grads, ms, vs, lr, wd, bc1, bc2_sqrt = [], [], [], [], [], [], []
+            for p in group.params:
+                h = hyper[id(p)]
+                state = self.state[p]
+                if p.grad is None:
+                    grads.append(None), ms.append(None), vs.append(None)
+                    lr.append(0.0), wd.append(0.0), bc1.append(1.0), bc2_sqrt.append(1.0)
+                    continue
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = float(state["step"])
+                beta1, beta2 = h["betas"]
+                grads.append(local(p.grad)), ms.append(local(state["exp_avg"])), vs.append(local(state["exp_avg_sq"]))
+                lr.append(float(h["lr"])), wd.append(float(h["weight_decay"]))
+                bc1.append(1 - beta1**step), bc2_sqrt.append(math.sqrt(1 - beta2**step))
+            betas = {tuple(hyper[id(p)]["betas"]) for p in group.params}
+            eps = {hyper[id(p)]["eps"] for p in group.params}
+            if len(betas) > 1 or len(eps) > 1:
+                raise ValueError("FlatAdamW's fused step needs one betas and eps per device/dtype group")
+            (beta1, beta2), = betas
+            adamw_step(group, grads, ms, vs, lr, wd, bc1, bc2_sqrt, beta1=beta1, beta2=beta2, eps=eps.pop(),
+                       grad_scale=grad_scale, snapshot=snapshot_groups is not None)
+        return loss
