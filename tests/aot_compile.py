@@ -44,10 +44,11 @@ def main():
                        dict(param_ptrs="*i64", grad_ptrs="*i64", g1_scale="fp32", alpha="fp32", delta="fp32",
                             scale_max="fp32", **state, **tables), {"K": 5, **common})
         adamw_sig = dict(param_ptrs="*i64", grad_ptrs="*i64", m_ptrs="*i64", v_ptrs="*i64", lr_t="*fp32",
-                         wd_t="*fp32", bc1_t="*fp32", bc2_sqrt_t="*fp32", theta0_ptr=f"*{dt}", g0_ptr=f"*{dt}",
-                         beta1="fp32", beta2="fp32", eps="fp32", grad_scale="fp32", **tables)
-        for snapshot in (True, False):
-            compile_kernel(_adamw_kernel, adamw_sig, {"SNAPSHOT": snapshot, **common})
+                         wd_t="*fp32", bc1_t="*fp32", bc2_sqrt_t="*fp32", beta1="fp32", beta2="fp32", eps="fp32",
+                         grad_scale="fp32", alpha="fp32", delta="fp32", scale_max="fp32", **state, **tables)
+        for snapshot, extrapolate in ((True, False), (False, True), (False, False)):
+            compile_kernel(_adamw_kernel, adamw_sig, {"SNAPSHOT": snapshot, "EXTRAPOLATE": extrapolate, "K": 5,
+                                                      **common})
     compile_kernel(_capo_q_kernel, dict(h_ptr="*fp32", r_ptr="*fp32", rows_ptr="*i64", q_ptr="*fp32", H="i32",
                                         K="i32", stride_h="i64", stride_r="i64"), {"BLOCK_H": 1024})
 

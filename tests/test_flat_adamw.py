@@ -105,4 +105,7 @@ def test_update_rules_with_the_fused_base_equal_the_unfused(device, rule, optimi
     (fused, fused_stats), (plain, plain_stats) = results
     for p, q in zip(fused, plain, strict=True):
         assert rel_err(p, q) < 1e-5
-    assert fused_stats["g0_norm"] == pytest.approx(plain_stats["g0_norm"], rel=1e-5)
+    keys = ["g0_norm"] + (["g1_norm", "gtilde_norm", "r_mean", "r_std", "scale_mean", "scale_max", "step_norm",
+                                      "scaled_step_norm", "inactive_frac", "cos_g0_g1"] if rule == "gxpo" else [])
+    for key in keys:  # with GXPO the pass-2 AdamW kernel also extrapolates and returns the diagnostics
+        assert fused_stats[key] == pytest.approx(plain_stats[key], rel=1e-4, abs=1e-7), key

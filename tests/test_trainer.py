@@ -324,3 +324,20 @@ def test_checkpointed_and_compiled_blocks_train(tmp_path):
     for a, b in zip(plain, other, strict=True):
         assert a["reward_mean"] == b["reward_mean"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_flat_adamw_base_trains_like_adamw(tmp_path, monkeypatch):
+    """optim.name = flat_adamw: FlatAdamW's kernel (the interpreter here) takes GXPO's pass-1 snapshot
+    and steps; the C++ flat ops do the rest. The run equals the torch-AdamW run."""
+    from gxpo_kernels import FlatAdamW
+
+    if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
+        pytest.skip("FlatAdamW's kernel needs CUDA or TRITON_INTERPRET=1")
+    plain = read_metrics(train_module.train(tiny_cfg(tmp_path / "a", "gxpo", steps=2), log=lambda *_: None))
+    monkeypatch.setattr(FlatAdamW, "uses_kernel", lambda self: True)
+    flat = read_metrics(train_module.train(tiny_cfg(tmp_path / "b", "gxpo", steps=2, **{"optim.name": "flat_adamw"}),
+                                           log=lambda *_: None))
+    for a, b in zip(plain, flat, strict=True):
+        assert a["reward_mean"] == b["reward_mean"] and b["rule/active"] == 1
+        for key in ("loss", "rule/gtilde_norm", "rule/r_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

@@ -35,6 +35,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # | "flat_adamw": one Triton launch per step, GXPO/SFPO's snapshot fused in (CUDA)
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.99)
@@ -253,6 +254,7 @@ def validate(cfg: TrainConfig):
         ("loss.micro_batch_size", cfg.loss.micro_batch_size >= 0, ">= 0"),
         ("loss.max_tokens_per_micro_batch", cfg.loss.max_tokens_per_micro_batch >= 0, ">= 0"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
+        ("optim.name", cfg.optim.name in ("adamw", "flat_adamw"), "'adamw' or 'flat_adamw'"),
         ("task.name", cfg.task.name in ("arithmetic", "jsonl"), "'arithmetic' or 'jsonl'"),
         ("task.path", cfg.task.name != "jsonl" or bool(cfg.task.path), "set for task.name = 'jsonl'"),
         ("task.on_bad_record", cfg.task.on_bad_record in ("skip", "error"), "'skip' or 'error'"),

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from gxpo_kernels import GXPO, SFPO
+from gxpo_kernels import GXPO, SFPO, FlatAdamW
 
 from .distributed import SINGLE, Dist
 from .packing import pack, padding_fractions
@@ -14,15 +14,16 @@ from .packing import pack, padding_fractions
 
 def make_update_rule(cfg, params):
     base_kwargs = {"lr": cfg.optim.lr, "betas": tuple(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay}
+    base = FlatAdamW if cfg.optim.name == "flat_adamw" else torch.optim.AdamW
     if cfg.algo == "grpo":
-        return torch.optim.AdamW(params, **base_kwargs)
+        return base(params, **base_kwargs)
     if cfg.algo == "gxpo":
         g = cfg.gxpo
-        return GXPO(params, base=torch.optim.AdamW, K=g.K, alpha=g.alpha, tau=g.tau, gate=g.gate,
+        return GXPO(params, base=base, K=g.K, alpha=g.alpha, tau=g.tau, gate=g.gate,
                     gate_stat=g.gate_stat, optimizer_state=g.optimizer_state, max_grad_norm=cfg.optim.max_grad_norm,
                     **base_kwargs)
     s = cfg.sfpo
-    return SFPO(params, base=torch.optim.AdamW, K=s.K, alpha=s.alpha, tau=s.tau, gate=s.gate,
+    return SFPO(params, base=base, K=s.K, alpha=s.alpha, tau=s.tau, gate=s.gate,
                 max_grad_norm=cfg.optim.max_grad_norm, **base_kwargs)
 
 

@@ -69,16 +69,10 @@ def _grad_dots_kernel(grad_ptrs, numels, offsets, block_tensor, block_start, g0_
 
 
 @triton.jit
-def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, g0_ptr,
-                        partial_ptr, g1_scale, alpha, delta, scale_max,
-                        K: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, elems, in_bounds, off = _block(block_tensor, block_start, numels, offsets, BLOCK)
-    p = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
-    theta2 = tl.load(p + elems, mask=in_bounds, other=0.0).to(tl.float32)
-    theta0 = tl.load(theta0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
-    g0 = tl.load(g0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
-    g1 = _load_grad(grad_ptrs, t, elems, in_bounds, DTYPE, BLOCK) * g1_scale
-
+def _extrapolate_block(theta2, theta0, g0, g1, in_bounds, partial_ptr, pid, alpha, delta, scale_max,
+                       K: tl.constexpr, BLOCK: tl.constexpr):
+    """theta0 + alpha * scale * (theta2 - theta0) for one block (fp32), its 11 EXTRAP_STATS partials
+    stored at partial_ptr + 11 * pid. Shared by the flat op and the fused pass-2 AdamW kernel."""
     abs_g0 = tl.abs(g0)
     active = (abs_g0 > delta) & in_bounds
     r = g1 / (tl.where(g0 >= 0, 1.0, -1.0) * tl.maximum(abs_g0, delta))
@@ -96,7 +90,6 @@ def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, bl
     scale = tl.minimum(tl.maximum(scale, 1.0), scale_max)
     scale = tl.where(active, scale, 1.0)
     d = theta2 - theta0
-    tl.store(p + elems, (theta0 + alpha * scale * d).to(DTYPE), mask=in_bounds)
 
     out = partial_ptr + 11 * pid
     tl.store(out + 0, tl.sum(g0 * g0, 0))
@@ -110,6 +103,22 @@ def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, bl
     tl.store(out + 8, tl.max(scale, 0))
     tl.store(out + 9, tl.sum(d * d, 0))
     tl.store(out + 10, tl.sum(scale * scale * d * d, 0))
+    return theta0 + alpha * scale * d
+
+
+@triton.jit
+def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, g0_ptr,
+                        partial_ptr, g1_scale, alpha, delta, scale_max,
+                        K: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    pid, t, elems, in_bounds, off = _block(block_tensor, block_start, numels, offsets, BLOCK)
+    p = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
+    theta2 = tl.load(p + elems, mask=in_bounds, other=0.0).to(tl.float32)
+    theta0 = tl.load(theta0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
+    g0 = tl.load(g0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
+    g1 = _load_grad(grad_ptrs, t, elems, in_bounds, DTYPE, BLOCK) * g1_scale
+    theta_tilde = _extrapolate_block(theta2, theta0, g0, g1, in_bounds, partial_ptr, pid, alpha, delta, scale_max,
+                                     K, BLOCK)
+    tl.store(p + elems, theta_tilde.to(DTYPE), mask=in_bounds)
 
 
 def _tables(group: FlatGroup):

@@ -8,6 +8,7 @@ import torch
 
 from .. import backend
 from ..flat import build_groups, local
+from ..ops.flat_ops import combine_stats
 from ..ops.fused_adamw import adamw_step
 
 BLOCK = 1024
@@ -50,8 +51,16 @@ class FlatAdamW(torch.optim.AdamW):
                 torch._foreach_mul_([p.grad for p in self._params() if p.grad is not None], grad_scale)
             super().step()
             return loss
+        self.fused_step(snapshot_groups or self.flat_groups(), grad_scale, snapshot=snapshot_groups is not None)
+        return loss
+
+    @torch.no_grad()
+    def fused_step(self, groups, grad_scale: float = 1.0, snapshot: bool = False, extrapolate=None):
+        """The kernel step over `groups` (flat groups of this optimizer's parameters); with extrapolate
+        ({"K", "alpha", "delta"}) GXPO's pass 2: returns the EXTRAP_STATS sums over the groups."""
         hyper = {id(p): g for g in self.param_groups for p in g["params"]}
-        for group in snapshot_groups or self.flat_groups():
+        sums = None
+        for group in groups:
             grads, ms, vs, lr, wd, bc1, bc2_sqrt = [], [], [], [], [], [], []
             for p in group.params:
                 h = hyper[id(p)]
@@ -75,6 +84,8 @@ class FlatAdamW(torch.optim.AdamW):
             if len(betas) > 1 or len(eps) > 1:
                 raise ValueError("FlatAdamW's fused step needs one betas and eps per device/dtype group")
             (beta1, beta2), = betas
-            adamw_step(group, grads, ms, vs, lr, wd, bc1, bc2_sqrt, beta1=beta1, beta2=beta2, eps=eps.pop(),
-                       grad_scale=grad_scale, snapshot=snapshot_groups is not None)
-        return loss
+            out = adamw_step(group, grads, ms, vs, lr, wd, bc1, bc2_sqrt, beta1=beta1, beta2=beta2, eps=eps.pop(),
+                             grad_scale=grad_scale, snapshot=snapshot, extrapolate=extrapolate)
+            if out is not None:
+                sums = out if sums is None else combine_stats(torch.stack([sums, out]))
+        return sums

@@ -66,10 +66,14 @@ class GXPO(UpdateRule):
         if not math.isfinite(g1_norm):  # theta1 already is exactly one plain step from theta0
             self.base.zero_grad(set_to_none=True)
             return self._finish(loss, "nonfinite_g1", g0_norm=g0_norm)
-        g1_scale = 1.0 / self._clip(g1_norm)
-        self.base.step()  # theta2
-        sums = sum(flat_ops.extrapolate(g, g.local_grads(), K=self.K, alpha=self.alpha, delta=self.delta,
-                                        g1_scale=g1_scale) for g in groups)
+        if self._fused_base():  # theta2 stays in the kernel's registers; theta_tilde is written
+            sums = self.base.fused_step(groups, self._clip_coef(g1_norm),
+                                        extrapolate={"K": self.K, "alpha": self.alpha, "delta": self.delta})
+        else:
+            g1_scale = 1.0 / self._clip(g1_norm)
+            self.base.step()  # theta2
+            sums = sum(flat_ops.extrapolate(g, g.local_grads(), K=self.K, alpha=self.alpha, delta=self.delta,
+                                            g1_scale=g1_scale) for g in groups)
         n_total = sums.new_tensor([float(sum(g.total for g in groups))])  # rides along in the same reduction
         *sums, n_total = self._all_reduce(torch.cat([sums, n_total]), with_max=True).tolist()
         sums = dict(zip(EXTRAP_STATS, sums, strict=True))
