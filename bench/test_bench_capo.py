@@ -4,11 +4,10 @@ LM-head gradients materialized as the published code does (gxpo_bench.kernels.ca
 from functools import partial
 
 import pytest
-import torch
 from shapes import CUDA, DEVICE, DTYPE
 
 from gxpo_bench.kernels import capo_materialized
-from gxpo_bench.shapes import capo_shapes
+from gxpo_bench.shapes import capo_inputs, capo_shapes
 from gxpo_kernels.ops.capo import capo_scores
 
 SHAPES = capo_shapes(CUDA, fast=False)
@@ -19,10 +18,4 @@ IMPLS = {"ours": capo_scores, "materialized": capo_materialized}
 @pytest.mark.parametrize("N,H,V,K", SHAPES, ids=[f"N{n}-H{h}-V{v}-K{k}" for n, h, v, k in SHAPES])
 def test_capo_scores(measure, benchmark, impl, N, H, V, K):
     benchmark.group = f"capo_scores N={N} H={H} V={V} K={K}"
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    hidden = torch.randn(N, H, device=DEVICE, generator=g).to(DTYPE)
-    weight = (torch.randn(V, H, device=DEVICE, generator=g) / H**0.5).to(DTYPE)
-    actions = torch.randint(0, V, (N,), device=DEVICE, generator=g)
-    adv = torch.randn(N, device=DEVICE, generator=g).to(DTYPE)
-    precond = (1 / (torch.rand(V, H, device=DEVICE, generator=g).sqrt() + 1e-3)).to(DTYPE)
-    measure(partial(IMPLS[impl], hidden, weight, actions, adv, precond, 1e-6, top_k=K), tuple)
+    measure(partial(IMPLS[impl], *capo_inputs(N, H, V, DEVICE, DTYPE), top_k=K), tuple)

@@ -165,13 +165,7 @@ def cases(device: torch.device, dtype: torch.dtype, fast: bool, compile_: bool):
         yield "fused_linear_grpo_loss", f"N={N} H={H} V={V}", impls, 2 * elt * (N * H + V * H), 6 * N * H * V
 
     for N, H, V, K in shapes.capo_shapes(cuda, fast):
-        g = torch.Generator(device=device).manual_seed(0)
-        hidden = torch.randn(N, H, device=device, generator=g).to(dtype)
-        weight = (torch.randn(V, H, device=device, generator=g) / H**0.5).to(dtype)
-        actions = torch.randint(0, V, (N,), device=device, generator=g)
-        adv = torch.randn(N, device=device, generator=g).to(dtype)
-        precond = (1 / (torch.rand(V, H, device=device, generator=g).sqrt() + 1e-3)).to(dtype)
-        args = (hidden, weight, actions, adv, precond, 1e-6)
+        args = shapes.capo_inputs(N, H, V, device, dtype)
         impls = {"ours": (partial(capo_scores, *args, top_k=K), tuple),
                  "materialized": (partial(capo_materialized, *args, top_k=K), tuple)}
         # the logits (2 N H V) dominate; read hidden and the head once, K precond rows per token

@@ -58,3 +58,14 @@ def loss_inputs(N, V, device, seed=0):
     old = -torch.rand(B, T, device=device, generator=g) * 10
     ref = old + 0.01 * torch.randn(B, T, device=device, generator=g)
     return ids, adv, mask, old, ref
+
+
+def capo_inputs(N, H, V, device, dtype, seed=0):
+    """(hidden, LM head, sampled tokens, advantages, preconditioner, lr) for capo_scores."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(N, H, device=device, generator=g).to(dtype)
+    weight = (torch.randn(V, H, device=device, generator=g) / H**0.5).to(dtype)
+    actions = torch.randint(0, V, (N,), device=device, generator=g)
+    adv = torch.randn(N, device=device, generator=g).to(dtype)
+    precond = (1 / (torch.rand(V, H, device=device, generator=g).sqrt() + 1e-3)).to(dtype)
+    return hidden, weight, actions, adv, precond, 1e-6

@@ -94,3 +94,17 @@ def build_groups(params, block: int) -> list[FlatGroup]:
         lp = local(p)
         by_key.setdefault((lp.device, lp.dtype), []).append(p)
     return [FlatGroup(ps, block) for ps in by_key.values()]
+
+
+class GroupCache:
+    """build_groups(params), rebuilt when the parameter set or storage changed (fully_shard after
+    construction, a reloaded model)."""
+
+    def __init__(self, block: int):
+        self.block, self.groups, self.key = block, None, None
+
+    def get(self, params) -> list[FlatGroup]:
+        key = [(id(p), local(p).data_ptr()) for p in params]
+        if self.groups is None or key != self.key:
+            self.groups, self.key = build_groups(params, self.block), key
+        return self.groups

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import backend
-from ..flat import build_groups, local
+from ..flat import GroupCache, local
 from ..ops.flat_ops import combine_stats
 from ..ops.fused_adamw import adamw_step
 
@@ -20,16 +20,13 @@ class FlatAdamW(torch.optim.AdamW):
             if kwargs.get(flag):
                 raise ValueError(f"FlatAdamW does not support {flag}=True; use torch.optim.AdamW")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
-        self._groups, self._groups_key = None, None
+        self._cache = GroupCache(BLOCK)
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
     def flat_groups(self):
-        key = [(id(p), local(p).data_ptr()) for p in self._params()]
-        if self._groups is None or key != self._groups_key:
-            self._groups, self._groups_key = build_groups(self._params(), BLOCK), key
-        return self._groups
+        return self._cache.get(self._params())
 
     def uses_kernel(self) -> bool:
         params = self._params()

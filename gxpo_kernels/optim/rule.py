@@ -6,7 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..flat import DTensor, build_groups, local
+from ..flat import DTensor, GroupCache, local
 from ..ops import flat_ops
 from .flat_adamw import FlatAdamW
 from .gate import ZScoreGate
@@ -55,7 +55,7 @@ class UpdateRule(torch.optim.Optimizer):
         self.backward_passes = 0
         self.steps = 0
         self.last_stats = {}
-        self._groups, self._groups_key = None, None
+        self._cache = GroupCache(BLOCK)
 
     @property
     def active(self) -> bool:
@@ -66,11 +66,7 @@ class UpdateRule(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _flat_groups(self):
-        """The flat groups, rebuilt when the parameter set changed (e.g. fully_shard after construction)."""
-        key = [(id(p), local(p).data_ptr()) for p in self._params()]
-        if self._groups is None or key != self._groups_key:
-            self._groups, self._groups_key = build_groups(self._params(), BLOCK), key
-        return self._groups
+        return self._cache.get(self._params())
 
     def _sharded(self):
         return dist.is_available() and dist.is_initialized() and any(isinstance(p, DTensor) for p in self._params())
