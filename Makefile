@@ -7,12 +7,12 @@ SYSPY  ?= python3
 HAS_GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 INTERP  = $(if $(filter 1,$(HAS_GPU)),,TRITON_INTERPRET=1)
 
-.PHONY: install test test-gpu bench bench-gpu demo lint clean
+.PHONY: install test test-gpu build-ext check-cuda bench bench-gpu demo lint clean
 
 install: $(STAMP)
 
 # --no-build-isolation: the C++ extension (csrc/) builds against the venv's torch.
-$(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp
+$(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp csrc/flat_ops_cuda.cu
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -23,8 +23,16 @@ $(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp
 test: $(STAMP)
 	$(INTERP) GXPO_REQUIRE_CPP=1 $(PY) -m pytest -q tests
 
-test-gpu:
-	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest -q -m gpu tests
+# On the GPU machine: gxpo_kernels._C in place, with the CUDA kernels when torch has CUDA and nvcc is found.
+build-ext:
+	$(SYSPY) setup.py -q build_ext --inplace
+
+test-gpu: build-ext
+	PYTHONPATH=$(CURDIR) GXPO_REQUIRE_CPP=1 $(SYSPY) -m pytest -q -m gpu tests
+
+# Compile-only check of the CUDA source where there is nvcc but no GPU (CPU torch is enough).
+check-cuda: $(STAMP)
+	csrc/check_cuda_compiles.sh $(PY)
 
 DEVICE_TAG = $(shell $(1) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 BENCH_ARGS = -q bench --benchmark-columns=median,iqr,rounds
@@ -35,7 +43,7 @@ bench: $(STAMP)
 	$(PY) -m pytest $(BENCH_ARGS) --benchmark-json=$(OUT).json
 	$(PY) bench/report.py $(OUT).json --title "make bench" > $(OUT).md
 
-bench-gpu:
+bench-gpu: build-ext
 	$(eval OUT := bench/results/$(shell date +%F)-$(call DEVICE_TAG,$(SYSPY)))
 	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest $(BENCH_ARGS) --benchmark-json=$(OUT).json
 	$(SYSPY) bench/report.py $(OUT).json --title "make bench-gpu" > $(OUT).md

@@ -1,23 +1,35 @@
-"""Builds gxpo_kernels._C (csrc/, C++ with OpenMP) when torch is importable at build time.
+"""Builds gxpo_kernels._C (csrc/) when torch is importable at build time.
 
 Install with `pip install --no-build-isolation -e .` so the build sees the environment's torch
-(the Makefile does). Without torch, or if the build fails, the package is pure Python and the CPU
-path falls back to torch ops.
+(the Makefile does). The C++ (OpenMP) flat ops are always built; the CUDA ones (csrc/flat_ops_cuda.cu)
+too when torch has CUDA and a CUDA toolkit is found (GXPO_NO_CUDA_EXT=1 skips them). Without torch,
+or with GXPO_NO_EXT=1, the package is pure Python and the CPU path falls back to torch ops.
 """
 
 import os
 
 from setuptools import setup
 
-ext_modules, cmdclass = [], {}
-if os.environ.get("GXPO_NO_EXT") != "1":
+
+def extensions():
+    if os.environ.get("GXPO_NO_EXT") == "1":
+        return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-
-        ext_modules = [CppExtension("gxpo_kernels._C", ["csrc/flat_ops.cpp"],
-                                    extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
-        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        pass
+        return [], {}
+    cxx = ["-O3", "-fopenmp"]
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    if torch.version.cuda and CUDA_HOME and os.environ.get("GXPO_NO_CUDA_EXT") != "1":
+        ext = CUDAExtension("gxpo_kernels._C", ["csrc/flat_ops.cpp", "csrc/flat_ops_cuda.cu"],
+                            define_macros=[("WITH_CUDA", None)], extra_link_args=["-fopenmp"],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+    else:
+        ext = CppExtension("gxpo_kernels._C", ["csrc/flat_ops.cpp"], extra_compile_args=cxx,
+                           extra_link_args=["-fopenmp"])
+    return [ext], cmdclass
 
+
+ext_modules, cmdclass = extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -183,9 +183,30 @@ std::vector<double> extrapolate(std::vector<at::Tensor> params, GradList grads, 
 
 }  // namespace
 
+#ifdef WITH_CUDA
+// csrc/flat_ops_cuda.cu: the Triton kernels' launch layout (block map + pointer tables), fp32 partials.
+void snapshot_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets,
+                   at::Tensor block_tensor, at::Tensor block_start, at::Tensor theta0, at::Tensor g0,
+                   at::Tensor partial, int64_t block);
+void restore_cuda(at::Tensor param_ptrs, at::Tensor numels, at::Tensor offsets, at::Tensor block_tensor,
+                  at::Tensor block_start, at::Tensor theta0, int64_t block);
+void grad_dots_cuda(at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets, at::Tensor block_tensor,
+                    at::Tensor block_start, at::Tensor g0, at::Tensor partial, bool with_g0, int64_t block);
+void extrapolate_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets,
+                      at::Tensor block_tensor, at::Tensor block_start, at::Tensor theta0, at::Tensor g0,
+                      at::Tensor partial, double g1_scale, double alpha, double delta, double scale_hi, int64_t K,
+                      int64_t block);
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("snapshot", &snapshot, "theta0 <- params, g0 <- grads; returns sum(g0^2)");
   m.def("restore", &restore, "params <- theta0");
   m.def("grad_dots", &grad_dots, "[sum(g^2), sum(g0 * g)]");
   m.def("extrapolate", &extrapolate, "GXPO extrapolation in place; returns the EXTRAP_STATS sums");
+#ifdef WITH_CUDA
+  m.def("snapshot_cuda", &snapshot_cuda, "snapshot over a block map; per-block sum(g0^2) into partial");
+  m.def("restore_cuda", &restore_cuda, "params <- theta0 over a block map");
+  m.def("grad_dots_cuda", &grad_dots_cuda, "per-block [sum(g^2), sum(g0 * g)] into partial");
+  m.def("extrapolate_cuda", &extrapolate_cuda, "GXPO extrapolation in place; per-block EXTRAP_STATS into partial");
+#endif
 }

@@ -95,6 +95,12 @@ def ours_bookkeeping(groups, g0, g1, gt, K=5, alpha=0.5):
     flat_ops.grad_dots(group, gt, True).tolist()
 
 
+def csrc_cuda_bookkeeping(groups, g0, g1, gt):
+    """ours_bookkeeping with the CUDA kernels of csrc/ instead of Triton."""
+    with backend.flat_cuda("csrc"):
+        ours_bookkeeping(groups, g0, g1, gt)
+
+
 def adamw_case(size: str, device, cuda: bool):
     """One AdamW step over a model's fp32 parameters: ours (one Triton launch per dtype group; with the
     GXPO pass-1 snapshot written in the same pass) vs torch's foreach and fused AdamW."""
@@ -184,5 +190,8 @@ def cases(device: torch.device, dtype: torch.dtype, fast: bool, compile_: bool):
         ours_ok = cuda or backend.HAS_CPP
         impls = {"ours": (partial(ours_bookkeeping, groups, g0, g1, gt), tuple) if ours_ok else None,
                  "per_tensor": (partial(per_tensor_bookkeeping, params, g0, g1, gt), tuple)}
+        if cuda:
+            impls["csrc_cuda"] = (partial(csrc_cuda_bookkeeping, groups, g0, g1, gt), tuple) \
+                if backend.HAS_CUDA_CSRC else None
         yield "gxpo_bookkeeping", f"{size} model ({n / 1e6:.1f}M fp32 params)", impls, \
             BOOKKEEPING_BYTES_PER_PARAM * n, 0

@@ -1,6 +1,8 @@
 """Flat-buffer ops (Triton over pointer tables; interpreter on CPU) against the per-tensor reference."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +125,15 @@ def test_retention_scale_rules():
     assert scale[3].item() == pytest.approx(2.5)  # NaN -> r = 1: S_5 / S_2 = 5 / 2
     assert scale[6].item() == 1.0 and scale[7].item() == 1.0  # inactive
     assert scale[8].item() == 1.0  # r = -1: |S_2| <= delta -> 1
+
+
+def test_flat_cuda_choice_is_validated():
+    with pytest.raises(ValueError, match="'triton' or 'csrc'"):
+        with backend.flat_cuda("cuda"):
+            pass
+    env = {**os.environ, "GXPO_FLAT_CUDA": "cublas"}
+    done = subprocess.run([sys.executable, "-c", "import gxpo_kernels"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "GXPO_FLAT_CUDA='cublas'" in done.stderr
+    with backend.flat_cuda("csrc"):
+        assert backend.flat_path(torch.zeros(1)) in ("triton", "cpp")  # CPU tensors never take the CUDA kernels
+    assert backend.FLAT_CUDA == "triton"

@@ -19,7 +19,8 @@ from trainer.config import to_toml  # noqa: E402
 from trainer.models import load_policy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = """import sys
+SCRIPT = """import os
+import sys
 from gxpo_kernels import backend
 from test_trainer import length_reward
 from trainer import train as t
@@ -27,6 +28,9 @@ from trainer.cli import main
 
 backend.use_triton = lambda x: x.is_cuda
 t.make_reward = lambda kind, format_weight=0.0: length_reward
+if os.environ.get("GXPO_TEST_FAKE_VLLM") == "1":
+    import fake_vllm
+    sys.modules["vllm"] = fake_vllm
 main(sys.argv[1:])
 """
 
@@ -37,12 +41,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_cli(cfg, tmp_path, ranks, extra=()):
-    """gxpo-train in a subprocess: plain python for 1 rank, torchrun for more."""
+def run_cli(cfg, tmp_path, ranks, extra=(), fake_vllm=False):
+    """gxpo-train in a subprocess: plain python for 1 rank, torchrun for more (fake_vllm: tests/fake_vllm.py
+    stands in for vLLM)."""
     config = tmp_path / f"{Path(cfg.out).name}.toml"
     config.write_text(to_toml(cfg))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", OMP_NUM_THREADS="1", GXPO_TEST_FAKE_VLLM=str(int(fake_vllm)))
     script = tmp_path / "launch.py"
     script.write_text(SCRIPT)
     launcher = [sys.executable]
@@ -98,3 +103,18 @@ def test_two_ranks_resume_from_a_checkpoint(tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in ("reward_mean", "loss", "backward_passes", "rule/gtilde_norm"):
         assert straight[-1][key] == pytest.approx(resumed[-1][key], rel=1e-6), key
+
+
+def test_two_ranks_with_vllm_rollouts(tmp_path):
+    """Each rank's engine gets the full weights gathered from the FSDP2 shards (its log-probs are the
+    trainer's), and the run matches one rank (per-request seeds)."""
+    common = {"rollout.num_prompts": 4, "rollout.engine": "vllm"}
+    one = tiny_cfg(tmp_path / "one", "gxpo", steps=2, **common)
+    two = tiny_cfg(tmp_path / "two", "gxpo", steps=2, **common)
+    rows_one, rows_two = run_cli(one, tmp_path, 1, fake_vllm=True), run_cli(two, tmp_path, 2, fake_vllm=True)
+    for r1, r2 in zip(rows_one, rows_two, strict=True):
+        assert r2["rollout/logp_abs_diff"] < 1e-4 and r1["rollout/logp_abs_diff"] < 1e-4
+        assert r1["reward_mean"] == r2["reward_mean"] and r1["response_len"] == r2["response_len"]
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4, abs=1e-6)
+    w1, w2 = final_weights(one.out), final_weights(two.out)
+    assert max(rel_err(w2[k], w1[k]) for k in w1) < 1e-4

@@ -7,6 +7,7 @@ Every config field can be set as --section.field VALUE (see trainer/config.py fo
 """
 
 import argparse
+import gc
 import sys
 
 from .config import load_config
@@ -42,12 +43,16 @@ def main(argv=None):
         cfg = load_config(config_path, overrides)
     except ValueError as e:
         sys.exit(f"gxpo-train: {e}")
+    import torch.distributed as dist
+
+    distributed = lambda: dist.is_available() and dist.is_initialized()  # noqa: E731
     try:
         train(cfg)
+        if distributed():  # tear down together, after the FSDP2 state that refers to the group is gone
+            gc.collect()
+            dist.barrier()
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        if distributed():
             dist.destroy_process_group()
 
 

@@ -19,6 +19,8 @@ class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    vllm_gpu_memory_utilization: float = 0.3  # the share of GPU memory the colocated vLLM engine may take
+    vllm_sleep: bool = False  # vLLM sleeps between generates (weights offloaded, KV cache freed)
 
 
 @dataclass
@@ -251,6 +253,7 @@ def validate(cfg: TrainConfig):
         ("rollout.max_new_tokens", cfg.rollout.max_new_tokens >= 1, ">= 1"),
         ("rollout.temperature", cfg.rollout.temperature > 0, "> 0"),
         ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "in (0, 1]"),
+        ("rollout.vllm_gpu_memory_utilization", 0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
         ("loss.micro_batch_size", cfg.loss.micro_batch_size >= 0, ">= 0"),
         ("loss.max_tokens_per_micro_batch", cfg.loss.max_tokens_per_micro_batch >= 0, ">= 0"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),

@@ -1,10 +1,11 @@
 """Rollout engines: sample completions for a batch of prompts. HF generate is the default; the vLLM
-engine is import-guarded (GPU extra) and not built yet."""
+engine (trainer/vllm_engine.py) is imported only when configured."""
 
 from dataclasses import dataclass
 
 import torch
 
+from .distributed import SINGLE
 from .sampling import RowKeyedSampler, row_seed
 
 
@@ -16,6 +17,7 @@ class RolloutBatch:
     completion_ids: torch.Tensor  # [B, T]
     completion_mask: torch.Tensor  # [B, T] bool: sampled tokens up to and including the first EOS
     texts: list  # decoded completions
+    sampled_logp: torch.Tensor | None = None  # [B, T]: the engine's log-probs of the sampled tokens, if it has them
 
     @property
     def position_ids(self):
@@ -27,9 +29,16 @@ class RolloutBatch:
         return [(ids[:P][am[:P]], comp[m]) for ids, am, comp, m in
                 zip(self.input_ids, self.attention_mask.bool(), self.completion_ids, self.completion_mask, strict=True)]
 
+    def row_logps(self) -> list | None:
+        """Per row: sampled_logp over the completion's tokens (None when the engine gave none)."""
+        if self.sampled_logp is None:
+            return None
+        return [logp[m] for logp, m in zip(self.sampled_logp, self.completion_mask, strict=True)]
+
     @staticmethod
-    def from_rows(rows: list, texts: list, pad_id: int) -> "RolloutBatch":
-        """Rows of (prompt ids, completion ids): prompts left-padded, completions right-padded."""
+    def from_rows(rows: list, texts: list, pad_id: int, logps: list | None = None) -> "RolloutBatch":
+        """Rows of (prompt ids, completion ids): prompts left-padded, completions right-padded; logps
+        (one tensor per completion) become sampled_logp."""
         P = max(len(p) for p, _ in rows)
         T = max(1, max(len(c) for _, c in rows))
         B = len(rows)
@@ -39,17 +48,26 @@ class RolloutBatch:
         for i, (p, c) in enumerate(rows):
             input_ids[i, P - len(p):P], attention[i, P - len(p):P] = p, True
             input_ids[i, P:P + len(c)], attention[i, P:P + len(c)] = c, True
-        return RolloutBatch(input_ids, attention, P, input_ids[:, P:].clone(), attention[:, P:].clone(), list(texts))
+        sampled_logp = None
+        if logps is not None:
+            sampled_logp = torch.zeros(B, T, device=device)
+            for i, logp in enumerate(logps):
+                sampled_logp[i, :len(logp)] = logp
+        return RolloutBatch(input_ids, attention, P, input_ids[:, P:].clone(), attention[:, P:].clone(), list(texts),
+                            sampled_logp)
 
     @staticmethod
     def concat(batches: list, pad_id: int) -> "RolloutBatch":
         rows = [r for b in batches for r in b.rows()]
-        return RolloutBatch.from_rows(rows, [t for b in batches for t in b.texts], pad_id)
+        logps = [b.row_logps() for b in batches]
+        logps = None if any(x is None for x in logps) else [x for part in logps for x in part]
+        return RolloutBatch.from_rows(rows, [t for b in batches for t in b.texts], pad_id, logps)
 
     def select(self, order: list, pad_id: int) -> "RolloutBatch":
         """The rows in `order` (a permutation or subset), re-padded."""
-        rows = self.rows()
-        return RolloutBatch.from_rows([rows[i] for i in order], [self.texts[i] for i in order], pad_id)
+        rows, logps = self.rows(), self.row_logps()
+        return RolloutBatch.from_rows([rows[i] for i in order], [self.texts[i] for i in order], pad_id,
+                                      None if logps is None else [logps[i] for i in order])
 
 
 def completion_mask_from(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -105,7 +123,13 @@ class HFGenerateEngine:
                             completion_ids, mask, texts)
 
 
-def make_engine(kind, runner, tokenizer, cfg, world=1):
+def make_engine(kind, runner, tokenizer, cfg, dist=SINGLE, config_dir=None, seed=0):
+    """The configured engine. vLLM gets the HF model inside the runner (its weights, its config) and
+    writes that config and the tokenizer to config_dir."""
     if kind == "vllm":
-        raise NotImplementedError("the vLLM rollout engine is not built yet; use rollout.engine = 'hf'")
-    return HFGenerateEngine(runner, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p, world)
+        if config_dir is None:
+            raise ValueError("the vLLM engine needs a config_dir to write the model config to")
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(runner.model, tokenizer, cfg, dist, config_dir, seed)
+    return HFGenerateEngine(runner, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p, dist.world)

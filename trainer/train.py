@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(rule, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     corpus = SolutionCorpus() if cfg.xrpo.seeding else None
     peak = peak_flops(device)
-    engine = make_engine(cfg.rollout.engine, runner, tokenizer, cfg.rollout, d.world)
+    engine = make_engine(cfg.rollout.engine, runner, tokenizer, cfg.rollout, d, out / "vllm_config", cfg.seed)
     reward_fn = make_reward(cfg.task.reward, cfg.task.format_reward)
     dataset = jsonl_problems(cfg.task.path, cfg.task.on_bad_record, log) if cfg.task.name == "jsonl" else None
 
@@ -191,6 +191,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
             with phases("update"):
                 rule_stats = run_update(rule, closure, cfg, params)
             scheduler.step()
+            if hasattr(engine, "sync_weights"):
+                with phases("weight_sync"):
+                    engine.sync_weights()
             backward_passes += rule_stats.pop("backward_passes_step")
             for i, t in enumerate(closure.pass_times):
                 phases.times[f"pass_{i + 1}"] = t
@@ -209,6 +212,10 @@ def train(cfg: TrainConfig, log=None) -> Path:
                       **rule_stats,
                       "backward_passes": backward_passes, "lr": scheduler.get_last_lr()[0], "world_size": d.world,
                       **closure.stats}
+            if batch.sampled_logp is not None:  # the engine's log-probs against the trainer's pass 1
+                gap, n_tokens = d.sum([((batch.sampled_logp - closure.old_logp_BT).abs() * batch.completion_mask).sum(),
+                                       batch.completion_mask.sum()])
+                record["rollout/logp_abs_diff"] = gap / max(n_tokens, 1)
             update_time = sum(closure.pass_times)
             record["tokens_per_s"] = tokens * len(closure.pass_times) / update_time if update_time > 0 else float("nan")
             if peak is not None and update_time > 0:

@@ -3,6 +3,7 @@
 Every kernel walks the group's block map (block -> tensor index, start) and its int64 pointer
 tables, reads the flat theta0 / g0 state at the tensor's offset, and writes per-block partial sums
 that torch reduces (deterministic, no atomics). A gradient pointer of 0 means "no grad": g = 0.
+On CUDA, csrc/flat_ops_cuda.cu has the same kernels with the same launch layout (GXPO_FLAT_CUDA=csrc).
 On CPU without the interpreter the C++ extension (csrc/flat_ops.cpp) runs the same math; the
 torch path (the per-tensor reference) is the fallback when neither is there.
 """
@@ -149,8 +150,12 @@ def snapshot(group: FlatGroup, grads) -> torch.Tensor:
                 total += g.double().square().sum()
         return total
     partial = backend.empty(group.num_blocks, dtype=torch.float32, device=group.device)
-    _snapshot_kernel[(group.num_blocks,)](group.pointer_table(group.local_params()), group.pointer_table(grads),
-                                          *_tables(group), group.theta0, group.g0, partial, **_launch_args(group))
+    args = (group.pointer_table(group.local_params()), group.pointer_table(grads), *_tables(group), group.theta0,
+            group.g0, partial)
+    if path == "cuda_csrc":
+        backend._C.snapshot_cuda(*args, group.block)
+    else:
+        _snapshot_kernel[(group.num_blocks,)](*args, **_launch_args(group))
     return partial.double().sum()
 
 
@@ -166,8 +171,11 @@ def restore(group: FlatGroup) -> None:
         for i, p in enumerate(group.local_params()):
             p.copy_(group.view(group.theta0, i))
         return
-    _restore_kernel[(group.num_blocks,)](group.pointer_table(group.local_params()), *_tables(group), group.theta0,
-                                         **_launch_args(group))
+    args = (group.pointer_table(group.local_params()), *_tables(group), group.theta0)
+    if path == "cuda_csrc":
+        backend._C.restore_cuda(*args, group.block)
+    else:
+        _restore_kernel[(group.num_blocks,)](*args, **_launch_args(group))
 
 
 def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
@@ -187,8 +195,11 @@ def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
                     out[1] += (group.view(group.g0, i).double() * g.double()).sum()
         return out
     partial = backend.empty(group.num_blocks, 2, dtype=torch.float32, device=group.device)
-    _grad_dots_kernel[(group.num_blocks,)](group.pointer_table(grads), *_tables(group), group.g0, partial,
-                                           WITH_G0=with_g0, **_launch_args(group))
+    args = (group.pointer_table(grads), *_tables(group), group.g0, partial)
+    if path == "cuda_csrc":
+        backend._C.grad_dots_cuda(*args, with_g0, group.block)
+    else:
+        _grad_dots_kernel[(group.num_blocks,)](*args, WITH_G0=with_g0, **_launch_args(group))
     return partial.double().sum(0)
 
 
@@ -216,9 +227,12 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
             rows.append(stats.double())
         return combine_stats(torch.stack(rows))
     partial = backend.empty(group.num_blocks, n_stats, dtype=torch.float32, device=group.device)
-    _extrapolate_kernel[(group.num_blocks,)](
-        group.pointer_table(group.local_params()), group.pointer_table(grads), *_tables(group), group.theta0,
-        group.g0, partial, float(g1_scale), float(alpha), float(delta), K / 2 + 1, K=K, **_launch_args(group))
+    args = (group.pointer_table(group.local_params()), group.pointer_table(grads), *_tables(group), group.theta0,
+            group.g0, partial, float(g1_scale), float(alpha), float(delta), K / 2 + 1)
+    if path == "cuda_csrc":
+        backend._C.extrapolate_cuda(*args, K, group.block)
+    else:
+        _extrapolate_kernel[(group.num_blocks,)](*args, K=K, **_launch_args(group))
     return combine_stats(partial.double())
 
 

@@ -1,0 +1,95 @@
+"""The CUDA flat ops of csrc/flat_ops_cuda.cu against the per-tensor reference and the Triton kernels
+(skipped without a GPU; `make test-gpu` builds them in place and fails if they are missing)."""
+
+import os
+
+import pytest
+import torch
+from helpers import rel_err
+from test_flat_ops import g1_like
+
+from gxpo_kernels import backend
+from gxpo_kernels.flat import FlatGroup
+from gxpo_kernels.ops import flat_ops
+from gxpo_kernels.optim.reference import EXTRAP_STATS, extrapolate_reference
+
+pytestmark = pytest.mark.gpu
+
+SIZES = [1, 1023, 1024, 1025, 7, 0, 3000, 100_003]  # around the block (1024), an empty tensor, a large one
+
+
+@pytest.fixture(params=["csrc", "triton"])
+def impl(request, monkeypatch):
+    if request.param == "csrc" and not backend.HAS_CUDA_CSRC:
+        if os.environ.get("GXPO_REQUIRE_CPP") == "1":
+            pytest.fail("gxpo_kernels._C has no CUDA kernels (GXPO_REQUIRE_CPP=1): is nvcc on PATH?")
+        pytest.skip("gxpo_kernels._C built without CUDA")
+    monkeypatch.setattr(backend, "FLAT_CUDA", request.param)
+    return request.param
+
+
+def make_group(dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    params = [torch.randn(n, device="cuda", generator=g).to(dtype) for n in SIZES]
+    g0 = [torch.randn(n, device="cuda", generator=g).to(dtype) for n in SIZES]
+    g0[1][::5] = 0.0
+    group = FlatGroup(params, 1024)
+    group.theta0.fill_(float("nan"))
+    group.g0.fill_(float("nan"))
+    return group, params, g0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snapshot_restore_grad_dots(impl, dtype):
+    group, params, g0 = make_group(dtype, 0)
+    assert backend.flat_path(group.theta0) == ("cuda_csrc" if impl == "csrc" else "triton")
+    grads = [g if i != 2 else None for i, g in enumerate(g0)]
+    g0_sq = flat_ops.snapshot(group, grads)
+    for i, p in enumerate(params):
+        assert torch.equal(group.view(group.theta0, i), p)
+        assert torch.equal(group.view(group.g0, i), torch.zeros_like(p) if i == 2 else g0[i])
+    present = [g for g in grads if g is not None]
+    assert rel_err(g0_sq, sum(g.double().square().sum() for g in present)) < 1e-5
+    g1 = [(g.float() * 0.5 + 0.1).to(dtype) for g in g0]
+    g1[0] = None
+    dots = flat_ops.grad_dots(group, g1, True)
+    pairs = [(a, b) for a, b in zip(group_views(group), g1, strict=True) if b is not None]
+    assert rel_err(dots[0], sum(b.double().square().sum() for _, b in pairs)) < 1e-5
+    assert rel_err(dots[1], sum((a.double() * b.double()).sum() for a, b in pairs)) < 1e-5
+    originals = [p.clone() for p in params]
+    for p in params:
+        p.add_(1.0)
+    flat_ops.restore(group)
+    assert all(torch.equal(p, o) for p, o in zip(params, originals, strict=True))
+
+
+def group_views(group):
+    return [group.view(group.g0, i) for i in range(len(group.params))]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("K,alpha,g1_scale", [(5, 0.5, 1.0), (2, 1.0, 1.0), (10, 0.3, 0.25)])
+def test_extrapolate(impl, dtype, tol, K, alpha, g1_scale):
+    group, params, g0 = make_group(dtype, K)
+    flat_ops.snapshot(group, g0)
+    theta0 = [p.clone() for p in params]
+    for p in params:
+        p.add_(0.01 * torch.randn_like(p))
+    theta2 = [p.clone() for p in params]
+    grads = [g.to(dtype) for g in g1_like([x.float().cpu() for x in g0], K + 1)]
+    grads = [g.cuda() for g in grads]
+    grads[4] = None
+    stats = flat_ops.extrapolate(group, grads, K=K, alpha=alpha, delta=1e-8, g1_scale=g1_scale)
+    rows = []
+    for i, p in enumerate(params):
+        g1 = torch.zeros_like(p) if grads[i] is None else grads[i] * g1_scale
+        ref, row = extrapolate_reference(theta0[i].double(), theta2[i].double(), g0[i].double(), g1.double(),
+                                         K=K, alpha=alpha)
+        assert torch.isfinite(p).all()
+        if p.numel():
+            assert rel_err(p, ref) < tol, i
+        rows.append(row)
+    ref_stats = flat_ops.combine_stats(torch.stack(rows))
+    finite = [i for i, name in enumerate(EXTRAP_STATS) if name not in ("g1_sq", "g0_g1")]
+    assert rel_err(stats[finite].cpu(), ref_stats[finite].cpu()) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert stats[EXTRAP_STATS.index("n_clipped")] > 0

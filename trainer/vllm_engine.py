@@ -1,0 +1,102 @@
+"""Colocated vLLM rollouts: one engine per rank in the trainer's process (TRL's colocate mode).
+
+The engine starts from the model's config (written to config_dir) with dummy weights and no tokenizer
+(it gets token ids and returns token ids), and receives the trainer's weights before
+its first generate and after every update (`sync_weights`, timed as the `weight_sync` phase). Row j of
+a prompt with key s samples with vLLM's per-request seed row_seed(s, j), so rollouts do not depend on
+the batch or the rank layout (they differ from the HF engine's: another sampler). With
+rollout.vllm_sleep the engine sleeps between generates (weights offloaded, KV cache freed) and wakes
+for the next sync. The sampled tokens' log-probs come back as `RolloutBatch.sampled_logp`; they are
+the processed (temperature-scaled) ones when the vLLM version supports logprobs_mode."""
+
+import importlib
+import inspect
+from pathlib import Path
+
+import torch
+
+from .rollout import RolloutBatch
+from .sampling import row_seed
+from .weights import hf_weight_items
+
+
+def import_vllm():
+    try:
+        return importlib.import_module("vllm")
+    except ImportError:
+        raise ValueError("rollout.engine = 'vllm' needs vLLM (CUDA): pip install vllm, or use rollout.engine = "
+                         "'hf'") from None
+
+
+class VLLMEngine:
+    def __init__(self, model, tokenizer, cfg, dist, config_dir: Path, seed: int = 0):
+        vllm = import_vllm()
+        self.vllm, self.model, self.tokenizer, self.cfg, self.dist = vllm, model, tokenizer, cfg, dist
+        if dist.main:  # vLLM reads the architecture from here; weights come from sync, token ids from us
+            config_dir.mkdir(parents=True, exist_ok=True)
+            model.config.save_pretrained(config_dir)
+        dist.barrier()
+        kwargs = dict(model=str(config_dir), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=1,
+                      seed=seed,
+                      dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_sleep,
+                      enable_prefix_caching=True)
+        if dist.world > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"  # in-process, beside torchrun's ranks
+        if "logprobs_mode" in inspect.signature(getattr(vllm, "EngineArgs", dict)).parameters:
+            kwargs["logprobs_mode"] = "processed_logprobs"
+        self.llm = vllm.LLM(**kwargs)
+        self.asleep = False
+        self.sync_weights()
+
+    def _worker_model(self):
+        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+
+    @torch.no_grad()
+    def sync_weights(self):
+        """The trainer's current weights into the engine (every rank gathers each FSDP2 shard)."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        target = self._worker_model()
+        for name, tensor in hf_weight_items(self.model):
+            target.load_weights([(name, tensor)])
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list, group_size: int, prompt_keys: list) -> RolloutBatch:
+        """group_size completions of each prompt; completion j of the prompt with key s from row_seed(s, j)."""
+        if len(prompt_keys) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_keys)} prompt keys")
+        return self.generate_rows([p for p in prompts for _ in range(group_size)],
+                                  [row_seed(key, j) for key in prompt_keys for j in range(group_size)])
+
+    def generate_rows(self, prompts: list, row_seeds: list) -> RolloutBatch:
+        """One completion per (prompt text, row seed)."""
+        if not prompts or len(prompts) != len(row_seeds):
+            raise ValueError(f"generate_rows needs one seed per prompt, got {len(prompts)} prompts and "
+                             f"{len(row_seeds)} seeds")
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        tok, cfg = self.tokenizer, self.cfg
+        prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        params = [self.vllm.SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
+                                           max_tokens=cfg.max_new_tokens, seed=seed, logprobs=0,
+                                           stop_token_ids=[tok.eos_token_id], detokenize=False)
+                  for seed in row_seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        if cfg.vllm_sleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+        device = next(self.model.parameters()).device
+        rows, logps = [], []
+        for ids, out in zip(prompt_ids, outputs, strict=True):
+            sample = out.outputs[0]
+            completion = list(sample.token_ids)
+            if tok.eos_token_id in completion:  # up to and including the first EOS, as the HF engine
+                completion = completion[:completion.index(tok.eos_token_id) + 1]
+            logps.append(torch.tensor([entry[t].logprob for entry, t in zip(sample.logprobs, completion, strict=False)],
+                                      device=device))
+            rows.append((torch.tensor(ids, device=device), torch.tensor(completion, dtype=torch.long, device=device)))
+        texts = tok.batch_decode([c for _, c in rows], skip_special_tokens=True)
+        return RolloutBatch.from_rows(rows, texts, tok.pad_token_id, logps)
