@@ -19,7 +19,9 @@ def extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         return [], {}
-    cxx = ["-O3", "-fopenmp"]
+    # no FP traps lets the branch-free loops vectorize; reassociation lets the sums vectorize (NaN and inf
+    # keep their IEEE meaning: no -ffinite-math-only)
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
     if torch.version.cuda and CUDA_HOME and os.environ.get("GXPO_NO_CUDA_EXT") != "1":
         ext = CUDAExtension("gxpo_kernels._C", ["csrc/flat_ops.cpp", "csrc/flat_ops_cuda.cu"],

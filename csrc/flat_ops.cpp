@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -86,61 +88,140 @@ std::vector<double> grad_dots_impl(const GradList& grads, const at::Tensor& g0, 
   return {sq, dot};
 }
 
-// Order of the returned sums: EXTRAP_STATS in gxpo_kernels/optim/reference.py.
+constexpr int64_t kChunk = 2048;  // elements per partial sum, accumulated in T (like a Triton block)
+
+// S_K(r) = 1 + r + ... + r^(K-1) by Horner; K > 0 unrolls (compile-time), K = 0 reads k_runtime.
+template <typename T, int K>
+inline T geometric_sum(T r, int64_t k_runtime) {
+  T s = T(1);
+  if constexpr (K > 0) {
+    for (int k = 1; k < K; ++k) s = s * r + T(1);
+  } else {
+    for (int64_t k = 1; k < k_runtime; ++k) s = s * r + T(1);
+  }
+  return s;
+}
+
 template <typename T>
-std::vector<double> extrapolate_impl(std::vector<at::Tensor>& params, const GradList& grads, const at::Tensor& theta0,
-                                     const at::Tensor& g0, const std::vector<int64_t>& offsets, int64_t K,
-                                     double alpha_d, double delta_d, double g1_scale_d) {
-  const T alpha = T(alpha_d), delta = T(delta_d), g1_scale = T(g1_scale_d), scale_hi = T(K / 2.0 + 1.0);
-  const T* theta0_ptr = theta0.data_ptr<T>();
-  const T* g0_ptr = g0.data_ptr<T>();
-  std::vector<double> out(11, 0.0);
-  out[8] = 1.0;
+struct ExtrapSums {  // the order of EXTRAP_STATS in gxpo_kernels/optim/reference.py
+  T g0_sq = 0, g1_sq = 0, g0_g1 = 0, n_active = 0, r_sum = 0, r_sq = 0, n_clipped = 0, scale_sum = 0, scale_max = 1,
+    d_sq = 0, scaled_d_sq = 0;
+};
+
+// Elements [0, n) of one chunk: a branch-free loop (every value computed before it is selected,
+// bitwise & and |) over restrict pointers and by-value scalars, so it vectorizes, with T sums.
+template <typename T, int K, bool HAS_GRAD>
+ExtrapSums<T> extrapolate_chunk(T* __restrict p, const T* __restrict g, const T* __restrict theta0,
+                                const T* __restrict g0, int64_t n, int64_t k_runtime, T alpha, T delta, T g1_scale,
+                                T scale_hi) {
+  const T big = std::numeric_limits<T>::max();
+  T g0_sq = 0, g1_sq = 0, g0_g1 = 0, n_active = 0, r_sum = 0, r_sq = 0, n_clipped = 0, scale_sum = 0, scale_max = 1,
+    d_sq = 0, scaled_d_sq = 0;
+#pragma omp simd reduction(+ : g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, d_sq, scaled_d_sq) \
+    reduction(max : scale_max)
+  for (int64_t j = 0; j < n; ++j) {
+    const T a = g0[j];
+    const T b = HAS_GRAD ? g[j] * g1_scale : T(0);
+    const T abs_a = std::abs(a);
+    const bool active = abs_a > delta;
+    const T r_raw = b / ((a >= 0 ? T(1) : T(-1)) * std::max(abs_a, delta));
+    const bool clipped = active & (!(std::abs(r_raw) <= big) | (r_raw < T(-2)) | (r_raw > T(3)));
+    T r = r_raw != r_raw ? T(1) : r_raw;
+    r = std::min(std::max(r, T(-2)), T(3));
+    r = active ? r : T(1);
+    const T s_2 = T(1) + r;
+    const T ratio = geometric_sum<T, K>(r, k_runtime) / s_2;
+    T scale = std::abs(s_2) > delta ? ratio : T(1);
+    scale = std::abs(scale) <= big ? scale : T(1);
+    scale = std::min(std::max(scale, T(1)), scale_hi);
+    scale = active ? scale : T(1);
+    const T theta0_j = theta0[j];
+    const T d = p[j] - theta0_j;
+    p[j] = theta0_j + alpha * scale * d;
+    g0_sq += a * a;
+    g1_sq += b * b;
+    g0_g1 += a * b;
+    n_active += active ? T(1) : T(0);
+    r_sum += active ? r : T(0);
+    r_sq += active ? r * r : T(0);
+    scale_sum += active ? scale : T(0);
+    n_clipped += clipped ? T(1) : T(0);
+    scale_max = std::max(scale_max, scale);
+    d_sq += d * d;
+    scaled_d_sq += scale * scale * d * d;
+  }
+  return {g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq, scaled_d_sq};
+}
+
+// One tensor: chunks in parallel, their T sums added to double totals.
+template <typename T, int K, bool HAS_GRAD>
+void extrapolate_tensor(T* p, const T* g, const T* theta0_ptr, const T* g0_ptr, int64_t n, int64_t k_runtime,
+                        T alpha, T delta, T g1_scale, T scale_hi, double* out) {
+  double g0_sq = 0, g1_sq = 0, g0_g1 = 0, n_active = 0, r_sum = 0, r_sq = 0, n_clipped = 0, scale_sum = 0,
+         scale_max = 1, d_sq = 0, scaled_d_sq = 0;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) reduction(+ : g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, \
+                                                        scale_sum, d_sq, scaled_d_sq) reduction(max : scale_max)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t lo = c * kChunk;
+    const ExtrapSums<T> part = extrapolate_chunk<T, K, HAS_GRAD>(
+        p + lo, HAS_GRAD ? g + lo : nullptr, theta0_ptr + lo, g0_ptr + lo, std::min(kChunk, n - lo), k_runtime,
+        alpha, delta, g1_scale, scale_hi);
+    g0_sq += part.g0_sq;
+    g1_sq += part.g1_sq;
+    g0_g1 += part.g0_g1;
+    n_active += part.n_active;
+    r_sum += part.r_sum;
+    r_sq += part.r_sq;
+    n_clipped += part.n_clipped;
+    scale_sum += part.scale_sum;
+    scale_max = std::max(scale_max, double(part.scale_max));
+    d_sq += part.d_sq;
+    scaled_d_sq += part.scaled_d_sq;
+  }
+  const double row[11] = {g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq,
+                          scaled_d_sq};
+  for (int k = 0; k < 11; ++k) out[k] = k == 8 ? std::max(out[k], row[k]) : out[k] + row[k];
+}
+
+template <typename T, int K>
+void extrapolate_all(std::vector<at::Tensor>& params, const GradList& grads, const T* theta0_ptr, const T* g0_ptr,
+                     const std::vector<int64_t>& offsets, int64_t k_runtime, T alpha, T delta, T g1_scale,
+                     T scale_hi, double* out) {
   for (size_t i = 0; i < params.size(); ++i) {
     T* p = params[i].data_ptr<T>();
     const T* g = static_cast<const T*>(grad_data(grads, i));
     const int64_t n = params[i].numel(), off = offsets[i];
-    double g0_sq = 0, g1_sq = 0, g0_g1 = 0, n_active = 0, r_sum = 0, r_sq = 0, n_clipped = 0, scale_sum = 0,
-           scale_max = 1, d_sq = 0, scaled_d_sq = 0;
-#pragma omp parallel for schedule(static) reduction(+ : g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, \
-                                                        scale_sum, d_sq, scaled_d_sq) reduction(max : scale_max)
-    for (int64_t j = 0; j < n; ++j) {
-      const T a = g0_ptr[off + j];
-      const T b = g ? g[j] * g1_scale : T(0);
-      const T abs_a = std::abs(a);
-      const bool active = abs_a > delta;
-      T r = b / ((a >= 0 ? T(1) : T(-1)) * std::max(abs_a, delta));
-      const bool clipped = active && (!std::isfinite(r) || r < T(-2) || r > T(3));
-      if (std::isnan(r)) r = T(1);
-      r = std::min(std::max(r, T(-2)), T(3));
-      if (!active) r = T(1);
-      T s_k = T(1);
-      for (int64_t k = 1; k < K; ++k) s_k = s_k * r + T(1);
-      const T s_2 = T(1) + r;
-      T scale = std::abs(s_2) > delta ? s_k / s_2 : T(1);
-      if (!std::isfinite(scale)) scale = T(1);
-      scale = std::min(std::max(scale, T(1)), scale_hi);
-      if (!active) scale = T(1);
-      const T theta0_j = theta0_ptr[off + j];
-      const T d = p[j] - theta0_j;
-      p[j] = theta0_j + alpha * scale * d;
-      g0_sq += double(a) * a;
-      g1_sq += double(b) * b;
-      g0_g1 += double(a) * b;
-      if (active) {
-        n_active += 1;
-        r_sum += r;
-        r_sq += double(r) * r;
-        scale_sum += scale;
-      }
-      n_clipped += clipped;
-      scale_max = std::max(scale_max, double(scale));
-      d_sq += double(d) * d;
-      scaled_d_sq += double(scale * d) * double(scale * d);
+    if (g) {
+      extrapolate_tensor<T, K, true>(p, g, theta0_ptr + off, g0_ptr + off, n, k_runtime, alpha, delta, g1_scale,
+                                     scale_hi, out);
+    } else {
+      extrapolate_tensor<T, K, false>(p, nullptr, theta0_ptr + off, g0_ptr + off, n, k_runtime, alpha, delta,
+                                      g1_scale, scale_hi, out);
     }
-    const double row[11] = {g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq,
-                            scaled_d_sq};
-    for (int k = 0; k < 11; ++k) out[k] = k == 8 ? std::max(out[k], row[k]) : out[k] + row[k];
+  }
+}
+
+template <typename T>
+std::vector<double> extrapolate_impl(std::vector<at::Tensor>& params, const GradList& grads, const at::Tensor& theta0,
+                                     const at::Tensor& g0, const std::vector<int64_t>& offsets, int64_t K,
+                                     double alpha, double delta, double g1_scale) {
+  std::vector<double> out(11, 0.0);
+  out[8] = 1.0;
+  const T* theta0_ptr = theta0.data_ptr<T>();
+  const T* g0_ptr = g0.data_ptr<T>();
+  const auto run = [&](auto k_const) {
+    extrapolate_all<T, decltype(k_const)::value>(params, grads, theta0_ptr, g0_ptr, offsets, K, T(alpha), T(delta),
+                                                 T(g1_scale), T(K / 2.0 + 1.0), out.data());
+  };
+  switch (K) {  // the usual K unrolled; any other K (tests: 7) loops at run time
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 8: run(std::integral_constant<int, 8>{}); break;
+    case 10: run(std::integral_constant<int, 10>{}); break;
+    default: run(std::integral_constant<int, 0>{});
   }
   return out;
 }
