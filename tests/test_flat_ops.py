@@ -147,3 +147,20 @@ def test_flat_cuda_choice_is_validated():
     with backend.flat_cuda("csrc"):
         assert backend.flat_path(torch.zeros(1)) in ("triton", "cpp")  # CPU tensors never take the CUDA kernels
     assert backend.FLAT_CUDA == "triton"
+
+
+@pytest.mark.parametrize("alpha", [0.8, 1.0, 0.3])
+def test_interpolate_is_sfpos_partial_move(ops_path, alpha):
+    group, params, g0 = make_group(11)
+    flat_ops.snapshot(group, g0)  # g0 has zeros and tiny entries: every coordinate must still move by alpha
+    theta0 = [p.clone() for p in params]
+    for i, p in enumerate(params):
+        p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + i)))
+    theta_k = [p.clone() for p in params]
+    d_sq = flat_ops.interpolate(group, alpha=alpha)
+    for p, t0, tk in zip(params, theta0, theta_k, strict=True):
+        expected = t0.double() + alpha * (tk.double() - t0.double())
+        if p.numel():
+            assert rel_err(p, expected) < 1e-6
+    assert rel_err(d_sq, sum((tk.double() - t0.double()).square().sum() for t0, tk in zip(theta0, theta_k,
+                                                                                              strict=True))) < 1e-6

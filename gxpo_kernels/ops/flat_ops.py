@@ -236,6 +236,14 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
     return combine_stats(partial.double())
 
 
+def interpolate(group: FlatGroup, *, alpha: float) -> torch.Tensor:
+    """params <- theta0 + alpha * (params - theta0) (SFPO's partial move); returns sum((params - theta0)^2)
+    before the move (float64). It is the extrapolation with g1 = 0: r = 0 and S_K(0) / S_2(0) = 1 for
+    every coordinate, so every scale is exactly 1 and no gradient is read."""
+    stats = extrapolate(group, [None] * len(group.params), K=2, alpha=alpha, delta=1e-8)
+    return stats[EXTRAP_STATS.index("d_sq")]
+
+
 def combine_stats(rows: torch.Tensor) -> torch.Tensor:
     """Reduce [n, len(EXTRAP_STATS)] partial rows: sums, and max for scale_max."""
     out = rows.sum(0)

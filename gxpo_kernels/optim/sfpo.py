@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..ops import flat_ops
 from .gate import ZScoreGate
 from .rule import UpdateRule
 
@@ -55,14 +56,9 @@ class SFPO(UpdateRule):
                 self._restore_theta0_and_step_with_g0(groups, g0_norm)
                 return self._finish(loss, "nonfinite_g1", g0_norm=g0_norm)
             self._base_step(norm)
-        step_sq = torch.zeros(1, dtype=torch.float64, device=groups[0].device)
-        for g in groups:  # theta_tilde = theta0 + alpha * (theta_K - theta0)
-            params = g.local_params()
-            theta0 = [g.view(g.theta0, i) for i in range(len(params))]
-            for p, t0 in zip(params, theta0, strict=True):
-                step_sq += (p - t0).double().square().sum().to(step_sq.device)
-            torch._foreach_lerp_(params, theta0, 1.0 - self.alpha)
-        step_norm = math.sqrt(self._all_reduce(step_sq).item())
+        # theta_tilde = theta0 + alpha * (theta_K - theta0), one pass per group
+        step_sq = sum(flat_ops.interpolate(g, alpha=self.alpha).to(groups[0].device) for g in groups)
+        step_norm = math.sqrt(self._all_reduce(step_sq.reshape(1)).item())
         self._load_optimizer_state(saved_state)
 
         self._closure_pass(closure)
