@@ -162,8 +162,7 @@ def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_g
         logq_nV = logits[b, t].to(acc)
     if cfg.temperature != 1.0:
         logq_nV *= 1.0 / cfg.temperature
-    lse_n = torch.logsumexp(logq_nV, -1)
-    logq_nV -= lse_n[:, None]
+    logq_nV = torch.log_softmax(logq_nV, -1)
     ids_n = ids_N[rows, None]
     logp = logq_nV.gather(1, ids_n).squeeze(1)
     adv = adv_N[rows]
@@ -198,8 +197,9 @@ def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_g
     if compute_grad:
         coef = weight_N[rows] * dloss_dlogp / cfg.temperature
         grad_nV = p_nV.mul_(-coef[:, None]).scatter_add_(1, ids_n, coef[:, None])
-        dlogits = torch.zeros_like(logits_BTV)  # no in-place reuse here: it only costs time on CPU
-        dlogits[b, t] = grad_nV.to(dlogits.dtype)
+        # contiguous whatever the logits' strides; no in-place reuse here: it only costs time on CPU
+        dlogits = torch.zeros(B, T, V, dtype=logits_BTV.dtype, device=logits_BTV.device)
+        dlogits.view(B * T, V).index_copy_(0, rows, grad_nV.to(dlogits.dtype))
     return stats, dlogits
 
 
