@@ -89,11 +89,20 @@ def test_grad_output_scaling(path):
     assert_close(*run_both(batch, grad_scale=-2.5, beta=0.1))
 
 
-def test_noncontiguous_logits_view(path):
+@pytest.mark.parametrize("where", ["head", "tail", "transposed"])
+def test_noncontiguous_logits_view(path, where):
     batch = loss_batch(3, 6, 150, seed=3)
     padded = torch.randn(3, 7, 150)
-    padded[:, :-1] = batch["logits"]
-    view = padded[:, :-1]  # [B, T, V] slice of [B, T + 1, V], as from a causal LM's output
+    if where == "transposed":  # [T, B, V] storage: rows are V-runs but b is the inner stride
+        padded = torch.randn(6, 3, 150)
+        padded.copy_(batch["logits"].transpose(0, 1))
+        view = padded.transpose(0, 1)
+    elif where == "head":  # [B, T, V] slice of [B, T + 1, V], as from a causal LM's output
+        padded[:, :-1] = batch["logits"]
+        view = padded[:, :-1]
+    else:  # the same slice at a storage offset
+        padded[:, 1:] = batch["logits"]
+        view = padded[:, 1:]
     assert not view.is_contiguous()
     assert_close(*run_both(batch, logits=view, beta=0.1))
 

@@ -156,8 +156,11 @@ def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_g
     rows = (weight_N != 0).nonzero().squeeze(1)
     b, t = rows // T, rows % T
     logits = logits_BTV.detach()
-    if logits.stride(0) == T * logits.stride(1):  # rows have one stride: a cheap index_select
-        logq_nV = logits.view(B * T, V).index_select(0, rows).to(acc)
+    rows_per_b = logits.stride(0) // V
+    if logits.stride(2) == 1 and logits.stride(1) == V and logits.stride(0) == rows_per_b * V:
+        # every row is a V-run of one [*, V] matrix (also a causal LM's logits[:, :-1] slice): index_select
+        matrix = logits.as_strided(((B - 1) * rows_per_b + T, V), (V, 1))
+        logq_nV = matrix.index_select(0, b * rows_per_b + t).to(acc)
     else:
         logq_nV = logits[b, t].to(acc)
     if cfg.temperature != 1.0:
