@@ -36,11 +36,11 @@ class VLLMEngine:
             config_dir.mkdir(parents=True, exist_ok=True)
             model.config.save_pretrained(config_dir)
         dist.barrier()
+        # bf16 on GPU like the trainer's compute (FSDP2 keeps fp32 shards; load_weights casts)
+        dtype = "bfloat16" if torch.cuda.is_available() else str(next(model.parameters()).dtype).removeprefix("torch.")
         kwargs = dict(model=str(config_dir), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=1,
-                      seed=seed,
-                      dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_sleep,
-                      enable_prefix_caching=True)
+                      seed=seed, dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                      enable_sleep_mode=cfg.vllm_sleep, enable_prefix_caching=True)
         if dist.world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # in-process, beside torchrun's ranks
         if "logprobs_mode" in inspect.signature(getattr(vllm, "EngineArgs", dict)).parameters:
