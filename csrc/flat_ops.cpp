@@ -1,7 +1,8 @@
 // CPU (OpenMP) versions of the update rules' flat-buffer ops: the same math as
 // gxpo_kernels/ops/flat_ops.py (Triton) and gxpo_kernels/optim/reference.py (torch).
 // Parameters and gradients arrive as lists of contiguous tensors; theta0 / g0 are flat buffers and
-// offsets[i] is tensor i's start in them. Reductions accumulate in double.
+// offsets[i] is tensor i's start in them. Reductions accumulate in double (the extrapolation's
+// per chunk in the parameters' type first, as the Triton kernels do per block).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -104,8 +105,7 @@ inline T geometric_sum(T r, int64_t k_runtime) {
 
 template <typename T>
 struct ExtrapSums {  // the order of EXTRAP_STATS in gxpo_kernels/optim/reference.py
-  T g0_sq = 0, g1_sq = 0, g0_g1 = 0, n_active = 0, r_sum = 0, r_sq = 0, n_clipped = 0, scale_sum = 0, scale_max = 1,
-    d_sq = 0, scaled_d_sq = 0;
+  T g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq, scaled_d_sq;
 };
 
 // Elements [0, n) of one chunk: a branch-free loop (every value computed before it is selected,

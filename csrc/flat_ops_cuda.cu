@@ -154,8 +154,12 @@ BlockMap block_map(const at::Tensor& numels, const at::Tensor& offsets, const at
           block_start.data_ptr<int64_t>(), block};
 }
 
-void check_launch(const at::Tensor& flat, const at::Tensor& partial, int64_t row, const at::Tensor& block_tensor) {
+void check_flat(const at::Tensor& flat) {
   TORCH_CHECK(flat.is_cuda() && flat.is_contiguous(), "flat buffer must be a contiguous CUDA tensor");
+}
+
+void check_launch(const at::Tensor& flat, const at::Tensor& partial, int64_t row, const at::Tensor& block_tensor) {
+  check_flat(flat);
   TORCH_CHECK(partial.is_cuda() && partial.scalar_type() == at::kFloat && partial.is_contiguous() &&
                   partial.numel() == row * block_tensor.numel(), "partial must be float32 [num_blocks, ", row, "]");
 }
@@ -184,7 +188,7 @@ void snapshot_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor numel
 
 void restore_cuda(at::Tensor param_ptrs, at::Tensor numels, at::Tensor offsets, at::Tensor block_tensor,
                   at::Tensor block_start, at::Tensor theta0, int64_t block) {
-  TORCH_CHECK(theta0.is_cuda() && theta0.is_contiguous(), "flat buffer must be a contiguous CUDA tensor");
+  check_flat(theta0);
   const c10::cuda::CUDAGuard guard(theta0.device());
   const BlockMap map = block_map(numels, offsets, block_tensor, block_start, block);
   DISPATCH_KERNEL_DTYPES(theta0.scalar_type(), "restore_cuda", [&] {

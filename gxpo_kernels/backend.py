@@ -30,8 +30,9 @@ except ImportError:
     HAS_CPP = False
 HAS_CUDA_CSRC = HAS_CPP and hasattr(_C, "extrapolate_cuda")
 
+FLAT_CUDA_IMPLS = ("triton", "csrc")
 FLAT_CUDA = os.environ.get("GXPO_FLAT_CUDA", "triton")
-if FLAT_CUDA not in ("triton", "csrc"):
+if FLAT_CUDA not in FLAT_CUDA_IMPLS:
     raise ValueError(f"GXPO_FLAT_CUDA={FLAT_CUDA!r}: use 'triton' (default) or 'csrc'")
 
 # Triton reads this when a kernel is decorated, so it is fixed at import time.
@@ -46,7 +47,7 @@ poison_outputs = False
 def flat_cuda(impl: str):
     """Runs the flat ops on CUDA with `impl` ("triton" or "csrc") inside the block (benchmarks)."""
     global FLAT_CUDA
-    if impl not in ("triton", "csrc"):
+    if impl not in FLAT_CUDA_IMPLS:
         raise ValueError(f"flat_cuda({impl!r}): use 'triton' or 'csrc'")
     previous, FLAT_CUDA = FLAT_CUDA, impl
     try:

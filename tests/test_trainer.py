@@ -43,6 +43,15 @@ def fake_reward_and_cpu_paths(monkeypatch):
     monkeypatch.setattr(backend, "use_triton", lambda t: t.is_cuda)
 
 
+def capture_export(monkeypatch) -> dict:
+    """Runs export_final as usual and keeps the model it exported under "model"."""
+    exported = {}
+    real_export = train_module.export_final
+    monkeypatch.setattr(train_module, "export_final", lambda model, *a: (exported.update(model=model),
+                                                                           real_export(model, *a)))
+    return exported
+
+
 def read_metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -202,10 +211,7 @@ def test_lora_trains_only_the_adapters(tmp_path, monkeypatch):
 
     from trainer.models import load_policy
 
-    exported = {}
-    real_export = train_module.export_final
-    monkeypatch.setattr(train_module, "export_final", lambda model, *a: (exported.update(model=model),
-                                                                           real_export(model, *a)))
+    exported = capture_export(monkeypatch)
     cfg = tiny_cfg(tmp_path, "gxpo", steps=2, **{"lora.r": 4, "lora.alpha": 8})
     out = train_module.train(cfg, log=lambda *_: None)
     assert [r["backward_passes"] for r in read_metrics(out)] == [3, 6]

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 import fake_vllm  # noqa: E402
-from test_trainer import read_metrics, tiny_cfg  # noqa: E402
+from test_trainer import capture_export, fake_reward_and_cpu_paths, read_metrics, tiny_cfg  # noqa: E402, F401
 
 from trainer import train as train_module  # noqa: E402
 from trainer.blocks import checkpoint_blocks  # noqa: E402
@@ -25,15 +25,6 @@ def vllm(monkeypatch):
     return fake_vllm
 
 
-@pytest.fixture(autouse=True)
-def cpu_paths(monkeypatch):
-    from gxpo_kernels import backend
-
-    monkeypatch.setattr(train_module, "make_reward", lambda kind, format_weight=0.0: lambda text, gold: float(
-        len(text) % 2 == 0))
-    monkeypatch.setattr(backend, "use_triton", lambda t: t.is_cuda)
-
-
 def test_weight_names_survive_checkpoint_wrappers():
     model = load_policy("tiny-random", torch.float32)[0]
     plain = copy.deepcopy(model).state_dict()
@@ -43,8 +34,8 @@ def test_weight_names_survive_checkpoint_wrappers():
     assert all(torch.equal(items[k], plain[k]) for k in plain)
 
 
-def test_lora_is_merged_into_the_base_weights():
-    cfg = tiny_cfg_lora()
+def test_lora_is_merged_into_the_base_weights(tmp_path):
+    cfg = tiny_cfg(tmp_path, "grpo", **{"lora.r": 4, "lora.alpha": 8})
     model = apply_lora(load_policy("tiny-random", torch.float32)[0], cfg.lora)
     g = torch.Generator().manual_seed(0)
     for name, p in model.named_parameters():
@@ -59,22 +50,12 @@ def test_lora_is_merged_into_the_base_weights():
                for k in merged if "q_proj" in k)
 
 
-def tiny_cfg_lora():
-    from trainer.config import load_config
-
-    return load_config(overrides=[("model", "tiny-random"), ("lora.r", "4"), ("lora.alpha", "8")])
-
-
 @pytest.mark.parametrize("sleep", [False, True])
-def test_training_with_vllm_rollouts(tmp_path, vllm, sleep):
+def test_training_with_vllm_rollouts(tmp_path, monkeypatch, vllm, sleep):
     cfg = tiny_cfg(tmp_path, "gxpo", steps=2, **{"rollout.engine": "vllm", "rollout.vllm_sleep": sleep,
                                                   "rollout.temperature": 0.7})
-    exported = {}
-    real_export = train_module.export_final
-    train_module_export = lambda model, *a: (exported.update(model=model), real_export(model, *a))  # noqa: E731
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "export_final", train_module_export)
-        out = train_module.train(cfg, log=lambda *_: None)
+    exported = capture_export(monkeypatch)
+    out = train_module.train(cfg, log=lambda *_: None)
     rows = read_metrics(out)
     assert [r["backward_passes"] for r in rows] == [3, 6]
     (llm,) = vllm.LLM.instances

@@ -77,14 +77,8 @@ def completion_mask_from(completion_ids: torch.Tensor, eos_token_id: int) -> tor
     return eos_before == 0
 
 
-class HFGenerateEngine:
-    """transformers generate through the PolicyRunner. Completion j of a prompt with key s samples from
-    row_seed(s, j): the same tokens whatever the batch, the padding or the number of ranks. Under FSDP2
-    (world > 1) ranks keep stepping until all are done (synced_gpus), as every forward is collective."""
-
-    def __init__(self, runner, tokenizer, max_new_tokens, temperature, top_p, world=1):
-        self.runner, self.tokenizer, self.world = runner, tokenizer, world
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+class RolloutEngine:
+    """What every engine shares: groups of keyed rows. An engine implements _sample(prompts, row_seeds)."""
 
     def generate(self, prompts: list, group_size: int, prompt_keys: list) -> RolloutBatch:
         """group_size completions of each prompt; completion j of the prompt with key s from row_seed(s, j)."""
@@ -93,12 +87,28 @@ class HFGenerateEngine:
         return self.generate_rows([p for p in prompts for _ in range(group_size)],
                                   [row_seed(key, j) for key in prompt_keys for j in range(group_size)])
 
-    @torch.no_grad()
     def generate_rows(self, prompts: list, row_seeds: list) -> RolloutBatch:
         """One completion per (prompt text, row seed)."""
         if not prompts or len(prompts) != len(row_seeds):
             raise ValueError(f"generate_rows needs one seed per prompt, got {len(prompts)} prompts and "
                              f"{len(row_seeds)} seeds")
+        return self._sample(prompts, row_seeds)
+
+    def _sample(self, prompts: list, row_seeds: list) -> RolloutBatch:
+        raise NotImplementedError
+
+
+class HFGenerateEngine(RolloutEngine):
+    """transformers generate through the PolicyRunner. Completion j of a prompt with key s samples from
+    row_seed(s, j): the same tokens whatever the batch, the padding or the number of ranks. Under FSDP2
+    (world > 1) ranks keep stepping until all are done (synced_gpus), as every forward is collective."""
+
+    def __init__(self, runner, tokenizer, max_new_tokens, temperature, top_p, world=1):
+        self.runner, self.tokenizer, self.world = runner, tokenizer, world
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+
+    @torch.no_grad()
+    def _sample(self, prompts: list, row_seeds: list) -> RolloutBatch:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(self.runner.parameters()).device

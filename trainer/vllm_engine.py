@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .rollout import RolloutBatch
-from .sampling import row_seed
+from .rollout import RolloutBatch, RolloutEngine
 from .weights import hf_weight_items
 
 
@@ -28,10 +27,10 @@ def import_vllm():
                          "'hf'") from None
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
     def __init__(self, model, tokenizer, cfg, dist, config_dir: Path, seed: int = 0):
         vllm = import_vllm()
-        self.vllm, self.model, self.tokenizer, self.cfg, self.dist = vllm, model, tokenizer, cfg, dist
+        self.vllm, self.model, self.tokenizer, self.cfg = vllm, model, tokenizer, cfg
         if dist.main:  # vLLM reads the architecture from here; weights come from sync, token ids from us
             config_dir.mkdir(parents=True, exist_ok=True)
             model.config.save_pretrained(config_dir)
@@ -55,29 +54,19 @@ class VLLMEngine:
     @torch.no_grad()
     def sync_weights(self):
         """The trainer's current weights into the engine (every rank gathers each FSDP2 shard)."""
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+        self._wake()
         target = self._worker_model()
         for name, tensor in hf_weight_items(self.model):
             target.load_weights([(name, tensor)])
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: list, group_size: int, prompt_keys: list) -> RolloutBatch:
-        """group_size completions of each prompt; completion j of the prompt with key s from row_seed(s, j)."""
-        if len(prompt_keys) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(prompt_keys)} prompt keys")
-        return self.generate_rows([p for p in prompts for _ in range(group_size)],
-                                  [row_seed(key, j) for key in prompt_keys for j in range(group_size)])
-
-    def generate_rows(self, prompts: list, row_seeds: list) -> RolloutBatch:
-        """One completion per (prompt text, row seed)."""
-        if not prompts or len(prompts) != len(row_seeds):
-            raise ValueError(f"generate_rows needs one seed per prompt, got {len(prompts)} prompts and "
-                             f"{len(row_seeds)} seeds")
+    def _wake(self):
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+    def _sample(self, prompts: list, row_seeds: list) -> RolloutBatch:
+        self._wake()
         tok, cfg = self.tokenizer, self.cfg
         prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
         params = [self.vllm.SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,

@@ -131,6 +131,15 @@ def _launch_args(group):
     return {"DTYPE": TL_DTYPES[group.dtype], "BLOCK": group.block}
 
 
+def _launch(path, group, kernel, csrc_name, args, **constexprs):
+    """kernel over the group's blocks, or on path "cuda_csrc" its twin backend._C.<csrc_name>, which
+    takes the constexprs' values positionally after args, then the block size."""
+    if path == "cuda_csrc":
+        getattr(backend._C, csrc_name)(*args, *constexprs.values(), group.block)
+    else:
+        kernel[(group.num_blocks,)](*args, **constexprs, **_launch_args(group))
+
+
 def snapshot(group: FlatGroup, grads) -> torch.Tensor:
     """theta0 <- params, g0 <- grads (0 where None); returns sum(g0^2) (0-d, float64)."""
     if group.total == 0:
@@ -152,10 +161,7 @@ def snapshot(group: FlatGroup, grads) -> torch.Tensor:
     partial = backend.empty(group.num_blocks, dtype=torch.float32, device=group.device)
     args = (group.pointer_table(group.local_params()), group.pointer_table(grads), *_tables(group), group.theta0,
             group.g0, partial)
-    if path == "cuda_csrc":
-        backend._C.snapshot_cuda(*args, group.block)
-    else:
-        _snapshot_kernel[(group.num_blocks,)](*args, **_launch_args(group))
+    _launch(path, group, _snapshot_kernel, "snapshot_cuda", args)
     return partial.double().sum()
 
 
@@ -172,10 +178,7 @@ def restore(group: FlatGroup) -> None:
             p.copy_(group.view(group.theta0, i))
         return
     args = (group.pointer_table(group.local_params()), *_tables(group), group.theta0)
-    if path == "cuda_csrc":
-        backend._C.restore_cuda(*args, group.block)
-    else:
-        _restore_kernel[(group.num_blocks,)](*args, **_launch_args(group))
+    _launch(path, group, _restore_kernel, "restore_cuda", args)
 
 
 def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
@@ -196,10 +199,7 @@ def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
         return out
     partial = backend.empty(group.num_blocks, 2, dtype=torch.float32, device=group.device)
     args = (group.pointer_table(grads), *_tables(group), group.g0, partial)
-    if path == "cuda_csrc":
-        backend._C.grad_dots_cuda(*args, with_g0, group.block)
-    else:
-        _grad_dots_kernel[(group.num_blocks,)](*args, WITH_G0=with_g0, **_launch_args(group))
+    _launch(path, group, _grad_dots_kernel, "grad_dots_cuda", args, WITH_G0=with_g0)
     return partial.double().sum(0)
 
 
@@ -229,10 +229,7 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
     partial = backend.empty(group.num_blocks, n_stats, dtype=torch.float32, device=group.device)
     args = (group.pointer_table(group.local_params()), group.pointer_table(grads), *_tables(group), group.theta0,
             group.g0, partial, float(g1_scale), float(alpha), float(delta), K / 2 + 1)
-    if path == "cuda_csrc":
-        backend._C.extrapolate_cuda(*args, K, group.block)
-    else:
-        _extrapolate_kernel[(group.num_blocks,)](*args, K=K, **_launch_args(group))
+    _launch(path, group, _extrapolate_kernel, "extrapolate_cuda", args, K=K)
     return combine_stats(partial.double())
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 from .. import backend
 from ..flat import FlatGroup
 from ..optim.reference import EXTRAP_STATS
-from .flat_ops import _extrapolate_block, _launch_args, _tables, combine_stats
+from .flat_ops import _block, _extrapolate_block, _launch_args, _tables, combine_stats
 
 
 @triton.jit
@@ -21,11 +21,7 @@ def _adamw_kernel(param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_
                   lr_t, wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr, partial_ptr, beta1, beta2, eps, grad_scale,
                   alpha, delta, scale_max, SNAPSHOT: tl.constexpr, EXTRAPOLATE: tl.constexpr, K: tl.constexpr,
                   DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    elems = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    in_bounds = elems < tl.load(numels + t)
-    off = tl.load(offsets + t)
+    pid, t, elems, in_bounds, off = _block(block_tensor, block_start, numels, offsets, BLOCK)
     p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
     p = tl.load(p_ptr + elems, mask=in_bounds, other=0.0)
     x = p.to(tl.float32)
