@@ -74,6 +74,14 @@ def test_training_with_vllm_rollouts(tmp_path, monkeypatch, vllm, sleep):
     assert llm.events == expected
 
 
+def test_vllm_logprobs_survive_xrpo_allocation(tmp_path, vllm):
+    """The allocator samples in phases and regroups rows by prompt; the engine's log-probs follow them."""
+    cfg = tiny_cfg(tmp_path, "grpo", steps=1, **{"rollout.engine": "vllm", "xrpo.allocator": True,
+                                                  "xrpo.n0": 2})
+    (row,) = read_metrics(train_module.train(cfg, log=lambda *_: None))
+    assert row["rollout/logp_abs_diff"] < 1e-4, row["rollout/logp_abs_diff"]
+
+
 def test_vllm_rows_are_keyed_and_cut_at_eos(tmp_path, vllm):
     from trainer.distributed import SINGLE
     from trainer.policy import PolicyRunner

@@ -86,17 +86,16 @@ def collect(engine, tokenizer, cfg, keyed_problems: list, step: int, reward_fn, 
         parts.append((part, rows_owner))
         if phase > 0:
             counts = [c + e for c, e in zip(counts, wanted, strict=True)]
-    rows, texts, owners = [], [], []
-    for part, owner in parts:
-        rows += part.rows()
-        texts += part.texts
-        owners += owner
+    sampled = RolloutBatch.concat([part for part, _ in parts], tokenizer.pad_token_id)
+    rows, texts, logps = sampled.rows(), sampled.texts, sampled.row_logps()
+    owners = [i for _, owner in parts for i in owner]
     order = sorted(range(len(rows)), key=lambda r: owners[r])  # stable: phase order within a prompt
     if x.loss_context == "original":  # the loss sees the plain prompt, not the exemplars
         plain_ids = [tokenizer(t, add_special_tokens=False, return_tensors="pt").input_ids[0].to(rows[0][0].device)
                      for t in plain]
         rows = [(plain_ids[owners[r]], c) for r, (_, c) in enumerate(rows)]
-    batch = RolloutBatch.from_rows([rows[r] for r in order], [texts[r] for r in order], tokenizer.pad_token_id)
+    batch = RolloutBatch.from_rows([rows[r] for r in order], [texts[r] for r in order], tokenizer.pad_token_id,
+                                   None if logps is None else [logps[r] for r in order])
     group_sizes = [sum(1 for o in owners if o == i) for i in range(n_prompts)]
     flat_rewards = torch.tensor([r for i in range(n_prompts) for r in rewards[i]], dtype=torch.float32)
     stats = {"xrpo/seeded_rows": seeded, "xrpo/max_group": max(group_sizes), "xrpo/min_group": min(group_sizes)}
