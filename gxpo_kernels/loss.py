@@ -22,13 +22,15 @@ def grpo_loss(
     old_logp_BT=None, ref_logp_BT=None, beta=0.0,
     eps_low=0.2, eps_high=0.2, dual_clip_c=None, temperature=1.0,
     loss_agg="token-mean", max_completion_len=None, return_entropy=False,
-    inplace=False,
+    inplace=False, log_ratio_clamp=None,
 ):
     """GRPO token-level clipped loss from logits [B, T, V]; logits[:, t] scores completion_ids[:, t].
 
     per_token = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(logp - old_logp)
     (old_logp None: on-policy, rho == 1 with its gradient kept); with dual_clip_c = c and A < 0 the
-    loss is capped at -c * A (dual clip); plus beta * k3 KL to ref_logp. Aggregated over the mask by
+    loss is capped at -c * A (dual clip); plus beta * k3 KL to ref_logp. A token with A == 0 has policy
+    loss and gradient 0 even where rho overflows. log_ratio_clamp = c clamps logp - old_logp to [-c, c]
+    before exp, with no gradient through rho outside it (verl's guard, c = 20; default off). Aggregated over the mask by
     loss_agg. The gradient is computed in the forward; inplace=True lets the Triton kernel write it
     over the logits (saves an [N, V] buffer; the logits hold dlogits afterwards, so nothing else may
     need them).
@@ -41,7 +43,7 @@ def grpo_loss(
     B, T, V = logits_BTV.shape
     cfg = make_config(beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
                       temperature=temperature, loss_agg=loss_agg, max_completion_len=max_completion_len,
-                      return_entropy=return_entropy, ref_logp_BT=ref_logp_BT)
+                      return_entropy=return_entropy, ref_logp_BT=ref_logp_BT, log_ratio_clamp=log_ratio_clamp)
     inputs = prepare_token_inputs(B, T, V, logits_BTV.device, _stats_dtype(logits_BTV), completion_ids_BT,
                                   advantages_B, completion_mask_BT, old_logp_BT, ref_logp_BT, loss_agg,
                                   max_completion_len)
@@ -55,7 +57,7 @@ def fused_linear_grpo_loss(
     old_logp_BT=None, ref_logp_BT=None, beta=0.0,
     eps_low=0.2, eps_high=0.2, dual_clip_c=None, temperature=1.0,
     loss_agg="token-mean", max_completion_len=None, return_entropy=False,
-    lm_head_bias_V=None, chunk_tokens=None,
+    lm_head_bias_V=None, chunk_tokens=None, log_ratio_clamp=None,
 ):
     """grpo_loss(hidden_BTH @ lm_head_weight_VH.T + lm_head_bias_V, ...) without the [N, V] logits.
 
@@ -79,7 +81,7 @@ def fused_linear_grpo_loss(
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     cfg = make_config(beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
                       temperature=temperature, loss_agg=loss_agg, max_completion_len=max_completion_len,
-                      return_entropy=return_entropy, ref_logp_BT=ref_logp_BT)
+                      return_entropy=return_entropy, ref_logp_BT=ref_logp_BT, log_ratio_clamp=log_ratio_clamp)
     stats_dtype = _stats_dtype(hidden_BTH)
     inputs = prepare_token_inputs(B, T, V, hidden_BTH.device, stats_dtype, completion_ids_BT, advantages_B,
                                   completion_mask_BT, old_logp_BT, ref_logp_BT, loss_agg, max_completion_len)

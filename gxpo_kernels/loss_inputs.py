@@ -36,7 +36,7 @@ def _check_float(name, x):
 
 
 def make_config(*, beta, eps_low, eps_high, dual_clip_c, temperature, loss_agg, max_completion_len,
-                return_entropy, ref_logp_BT) -> LossConfig:
+                return_entropy, ref_logp_BT, log_ratio_clamp=None) -> LossConfig:
     for name, eps in (("eps_low", eps_low), ("eps_high", eps_high)):
         if not 0 < eps < 1:
             raise ValueError(f"{name} must be in (0, 1), got {eps}")
@@ -44,6 +44,8 @@ def make_config(*, beta, eps_low, eps_high, dual_clip_c, temperature, loss_agg, 
         raise ValueError(f"dual_clip_c must be > 1 (or None to disable dual clipping), got {dual_clip_c}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if log_ratio_clamp is not None and not log_ratio_clamp > 0:
+        raise ValueError(f"log_ratio_clamp must be > 0 (verl uses 20) or None to disable it, got {log_ratio_clamp}")
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logp_BT is None:
@@ -55,7 +57,8 @@ def make_config(*, beta, eps_low, eps_high, dual_clip_c, temperature, loss_agg, 
                          f"constant normalizer), got {max_completion_len}")
     return LossConfig(temperature=float(temperature), eps_low=float(eps_low), eps_high=float(eps_high),
                       dual_clip_c=None if dual_clip_c is None else float(dual_clip_c), beta=float(beta),
-                      with_entropy=bool(return_entropy))
+                      with_entropy=bool(return_entropy),
+                      log_ratio_clamp=None if log_ratio_clamp is None else float(log_ratio_clamp))
 
 
 def prepare_token_inputs(B, T, V, device, stats_dtype, completion_ids_BT, advantages_B, completion_mask_BT,

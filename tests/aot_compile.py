@@ -28,7 +28,8 @@ def main():
         loss_sig = dict(logits_ptr=f"*{dt}", stride_lb="i64", stride_lt="i64", dlogits_ptr=f"*{dt}", stride_db="i64",
                         stride_dt="i64", ids_ptr="*i64", adv_ptr="*fp32", weight_ptr="*fp32", old_ptr="*fp32",
                         ref_ptr="*fp32", stats_ptr="*fp32", T="i32", V="i32", N="i32", inv_temp="fp32",
-                        ratio_lo="fp32", ratio_hi="fp32", dual_c="fp32", beta="fp32")
+                        ratio_lo="fp32", ratio_hi="fp32", dual_c="fp32", beta="fp32",
+                        log_ratio_max="fp32")
         for on in (True, False):
             flags = dict(HAS_OLD=on, HAS_REF=on, HAS_DUAL=on, WITH_ENTROPY=on, COMPUTE_GRAD=on, BLOCK_V=4096)
             compile_kernel(_grpo_loss_fwd_kernel, loss_sig, flags)

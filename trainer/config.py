@@ -30,6 +30,7 @@ class LossConfig:
     beta: float = 0.0  # k3 KL to a frozen reference copy (loaded only when > 0)
     loss_agg: str = "token-mean"
     max_completion_len: int | None = None  # Dr. GRPO constant; None: rollout.max_new_tokens
+    log_ratio_clamp: float | None = None  # verl's guard: clamp logp - old_logp to [-c, c] before exp (verl: 20)
     pack: bool = True  # padding-free packed micro-batches (trainer/packing.py); false: padded rows
     max_tokens_per_micro_batch: int = 0  # packed: token budget per micro-batch; 0: the whole batch in one
     micro_batch_size: int = 0  # padded (pack = false): sequences per micro-batch; 0: the whole batch
@@ -255,6 +256,8 @@ def validate(cfg: TrainConfig):
         ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "in (0, 1]"),
         ("rollout.vllm_gpu_memory_utilization", 0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
         ("loss.micro_batch_size", cfg.loss.micro_batch_size >= 0, ">= 0"),
+        ("loss.log_ratio_clamp", cfg.loss.log_ratio_clamp is None or cfg.loss.log_ratio_clamp > 0,
+         "> 0 or none (off)"),
         ("loss.max_tokens_per_micro_batch", cfg.loss.max_tokens_per_micro_batch >= 0, ">= 0"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
         ("optim.name", cfg.optim.name in ("adamw", "flat_adamw"), "'adamw' or 'flat_adamw'"),

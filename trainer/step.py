@@ -77,7 +77,8 @@ class LossClosure:
                 old_logp_BT=None if self.old_logp_BT is None else self.old_logp_BT[rows],
                 ref_logp_BT=None if self.ref is None else self.ref[rows], beta=cfg.loss.beta,
                 eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, temperature=cfg.rollout.temperature,
-                loss_agg=cfg.loss.loss_agg, max_completion_len=max_len, return_entropy=True)
+                loss_agg=cfg.loss.loss_agg, max_completion_len=max_len, return_entropy=True,
+                log_ratio_clamp=cfg.loss.log_ratio_clamp)
             if packed is None:
                 loss, metrics = self.runner("token_loss", batch, rows, self.adv[rows], **loss_kwargs)
             else:

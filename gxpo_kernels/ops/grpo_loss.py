@@ -25,6 +25,7 @@ class LossConfig:
     dual_clip_c: float | None = None
     beta: float = 0.0
     with_entropy: bool = False
+    log_ratio_clamp: float | None = None  # verl's clamp of logp - old_logp before exp (their default: 20)
 
 
 @triton.jit
@@ -35,6 +36,7 @@ def _grpo_loss_fwd_kernel(
     T, V, N, inv_temp, ratio_lo, ratio_hi, dual_c, beta,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    log_ratio_max=float("inf"),
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -71,12 +73,16 @@ def _grpo_loss_fwd_kernel(
         token = tl.load(ids_ptr + row)
         logp = tl.load(logits_row + token).to(tl.float32) * inv_temp - lse
         adv = tl.load(adv_ptr + row).to(tl.float32)
+        keep = 1.0  # 0 where verl's log-ratio clamp binds: no gradient through the ratio there
         if HAS_OLD:
-            ratio = tl.exp(logp - tl.load(old_ptr + row).to(tl.float32))
+            log_ratio = logp - tl.load(old_ptr + row).to(tl.float32)
+            keep = tl.where((log_ratio >= -log_ratio_max) & (log_ratio <= log_ratio_max), 1.0, 0.0)
+            ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -log_ratio_max), log_ratio_max))
         else:
             ratio = 1.0 + 0.0 * logp
         ratio_c = tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
-        unclipped = ratio * adv
+        # A zero advantage contributes 0 even when the ratio overflowed (inf * 0 would be NaN).
+        unclipped = tl.where(adv == 0.0, 0.0, ratio * adv)
         clipped = ratio_c * adv
         loss = -tl.minimum(unclipped, clipped)
         dloss_dratio = tl.where(unclipped <= clipped, -adv, 0.0)
@@ -88,7 +94,7 @@ def _grpo_loss_fwd_kernel(
             dloss_dratio = tl.where(is_dual, 0.0, dloss_dratio)
             clip_dual = is_dual.to(tl.float32)
         # d loss / d logp; a zero factor stays zero even when the ratio overflowed.
-        dloss_dlogp = tl.where(dloss_dratio == 0.0, 0.0, dloss_dratio * ratio)
+        dloss_dlogp = tl.where((dloss_dratio == 0.0) | (keep == 0.0), 0.0, dloss_dratio * ratio)
         kl = 0.0
         if HAS_REF:
             diff = tl.load(ref_ptr + row).to(tl.float32) - logp
@@ -123,6 +129,10 @@ def default_block_v(V: int, device: torch.device) -> int:
     return min(triton.next_power_of_2(V), 4096 if device.type == "cuda" else 1024)
 
 
+def _log_ratio_max(cfg: LossConfig) -> float:
+    return float("inf") if cfg.log_ratio_clamp is None else cfg.log_ratio_clamp
+
+
 def _triton_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad, inplace, block_v):
     B, T, V = logits_BTV.shape
     N = B * T
@@ -143,7 +153,7 @@ def _triton_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_
         T, V, N, 1.0 / cfg.temperature, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high,
         cfg.dual_clip_c or 0.0, cfg.beta,
         HAS_OLD=old_N is not None, HAS_REF=ref_N is not None, HAS_DUAL=cfg.dual_clip_c is not None,
-        WITH_ENTROPY=cfg.with_entropy, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+        WITH_ENTROPY=cfg.with_entropy, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, log_ratio_max=_log_ratio_max(cfg),
         num_warps=8 if block_v >= 2048 else 4,
     )
     return stats, dlogits
@@ -169,8 +179,14 @@ def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_g
     ids_n = ids_N[rows, None]
     logp = logq_nV.gather(1, ids_n).squeeze(1)
     adv = adv_N[rows]
-    ratio = torch.ones_like(logp) if old_N is None else torch.exp(logp - old_N[rows])
-    unclipped = ratio * adv
+    in_range = torch.ones_like(logp, dtype=torch.bool)
+    if old_N is None:
+        ratio = torch.ones_like(logp)
+    else:
+        log_ratio, c = logp - old_N[rows], _log_ratio_max(cfg)
+        in_range = log_ratio.abs() <= c
+        ratio = torch.exp(log_ratio.clamp(-c, c))
+    unclipped = torch.where(adv == 0, 0.0, ratio * adv)  # 0, not inf * 0, where the ratio overflowed
     clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv
     loss = -torch.minimum(unclipped, clipped)
     dloss_dratio = torch.where(unclipped <= clipped, -adv, 0.0)
@@ -181,7 +197,7 @@ def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_g
         loss = torch.where(is_dual, dual, loss)
         dloss_dratio = torch.where(is_dual, 0.0, dloss_dratio)
         clip_dual = is_dual.to(acc)
-    dloss_dlogp = torch.where(dloss_dratio == 0, 0.0, dloss_dratio * ratio)
+    dloss_dlogp = torch.where((dloss_dratio == 0) | ~in_range, 0.0, dloss_dratio * ratio)
     kl = torch.zeros_like(loss)
     if ref_N is not None:
         diff = ref_N[rows] - logp

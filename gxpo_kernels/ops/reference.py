@@ -14,13 +14,21 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 def grpo_per_token_reference(
     logits_NV, ids_N, adv_N, old_logp_N=None, ref_logp_N=None, *,
     temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip_c=None, beta=0.0, with_entropy=True,
+    log_ratio_clamp=None,
 ):
-    """Per-token loss and statistics; `loss` is differentiable w.r.t. logits_NV."""
+    """Per-token loss and statistics; `loss` is differentiable w.r.t. logits_NV. A zero-advantage
+    token's policy term is 0 even where its ratio overflows; log_ratio_clamp clamps logp - old_logp
+    before exp (verl's default: 20)."""
     z_NV = logits_NV / temperature
     logp_N = torch.log_softmax(z_NV, dim=-1).gather(-1, ids_N[:, None]).squeeze(-1)
     old = logp_N.detach() if old_logp_N is None else old_logp_N.to(logp_N.dtype)
     adv_N = adv_N.to(logp_N.dtype)
-    ratio_N = torch.exp(logp_N - old)
+    log_ratio_N = logp_N - old
+    if log_ratio_clamp is not None:
+        log_ratio_N = torch.clamp(log_ratio_N, -log_ratio_clamp, log_ratio_clamp)
+    zero_adv = adv_N == 0
+    # exp of 0 (not of an overflowing log-ratio) where the advantage is zero, so no inf * 0 reaches autograd
+    ratio_N = torch.exp(torch.where(zero_adv, 0.0, log_ratio_N))
     unclipped = ratio_N * adv_N
     clipped = torch.clamp(ratio_N, 1 - eps_low, 1 + eps_high) * adv_N
     loss_N = -torch.minimum(unclipped, clipped)
@@ -39,7 +47,7 @@ def grpo_per_token_reference(
         with torch.no_grad():
             p_NV = torch.softmax(z_NV, dim=-1)
             entropy_N = -(p_NV * torch.log_softmax(z_NV, dim=-1)).nan_to_num().sum(-1)
-    r = ratio_N.detach()
+    r = torch.where(zero_adv, torch.exp(log_ratio_N.detach()), ratio_N.detach())
     return {
         "loss": loss_N,
         "logp": logp_N.detach(),
@@ -70,7 +78,7 @@ def grpo_loss_reference(
     logits_BTV, completion_ids_BT, advantages_B, completion_mask_BT,
     old_logp_BT=None, ref_logp_BT=None, beta=0.0,
     eps_low=0.2, eps_high=0.2, dual_clip_c=None, temperature=1.0,
-    loss_agg="token-mean", max_completion_len=None, return_entropy=False,
+    loss_agg="token-mean", max_completion_len=None, return_entropy=False, log_ratio_clamp=None,
 ):
     """The whole grpo_loss API in plain torch, on [B, T] tensors, without input validation."""
     B, T, V = logits_BTV.shape
@@ -80,6 +88,7 @@ def grpo_loss_reference(
         logits_BTV.reshape(B * T, V), completion_ids_BT.reshape(B * T), flat(adv_BT),
         flat(old_logp_BT), flat(ref_logp_BT), temperature=temperature, eps_low=eps_low,
         eps_high=eps_high, dual_clip_c=dual_clip_c, beta=beta, with_entropy=return_entropy,
+        log_ratio_clamp=log_ratio_clamp,
     )
     mask_BT = completion_mask_BT.to(tok["logp"].dtype)
     loss = aggregate_reference(tok["loss"].reshape(B, T), mask_BT, loss_agg, max_completion_len)
