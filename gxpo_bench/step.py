@@ -11,6 +11,7 @@ import torch
 
 from trainer.blocks import checkpoint_blocks
 from trainer.config import load_config
+from trainer.distributed import init_single_rank_group, shard_policy
 from trainer.flops import peak_flops, train_flops_per_token
 from trainer.models import load_policy
 from trainer.policy import PolicyRunner
@@ -72,17 +73,20 @@ class AlgoBench:
 
     def __init__(self, name: str, model_name: str, batch_shape: tuple, beta: float, device, overrides=(),
                  distribution="uniform"):
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.algo, self.device = name, device
         self.cfg = load_config(overrides=[("model", model_name), ("algo", name.split("+")[0]), ("gxpo.gate", "never"),
                                           ("sfpo.gate", "never"), ("loss.beta", str(beta)),
                                           ("rollout.max_new_tokens", str(batch_shape[2])), *overrides])
-        model, tokenizer = load_policy(model_name, dtype, seed=0)
+        model, tokenizer = load_policy(model_name, torch.float32, seed=0)  # fp32 masters, as the trainer keeps
         checkpoint_blocks(model, self.cfg.activation_checkpointing)
         self.runner = PolicyRunner(model.to(device))
-        self.ref_runner = (PolicyRunner(load_policy(model_name, dtype, seed=0)[0].to(device).eval())
+        self.ref_runner = (PolicyRunner(load_policy(model_name, torch.float32, seed=0)[0].to(device).eval())
                            if beta > 0 else None)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        if device.type == "cuda":  # bf16 compute as the trainer runs it: FSDP2's policy on a one-rank mesh
+            init_single_rank_group(device)
+            for runner in filter(None, (self.runner, self.ref_runner)):
+                shard_policy(runner, torch.bfloat16)
+        self.params = [p for p in self.runner.parameters() if p.requires_grad]
         self.rule = make_update_rule(self.cfg, self.params)
         self.opt_timer = _TimedStep(base_optimizer(self.rule), device)
         self.batch = synthetic_batch(len(tokenizer), *batch_shape, device, distribution=distribution)

@@ -9,8 +9,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 @pytest.mark.parametrize("opt_kwargs", [
-    {"lr": 1e-2, "tau": 0.615, "max_grad_norm": 0.5},  # trips on step 2 (|Z| 0.604, then 0.623)
-    {"lr": 1e-2, "gate": "never", "optimizer_state": "transactional"},
+    {"lr": 1e-2, "preset": "paper", "tau": 0.615, "max_grad_norm": 0.5},  # trips on step 2 (|Z| 0.604, then 0.623)
+    {"lr": 1e-2, "preset": "paper", "gate": "never", "optimizer_state": "transactional"},
 ])
 def test_two_rank_fsdp2_matches_single_process(tmp_path, opt_kwargs):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), opt_kwargs), nprocs=2, join=True)
@@ -28,5 +28,5 @@ def test_two_rank_fsdp2_matches_single_process(tmp_path, opt_kwargs):
 
 
 def test_the_gate_case_trips_mid_run():
-    decisions, passes = run_steps(tiny_model(), {"lr": 1e-2, "tau": 0.615, "max_grad_norm": 0.5})
+    decisions, passes = run_steps(tiny_model(), {"lr": 1e-2, "preset": "paper", "tau": 0.615, "max_grad_norm": 0.5})
     assert [d[0] for d in decisions] == [1.0, 1.0, 0.0, 0.0] and passes == 3 + 3 + 1 + 1

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gxpo_kernels import GXPO, SFPO
+from gxpo_kernels.optim.reference import retention_scale
 
 
 def tiny_problem(seed=0):
@@ -37,7 +38,7 @@ def params_of(model):
 
 def test_backward_pass_counting_and_gate_fallback():
     model, x, y = tiny_problem()
-    opt = GXPO(model.parameters(), lr=1e-2, tau=1e-9)  # any |Z| > 0 trips the gate on the first step
+    opt = GXPO(model.parameters(), lr=1e-2, preset="paper", tau=1e-9)  # any |Z| > 0 trips the EMA gate at once
     closure = make_closure(model, x, y)
     opt.step(closure)
     assert opt.backward_passes == 3 and opt.last_stats["active"] == 1.0 and not opt.active
@@ -52,7 +53,40 @@ def test_sfpo_counts_k_plus_one():
     for step in range(3):
         opt.step(make_closure(model, x, y))
         assert opt.backward_passes == 5 * (step + 1)
-    assert opt.last_stats["gate_stat"] == pytest.approx(1.01)
+    assert opt.last_stats["gate_stat"] == pytest.approx(1.05)  # the corrective (5th) pass's entropy
+
+
+def test_gxpo_final_preset_gates_on_the_corrective_pass_entropy():
+    model, x, y = tiny_problem()
+    opt = GXPO(model.parameters(), lr=1e-2)
+    assert (opt.preset, opt.K, opt.alpha, opt.gate.kind, opt.gate.tau, opt.gate.window, opt.gate_stat) == \
+        ("final", 3, 0.5, "window_inclusive", 2.0, 30, "entropy")
+    opt.step(make_closure(model, x, y))
+    assert opt.last_stats["gate_stat"] == pytest.approx(1.03)  # the third pass's entropy
+
+    def no_entropy():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    before = params_of(model)
+    with pytest.raises(ValueError, match="entropy"):
+        opt.step(no_entropy)
+    assert all(torch.equal(a, b) for a, b in zip(before, params_of(model), strict=True)), "failed before any step"
+
+
+def test_presets_and_overrides():
+    model, _, _ = tiny_problem()
+    paper = GXPO(model.parameters(), preset="paper")
+    assert (paper.K, paper.alpha, paper.gate.kind, paper.gate.tau, paper.gate_stat) == (5, 0.5, "ema", 0.5,
+                                                                                        "trajectory")
+    mixed = GXPO(model.parameters(), preset="paper", K=4, gate="window")
+    assert (mixed.K, mixed.gate.kind, mixed.gate.tau) == (4, "window", 0.5)
+    sfpo = SFPO(model.parameters())
+    assert (sfpo.K, sfpo.alpha, sfpo.gate.kind, sfpo.gate.tau, sfpo.gate.window) == (3, 0.8, "window_inclusive",
+                                                                                     1.0, 30)
+    with pytest.raises(ValueError, match="unknown GXPO preset"):
+        GXPO(model.parameters(), preset="best")
 
 
 def test_sfpo_needs_a_gate_statistic():
@@ -72,7 +106,7 @@ def test_sfpo_needs_a_gate_statistic():
 
 def test_diagnostics_are_reported():
     model, x, y = tiny_problem()
-    opt = GXPO(model.parameters(), lr=1e-2, gate="never")
+    opt = GXPO(model.parameters(), lr=1e-2, preset="paper", gate="never")
     opt.step(make_closure(model, x, y))
     s = opt.last_stats
     for key in ("g0_norm", "g1_norm", "gtilde_norm", "cos_g0_g1", "cos_g0_gtilde", "r_mean", "r_std", "scale_mean",
@@ -81,6 +115,26 @@ def test_diagnostics_are_reported():
     assert 1.0 <= s["scale_mean"] <= s["scale_max"] <= 5 / 2 + 1
     assert -1.0 <= s["cos_g0_g1"] <= 1.0 and s["step_norm"] > 0 and 0 <= s["inactive_frac"] < 1
     assert s["gate_stat"] == s["gtilde_norm"]
+
+
+def test_diagnostics_average_over_all_coordinates_as_the_authors_do():
+    model, x, y = tiny_problem()
+    unused = torch.nn.Parameter(torch.randn(7))  # no gradient: 7 inactive coordinates (r = scale = 1)
+    params = list(model.parameters()) + [unused]
+    opt = GXPO(params, base=torch.optim.SGD, lr=0.1, preset="paper", gate="never")
+    grads = []
+    opt.step(make_closure(model, x, y, record=grads))
+    g0 = torch.cat([g.flatten() for g in grads[0]] + [torch.zeros(7)]).double()
+    g1 = torch.cat([g.flatten() for g in grads[1]] + [torch.zeros(7)]).double()
+    scale, r, active, _ = retention_scale(g0, g1, K=5, delta=1e-8)
+    s = opt.last_stats
+    assert (~active).sum() >= 7
+    assert s["r_mean"] == pytest.approx(r.mean().item(), rel=1e-5)
+    assert s["r_std"] == pytest.approx(r.std(unbiased=False).item(), rel=1e-4)
+    assert s["scale_mean"] == pytest.approx(scale.mean().item(), rel=1e-5)
+    assert s["r_mean_active"] == pytest.approx(r[active].mean().item(), rel=1e-5)
+    assert s["scale_mean_active"] == pytest.approx(scale[active].mean().item(), rel=1e-5)
+    assert s["inactive_frac"] == pytest.approx((~active).double().mean().item())
 
 
 @pytest.mark.parametrize("mode,expected_steps", [("accumulate", 3), ("transactional", 1)])

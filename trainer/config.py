@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 
 import tomllib
 
+from gxpo_kernels.optim.gate import GATES
+from gxpo_kernels.optim.gxpo import GATE_STATS
+from gxpo_kernels.optim.presets import DEFAULT_GXPO_PRESET, DEFAULT_SFPO_PRESET, GXPO_PRESETS, SFPO_PRESETS, resolve
+
 ALGOS = ("grpo", "sfpo", "gxpo")
 
 
@@ -48,20 +52,28 @@ class OptimConfig:
 
 @dataclass
 class GXPOConfig:
-    K: int = 5
-    alpha: float = 0.5
-    tau: float = 0.5
-    gate: str = "ema"
-    gate_stat: str = "trajectory"
+    # The fields left none take the preset's value (gxpo_kernels/optim/presets.py): "final" (default: the
+    # authors' final runs, K 3, alpha 0.5, entropy window gate tau 2.0) or "paper" (the paper-era code).
+    preset: str = DEFAULT_GXPO_PRESET
+    K: int | None = None
+    alpha: float | None = None
+    tau: float | None = None
+    gate: str | None = None  # ema | ema_onesided | window | window_inclusive | never (gxpo_kernels/optim/gate.py)
+    gate_stat: str | None = None  # trajectory | g0 | entropy
+    window: int | None = None
+    warmup: int | None = None  # first observations that cannot trip the gate
     optimizer_state: str = "accumulate"
 
 
 @dataclass
 class SFPOConfig:
-    K: int = 3
-    alpha: float = 0.8
-    tau: float = 1.0
-    gate: str = "ema"
+    preset: str = DEFAULT_SFPO_PRESET  # "official": K 3, alpha 0.8, entropy window gate tau 1.0 (Urheen/SFPO)
+    K: int | None = None
+    alpha: float | None = None
+    tau: float | None = None
+    gate: str | None = None
+    window: int | None = None
+    warmup: int | None = None
 
 
 @dataclass
@@ -140,7 +152,10 @@ class TrainConfig:
     out: str = "runs/default"
     save_every: int = 0  # 0: only at the end
     resume: bool = False
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: str = "auto"  # compute dtype; auto: bf16 on GPU, fp32 on CPU. Parameters stay fp32 masters (FSDP2 mixed
+    # precision casts bf16 copies for forward and backward, on any number of devices)
+    bf16_params: bool = False  # opt-in: parameters and AdamW state stored in bf16 (memory); updates below bf16
+    # resolution are then lost (at lr 1e-7 almost every weight stays put)
     attn_implementation: str = "auto"  # auto: flash_attention_2 when flash-attn is installed (CUDA), else sdpa
     liger_patches: bool = False  # Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels in the model (CUDA)
     activation_checkpointing: str = "off"  # | "full" (every decoder block) | "selective" (every other block)
@@ -223,8 +238,22 @@ def load_config(toml_path=None, overrides=()) -> TrainConfig:
     if cfg.recipe not in RECIPES:
         raise ValueError(f"config key 'recipe' must be one of {RECIPES}")
     resolve_recipe(cfg)
+    resolve_presets(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_presets(cfg: TrainConfig):
+    """GXPO's and SFPO's fields left none take their preset's values, so config.toml records what ran."""
+    for name, presets in (("gxpo", GXPO_PRESETS), ("sfpo", SFPO_PRESETS)):
+        section = getattr(cfg, name)
+        if section.preset not in presets:
+            raise ValueError(f"config key '{name}.preset' must be one of {tuple(presets)}")
+        fields = {f.name for f in dataclasses.fields(section)}
+        given = {k: getattr(section, k) for k in presets[section.preset] if k in fields}
+        for key, value in resolve(presets, section.preset, name, **given).items():
+            if key in fields:
+                setattr(section, key, value)
 
 
 def resolve_recipe(cfg: TrainConfig):
@@ -260,6 +289,21 @@ def validate(cfg: TrainConfig):
          "> 0 or none (off)"),
         ("loss.max_tokens_per_micro_batch", cfg.loss.max_tokens_per_micro_batch >= 0, ">= 0"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
+        ("gxpo.K", cfg.gxpo.K >= 2, ">= 2"),
+        ("gxpo.alpha", 0 < cfg.gxpo.alpha <= 1, "in (0, 1]"),
+        ("gxpo.tau", cfg.gxpo.tau > 0, "> 0"),
+        ("gxpo.gate", cfg.gxpo.gate in GATES, f"one of {GATES}"),
+        ("gxpo.gate_stat", cfg.gxpo.gate_stat in GATE_STATS, f"one of {GATE_STATS}"),
+        ("gxpo.window", cfg.gxpo.window >= 1, ">= 1"),
+        ("gxpo.warmup", cfg.gxpo.warmup >= 0, ">= 0"),
+        ("gxpo.optimizer_state", cfg.gxpo.optimizer_state in ("accumulate", "transactional"),
+         "'accumulate' or 'transactional'"),
+        ("sfpo.K", cfg.sfpo.K >= 1, ">= 1"),
+        ("sfpo.alpha", 0 < cfg.sfpo.alpha <= 1, "in (0, 1]"),
+        ("sfpo.tau", cfg.sfpo.tau > 0, "> 0"),
+        ("sfpo.gate", cfg.sfpo.gate in GATES, f"one of {GATES}"),
+        ("sfpo.window", cfg.sfpo.window >= 1, ">= 1"),
+        ("sfpo.warmup", cfg.sfpo.warmup >= 0, ">= 0"),
         ("optim.name", cfg.optim.name in ("adamw", "flat_adamw"), "'adamw' or 'flat_adamw'"),
         ("task.name", cfg.task.name in ("arithmetic", "jsonl"), "'arithmetic' or 'jsonl'"),
         ("task.path", cfg.task.name != "jsonl" or bool(cfg.task.path), "set for task.name = 'jsonl'"),

@@ -76,6 +76,16 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
+def init_single_rank_group(device: torch.device) -> bool:
+    """A one-rank process group in this process (an in-memory store), so that FSDP2 can hold the mixed
+    precision policy of a single-device run. True when this call created it (the caller destroys it)."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    return True
+
+
 def decoder_layers(model) -> list:
     from .policy import decoder_and_head
 
@@ -87,8 +97,9 @@ def decoder_layers(model) -> list:
 
 
 def shard_policy(runner, compute_dtype: torch.dtype | None):
-    """FSDP2: fully_shard each decoder block, then the root (embeddings, final norm, LM head). On GPU the
-    parameters stay fp32 and compute runs in compute_dtype (bf16), gradients reduced in fp32."""
+    """FSDP2: fully_shard each decoder block, then the root (embeddings, final norm, LM head). The parameters
+    keep their dtype (fp32 masters); with compute_dtype (bf16) forward and backward run on bf16 copies and
+    gradients are reduced into fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None

@@ -7,6 +7,7 @@ import time
 import torch
 
 from gxpo_kernels import GXPO, SFPO, FlatAdamW
+from gxpo_kernels.optim.precision import check_master_dtype
 
 from .distributed import SINGLE, Dist
 from .packing import pack, padding_fractions
@@ -16,15 +17,17 @@ def make_update_rule(cfg, params):
     base_kwargs = {"lr": cfg.optim.lr, "betas": tuple(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay}
     base = FlatAdamW if cfg.optim.name == "flat_adamw" else torch.optim.AdamW
     if cfg.algo == "grpo":
-        return base(params, **base_kwargs)
+        check_master_dtype(params, base, cfg.bf16_params)
+        return base(params, **base_kwargs, **({"allow_bf16_params": True} if base is FlatAdamW else {}))
     if cfg.algo == "gxpo":
         g = cfg.gxpo
-        return GXPO(params, base=base, K=g.K, alpha=g.alpha, tau=g.tau, gate=g.gate,
-                    gate_stat=g.gate_stat, optimizer_state=g.optimizer_state, max_grad_norm=cfg.optim.max_grad_norm,
-                    **base_kwargs)
+        return GXPO(params, base=base, preset=g.preset, K=g.K, alpha=g.alpha, tau=g.tau, gate=g.gate,
+                    gate_stat=g.gate_stat, window=g.window, warmup=g.warmup, optimizer_state=g.optimizer_state,
+                    max_grad_norm=cfg.optim.max_grad_norm, allow_bf16_params=cfg.bf16_params, **base_kwargs)
     s = cfg.sfpo
-    return SFPO(params, base=base, K=s.K, alpha=s.alpha, tau=s.tau, gate=s.gate,
-                max_grad_norm=cfg.optim.max_grad_norm, **base_kwargs)
+    return SFPO(params, base=base, preset=s.preset, K=s.K, alpha=s.alpha, tau=s.tau, gate=s.gate, window=s.window,
+                warmup=s.warmup, max_grad_norm=cfg.optim.max_grad_norm, allow_bf16_params=cfg.bf16_params,
+                **base_kwargs)
 
 
 def base_optimizer(rule):

@@ -17,7 +17,7 @@ from .blocks import checkpoint_blocks, compile_blocks
 from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .collect import collect, prompt_text
 from .config import TrainConfig, to_toml
-from .distributed import init_distributed, shard_policy
+from .distributed import init_distributed, init_single_rank_group, shard_policy
 from .evaluate import evaluate
 from .flops import peak_flops, train_flops_per_token
 from .models import apply_liger_patches, apply_lora, load_policy
@@ -94,14 +94,12 @@ def corpus_add(corpus, keyed, got, d):
             corpus.add(question, text)
 
 
-def _compute_dtypes(cfg: TrainConfig, device: torch.device, world: int):
-    """(dtype the parameters are stored in, FSDP2 compute dtype or None)."""
-    named = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
-    if device.type != "cuda":
-        return named or torch.float32, None
-    if world > 1:  # fp32 shards, bf16 compute through the FSDP2 mixed-precision policy
-        return torch.float32, named or torch.bfloat16
-    return named or torch.bfloat16, None
+def _dtypes(cfg: TrainConfig, device: torch.device):
+    """(parameter storage dtype, compute dtype). Parameters and optimizer state are fp32 masters unless
+    bf16_params opts in; compute is bf16 on GPU and fp32 on CPU unless dtype names one."""
+    compute = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+    compute = compute or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return (torch.bfloat16 if cfg.bf16_params else torch.float32), compute
 
 
 def train(cfg: TrainConfig, log=None) -> Path:
@@ -120,7 +118,11 @@ def train(cfg: TrainConfig, log=None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg))
     device = d.device
-    param_dtype, compute_dtype = _compute_dtypes(cfg, device, d.world)
+    param_dtype, compute_dtype = _dtypes(cfg, device)
+    # Mixed precision is FSDP2's policy on every world size (a one-rank mesh on one device): bf16 copies for
+    # compute, fp32 masters for the optimizer, and the same numerics on 1 GPU as on 8.
+    shard = d.world > 1 or compute_dtype != param_dtype
+    own_group = shard and d.world == 1 and init_single_rank_group(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, param_dtype, cfg.seed, cfg.attn_implementation)
@@ -133,10 +135,11 @@ def train(cfg: TrainConfig, log=None) -> Path:
     if cfg.compile:
         compile_blocks(model)
     runner = PolicyRunner(model)
-    if d.world > 1:
-        shard_policy(runner, compute_dtype)
+    if shard:
+        mixed = compute_dtype if compute_dtype != param_dtype else None
+        shard_policy(runner, mixed)
         if ref_runner is not None:
-            shard_policy(ref_runner, compute_dtype)
+            shard_policy(ref_runner, mixed)
     params = [p for p in runner.parameters() if p.requires_grad]
     rule = make_update_rule(cfg, params)
     warmup = cfg.optim.warmup_steps
@@ -255,13 +258,15 @@ def train(cfg: TrainConfig, log=None) -> Path:
             if stopping:
                 log(f"SIGTERM: stopped after step {step + 1} with a checkpoint; rerun with --resume to continue")
                 return out
+        export_final(model, tokenizer, out / "final", d)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if bar is not None:
             bar.stop()
         if tb is not None:
             tb.close()
-    export_final(model, tokenizer, out / "final", d)
+        if own_group:
+            torch.distributed.destroy_process_group()
     return out
 
 

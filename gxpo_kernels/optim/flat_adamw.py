@@ -10,16 +10,19 @@ from .. import backend
 from ..flat import GroupCache, local
 from ..ops.flat_ops import combine_stats
 from ..ops.fused_adamw import adamw_step
+from .precision import check_master_dtype
 
 BLOCK = 1024
 
 
 class FlatAdamW(torch.optim.AdamW):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **kwargs):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, allow_bf16_params=False,
+                 **kwargs):
         for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
             if kwargs.get(flag):
                 raise ValueError(f"FlatAdamW does not support {flag}=True; use torch.optim.AdamW")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+        check_master_dtype(self._params(), self, allow_bf16_params)
         self._cache = GroupCache(BLOCK)
 
     def _params(self):

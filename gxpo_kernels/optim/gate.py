@@ -1,25 +1,44 @@
-"""The z-score gate that closes GXPO's (or SFPO's) extrapolation and falls back to one-pass GRPO."""
+"""The z-score gate that closes GXPO's (or SFPO's) extrapolation and falls back to one-pass GRPO.
+
+Each kind is one revision of the authors' code, computed as they compute it:
+
+- ema: GXPO's paper-era gate (github SwapniL-afk-now/final-gxpo, commit 1aeea653,
+  Code/SFPO/verl/workers/actor/gxpo_state.py). Z = (H - mu) / (sigma + 1e-8), then
+  sigma^2 <- (1-w) sigma^2 + w (H - mu)^2 (sigma >= 0.01), mu <- (1-w) mu + w H, from mu = sigma = 1;
+  trips when |Z| >= tau. Not scale-free: with H far from 1 it trips within a step or two.
+- ema_onesided: the next revision of that file: the same EMA, but the first two observations only
+  update it (scored 0), and it trips one-sided, Z >= tau.
+- window: the final revision of gxpo_state.py: H scored against the preceding `window` observations
+  (H itself not among them), mean and population std, Z = (H - mean) / (std + 1e-9), one-sided,
+  scored only once `window` earlier observations exist. With patience > 1 the baseline that scored a
+  streak's first violation scores the rest of the streak.
+- window_inclusive: SFPO's official gate (github Urheen/SFPO, verl/trainer/ppo/ray_trainer.py), which
+  the GXPO authors' final trainer also applies to GXPO's batch entropy: the last `window`
+  observations *including* H, Z = (H - mean) / (std + 1e-9), one-sided, evaluated once the window
+  is full; patience counts consecutive violations.
+- never: never trips.
+
+warmup: the first `warmup` observations cannot trip the gate. The EMA kinds keep updating through
+them; the window kinds discard them (the authors clear the history when warm-up ends).
+permanent fallback: closed for good; temporary: closed for `fallback_window` steps, then reopens with
+its statistics kept.
+"""
 
 import math
 from collections import deque
 
-GATES = ("ema", "window", "never")
+GATES = ("ema", "ema_onesided", "window", "window_inclusive", "never")
 FALLBACKS = ("permanent", "temporary")
+EMA_EPS, WINDOW_EPS = 1e-8, 1e-9  # the authors' denominators: gxpo_state.py's EMA, np.std(...) + 1e-9
+SIGMA_FLOOR = 0.01
+EMA_UNSCORED = 2  # ema_onesided scores nothing until two observations exist
 
 
 class ZScoreGate:
-    """observe(H) once per active step; `open` says whether the next step may extrapolate.
+    """observe(H) once per active step; `open` says whether the next step may extrapolate."""
 
-    ema: Z = (H - mu) / (sigma + 1e-8), then sigma^2 <- (1-w) sigma^2 + w (H - mu)^2 (sigma >= 0.01),
-         mu <- (1-w) mu + w H, from mu = sigma = 1; trips when |Z| >= tau.
-    window: Z of H against the previous `window` observations (population std; needs 2), one-sided
-         Z >= tau, for `patience` consecutive steps.
-    never: never trips.
-    permanent fallback: closed for good; temporary: closed for `fallback_window` steps, then reopens.
-    """
-
-    def __init__(self, kind="ema", tau=0.5, omega=0.1, window=30, patience=1, fallback="permanent",
-                 fallback_window=10):
+    def __init__(self, kind="window_inclusive", tau=2.0, omega=0.1, window=30, patience=1,
+                 fallback="permanent", fallback_window=10, warmup=0):
         if kind not in GATES:
             raise ValueError(f"unknown gate {kind!r}; choose one of {GATES}")
         if fallback not in FALLBACKS:
@@ -31,10 +50,14 @@ class ZScoreGate:
         for name, value in (("window", window), ("patience", patience), ("fallback_window", fallback_window)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(warmup, int) and warmup >= 0):
+            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         self.kind, self.tau, self.omega, self.fallback = kind, tau, omega, fallback
-        self.window, self.patience, self.fallback_window = window, patience, fallback_window
+        self.window, self.patience, self.fallback_window, self.warmup = window, patience, fallback_window, warmup
         self.mu, self.sigma = 1.0, 1.0
         self.history = deque(maxlen=window)
+        self.frozen = None  # (mean, std) that scored the open streak's first violation (window)
+        self.seen = 0  # observations so far, warm-up included
         self.streak = 0
         self.closed_for = 0  # steps left closed (temporary); -1: closed for good
         self.trips = 0
@@ -52,32 +75,78 @@ class ZScoreGate:
         """Update with this step's statistic; returns Z (and closes the gate when it trips)."""
         if self.kind == "never":
             return 0.0
-        if self.kind == "ema":
-            z = (h - self.mu) / (self.sigma + 1e-8)
-            var = (1 - self.omega) * self.sigma**2 + self.omega * (h - self.mu) ** 2
-            self.sigma = max(math.sqrt(var), 0.01)
-            self.mu = (1 - self.omega) * self.mu + self.omega * h
-            tripped = abs(z) >= self.tau or not math.isfinite(z)
+        self.seen += 1
+        warming = self.seen <= self.warmup
+        if self.kind in ("ema", "ema_onesided"):
+            scored = self.kind == "ema" or self.seen > EMA_UNSCORED
+            z = self._ema(h)
+            if not scored:
+                return 0.0
+            violation = (abs(z) if self.kind == "ema" else z) >= self.tau or not math.isfinite(z)
+        elif warming:  # the window kinds drop warm-up observations
+            return 0.0
         else:
-            z = 0.0
-            if len(self.history) >= 2:
-                mean = sum(self.history) / len(self.history)
-                std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
-                z = (h - mean) / (std + 1e-8)
-            self.history.append(h)
-            self.streak = self.streak + 1 if (z >= self.tau or not math.isfinite(z)) else 0
-            tripped = self.streak >= self.patience
-        if tripped:
+            z, scored = self._window_inclusive(h) if self.kind == "window_inclusive" else self._window(h)
+            if not scored:
+                return 0.0
+            violation = z >= self.tau or not math.isfinite(z)
+        if warming:
+            self.streak, self.frozen = 0, None
+            return z
+        self.streak = self.streak + 1 if violation else 0
+        if not violation:
+            self.frozen = None
+        if self.streak >= self.patience:
             self.trips += 1
-            self.streak = 0
+            self.streak, self.frozen = 0, None
             self.closed_for = -1 if self.fallback == "permanent" else self.fallback_window
         return z
 
+    def _ema(self, h):
+        z = (h - self.mu) / (self.sigma + EMA_EPS)
+        var = (1 - self.omega) * self.sigma**2 + self.omega * (h - self.mu) ** 2
+        self.sigma = max(math.sqrt(var), SIGMA_FLOOR)
+        self.mu = (1 - self.omega) * self.mu + self.omega * h
+        return z
+
+    def _window(self, h):
+        """(Z, scored) of h against the preceding full window; h joins the window afterwards."""
+        full = len(self.history) == self.window
+        if full:
+            if self.frozen is None:
+                self.mu, self.sigma = _mean_std(self.history)
+            else:
+                self.mu, self.sigma = self.frozen
+        self.history.append(h)
+        if not full:
+            return 0.0, False
+        z = (h - self.mu) / (self.sigma + WINDOW_EPS)
+        if self.frozen is None and (z >= self.tau or not math.isfinite(z)):
+            self.frozen = (self.mu, self.sigma)
+        return z, True
+
+    def _window_inclusive(self, h):
+        """(Z, scored) of h against the last `window` observations, h among them."""
+        self.history.append(h)
+        if len(self.history) < self.window:
+            return 0.0, False
+        self.mu, self.sigma = _mean_std(self.history)
+        return (h - self.mu) / (self.sigma + WINDOW_EPS), True
+
     def state_dict(self):
         return {"mu": self.mu, "sigma": self.sigma, "history": list(self.history), "streak": self.streak,
-                "closed_for": self.closed_for, "trips": self.trips}
+                "closed_for": self.closed_for, "trips": self.trips, "seen": self.seen,
+                "frozen": None if self.frozen is None else list(self.frozen)}
 
     def load_state_dict(self, state):
         self.mu, self.sigma = state["mu"], state["sigma"]
         self.history = deque(state["history"], maxlen=self.window)
         self.streak, self.closed_for, self.trips = state["streak"], state["closed_for"], state["trips"]
+        self.seen = state.get("seen", len(self.history))
+        self.frozen = None if state.get("frozen") is None else tuple(state["frozen"])
+
+
+def _mean_std(values):
+    """Mean and population std (np.mean, np.std)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / len(values))

@@ -7,10 +7,13 @@ import torch
 
 from ..ops import flat_ops
 from .gate import ZScoreGate
+from .presets import DEFAULT_GXPO_PRESET, GXPO_PRESETS, resolve
 from .reference import EXTRAP_STATS
 from .rule import UpdateRule
 
-GATE_STATS = ("trajectory", "g0")
+# trajectory: pre-clip ||g~|| of the corrective pass; g0: pre-clip ||g0||; entropy: the corrective pass's
+# batch token entropy (the closure returns (loss, {"entropy_mean": H}))
+GATE_STATS = ("trajectory", "g0", "entropy")
 
 
 def _cos(dot, a, b):
@@ -18,7 +21,12 @@ def _cos(dot, a, b):
 
 
 class GXPO(UpdateRule):
-    """opt = GXPO(model.parameters(), base=torch.optim.AdamW, lr=1e-6, ...); loss = opt.step(closure).
+    """opt = GXPO(model.parameters(), base=torch.optim.AdamW, preset="final", lr=1e-6); opt.step(closure).
+
+    preset ("final" or "paper", see presets.py) sets K, alpha, tau, gate, gate_stat, omega, window and
+    warmup; any of them given here overrides it. Diagnostics follow the authors: r_mean, r_std and
+    scale_mean average over all coordinates (inactive ones count as 1); r_mean_active and
+    scale_mean_active over the active coordinates only.
 
     An active step calls the closure three times (backward_passes += 3); once the gate has tripped,
     once. step() returns the loss of the first pass (at the parameters before the step). With
@@ -30,19 +38,24 @@ class GXPO(UpdateRule):
     discarded steps.
     """
 
-    def __init__(self, params, base=torch.optim.AdamW, K=5, alpha=0.5, tau=0.5, gate="ema",
-                 gate_stat="trajectory", omega=0.1, window=30, patience=1, fallback="permanent",
-                 fallback_window=10, optimizer_state="accumulate", max_grad_norm=None, delta=1e-8, **base_kwargs):
+    def __init__(self, params, base=torch.optim.AdamW, preset=DEFAULT_GXPO_PRESET, K=None, alpha=None, tau=None,
+                 gate=None, gate_stat=None, omega=None, window=None, warmup=None, patience=1, fallback="permanent",
+                 fallback_window=10, optimizer_state="accumulate", max_grad_norm=None, delta=1e-8,
+                 allow_bf16_params=False, **base_kwargs):
+        h = resolve(GXPO_PRESETS, preset, "GXPO", K=K, alpha=alpha, tau=tau, gate=gate, gate_stat=gate_stat,
+                    omega=omega, window=window, warmup=warmup)
+        K, alpha, gate_stat = h["K"], h["alpha"], h["gate_stat"]
         if not (isinstance(K, int) and K >= 2):
             raise ValueError(f"K must be an int >= 2, got {K!r}")
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         if gate_stat not in GATE_STATS:
             raise ValueError(f"unknown gate_stat {gate_stat!r}; choose one of {GATE_STATS}")
-        gate_obj = ZScoreGate(gate, tau, omega, window, patience, fallback, fallback_window)
+        gate_obj = ZScoreGate(h["gate"], h["tau"], h["omega"], h["window"], patience, fallback, fallback_window,
+                              h["warmup"])
         super().__init__(params, base, base_kwargs, gate=gate_obj, optimizer_state=optimizer_state,
-                         max_grad_norm=max_grad_norm, delta=delta)
-        self.K, self.alpha, self.gate_stat = K, alpha, gate_stat
+                         max_grad_norm=max_grad_norm, delta=delta, allow_bf16_params=allow_bf16_params)
+        self.preset, self.K, self.alpha, self.gate_stat = preset, K, alpha, gate_stat
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -50,7 +63,9 @@ class GXPO(UpdateRule):
             return loss
 
         groups = self._flat_groups()
-        loss, _ = self._closure_pass(closure)
+        loss, metrics = self._closure_pass(closure)
+        if self.gate_stat == "entropy":
+            self._check_entropy(metrics)
         g0_norm = self._snapshot(groups)
         if not math.isfinite(g0_norm) or g0_norm <= 1e-8:
             reason = "tiny_g0" if math.isfinite(g0_norm) else "nonfinite_g0"
@@ -79,7 +94,7 @@ class GXPO(UpdateRule):
         sums = dict(zip(EXTRAP_STATS, sums, strict=True))
         self._load_optimizer_state(saved_state)
 
-        self._closure_pass(closure)  # at theta_tilde
+        _, metrics = self._closure_pass(closure)  # at theta_tilde
         gt_norm, g0_gt = self._grad_norm(groups, with_g0=True)
         if not math.isfinite(gt_norm):
             self._restore_theta0_and_step_with_g0(groups, g0_norm)
@@ -87,17 +102,22 @@ class GXPO(UpdateRule):
         self._base_step(gt_norm)
         self.base.zero_grad(set_to_none=True)
 
-        h = gt_norm if self.gate_stat == "trajectory" else g0_norm
+        if self.gate_stat == "entropy":
+            h = float(metrics.get("entropy_mean", math.nan))  # present unless gate == "never" (checked in pass 1)
+        else:
+            h = gt_norm if self.gate_stat == "trajectory" else g0_norm
         z = self.gate.observe(h)
-        n_active = max(sums["n_active"], 1.0)
-        r_mean = sums["r_sum"] / n_active
+        n_active, n_total = max(sums["n_active"], 1.0), max(n_total, 1.0)
+        n_inactive = n_total - sums["n_active"]  # r = scale = 1 there
+        r_mean = (sums["r_sum"] + n_inactive) / n_total
         return self._finish(
             loss, "none", active=1.0, g0_norm=g0_norm, g1_norm=g1_norm, gtilde_norm=gt_norm,
             cos_g0_g1=_cos(sums["g0_g1"], math.sqrt(sums["g0_sq"]), math.sqrt(sums["g1_sq"])),
             cos_g0_gtilde=_cos(g0_gt, g0_norm, gt_norm),
-            r_mean=r_mean, r_std=math.sqrt(max(sums["r_sq"] / n_active - r_mean**2, 0.0)),
-            scale_mean=sums["scale_sum"] / n_active, scale_max=sums["scale_max"],
+            r_mean=r_mean, r_std=math.sqrt(max((sums["r_sq"] + n_inactive) / n_total - r_mean**2, 0.0)),
+            scale_mean=(sums["scale_sum"] + n_inactive) / n_total, scale_max=sums["scale_max"],
+            r_mean_active=sums["r_sum"] / n_active, scale_mean_active=sums["scale_sum"] / n_active,
             step_norm=math.sqrt(sums["d_sq"]), scaled_step_norm=math.sqrt(sums["scaled_d_sq"]),
-            inactive_frac=1.0 - sums["n_active"] / max(n_total, 1.0),
+            inactive_frac=n_inactive / n_total,
             ratio_clip_frac=sums["n_clipped"] / n_active, z=z, gate_stat=h,
         )

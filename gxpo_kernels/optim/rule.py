@@ -10,6 +10,7 @@ from ..flat import DTensor, GroupCache, local
 from ..ops import flat_ops
 from .flat_adamw import FlatAdamW
 from .gate import ZScoreGate
+from .precision import check_master_dtype
 
 OPTIMIZER_STATES = ("accumulate", "transactional")
 FALLBACK_CODES = {"none": 0.0, "nonfinite_g0": 1.0, "tiny_g0": 2.0, "nonfinite_g1": 3.0, "nonfinite_gtilde": 4.0}
@@ -29,8 +30,13 @@ class UpdateRule(torch.optim.Optimizer):
     """step(closure) calls the closure as often as the rule needs; the closure computes the loss on
     the fixed batch and calls backward (gradients are zeroed by the rule before each call)."""
 
-    def __init__(self, params, base, base_kwargs, *, gate: ZScoreGate, optimizer_state, max_grad_norm, delta):
+    def __init__(self, params, base, base_kwargs, *, gate: ZScoreGate, optimizer_state, max_grad_norm, delta,
+                 allow_bf16_params=False):
         params = list(params)
+        check_master_dtype([p for g in params for p in (g["params"] if isinstance(g, dict) else [g])], base,
+                           allow_bf16_params)
+        if isinstance(base, type) and issubclass(base, FlatAdamW):
+            base_kwargs = {**base_kwargs, "allow_bf16_params": allow_bf16_params}
         if isinstance(base, torch.optim.Optimizer):
             if base_kwargs:
                 raise ValueError(f"base is an already-built optimizer; pass {sorted(base_kwargs)} to it, not here")
@@ -86,6 +92,14 @@ class UpdateRule(torch.optim.Optimizer):
         loss, metrics = run_closure(closure)
         self.backward_passes += 1
         return loss, metrics
+
+    def _check_entropy(self, metrics):
+        """The gate reads the batch token entropy from the closure's metrics: fail on the first pass, before
+        any step, when they do not carry it."""
+        if self.gate.kind != "never" and "entropy_mean" not in metrics:
+            raise ValueError(f"{type(self).__name__}'s gate reads the batch token entropy: return "
+                             "(loss, {'entropy_mean': H}) from the closure (grpo_loss(..., return_entropy=True) "
+                             "gives it), or choose gate='never' or another gate statistic")
 
     def _grad_norm(self, groups, with_g0=False):
         """(||g||, <g0, g>) over all ranks, of the current gradients, before clipping."""

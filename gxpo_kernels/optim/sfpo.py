@@ -7,29 +7,37 @@ import torch
 
 from ..ops import flat_ops
 from .gate import ZScoreGate
+from .presets import DEFAULT_SFPO_PRESET, SFPO_PRESETS, resolve
 from .rule import UpdateRule
 
 
 class SFPO(UpdateRule):
-    """sfpo = SFPO(params, base=torch.optim.AdamW, K=3, alpha=0.8, tau=1.0, lr=...).
+    """sfpo = SFPO(params, base=torch.optim.AdamW, preset="official", lr=...).
 
-    An active step calls the closure K + 1 times. The gate statistic is the batch token entropy:
-    pass it as step(closure, gate_value=H), or let the closure return (loss, {"entropy_mean": H})
-    (grpo_loss(..., return_entropy=True) metrics do). step() returns the first pass's loss.
-    A non-finite gradient in any pass ends the step as one plain step with the first pass's gradient.
+    preset "official" (see presets.py) sets K, alpha, tau, gate, omega, window and warmup; any of them
+    given here overrides it. An active step calls the closure K + 1 times. The gate statistic is the
+    batch token entropy of the corrective pass (at theta_tilde), as the official code reads it: the
+    closure returns (loss, {"entropy_mean": H}) (grpo_loss(..., return_entropy=True) metrics do), or
+    step(closure, gate_value=H) observes H instead. step() returns the first pass's loss. A non-finite
+    gradient in any pass ends the step as one plain step with the first pass's gradient.
     """
 
-    def __init__(self, params, base=torch.optim.AdamW, K=3, alpha=0.8, tau=1.0, gate="ema", omega=0.1,
-                 window=30, patience=1, fallback="permanent", fallback_window=10,
-                 optimizer_state="accumulate", max_grad_norm=None, delta=1e-8, **base_kwargs):
+    def __init__(self, params, base=torch.optim.AdamW, preset=DEFAULT_SFPO_PRESET, K=None, alpha=None, tau=None,
+                 gate=None, omega=None, window=None, warmup=None, patience=1, fallback="permanent", fallback_window=10,
+                 optimizer_state="accumulate", max_grad_norm=None, delta=1e-8, allow_bf16_params=False,
+                 **base_kwargs):
+        h = resolve(SFPO_PRESETS, preset, "SFPO", K=K, alpha=alpha, tau=tau, gate=gate, omega=omega, window=window,
+                    warmup=warmup)
+        K, alpha = h["K"], h["alpha"]
         if not (isinstance(K, int) and K >= 1):
             raise ValueError(f"K must be an int >= 1, got {K!r}")
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        gate_obj = ZScoreGate(gate, tau, omega, window, patience, fallback, fallback_window)
+        gate_obj = ZScoreGate(h["gate"], h["tau"], h["omega"], h["window"], patience, fallback, fallback_window,
+                              h["warmup"])
         super().__init__(params, base, base_kwargs, gate=gate_obj, optimizer_state=optimizer_state,
-                         max_grad_norm=max_grad_norm, delta=delta)
-        self.K, self.alpha = K, alpha
+                         max_grad_norm=max_grad_norm, delta=delta, allow_bf16_params=allow_bf16_params)
+        self.preset, self.K, self.alpha = preset, K, alpha
 
     @torch.no_grad()
     def step(self, closure=None, gate_value=None):
@@ -38,11 +46,8 @@ class SFPO(UpdateRule):
 
         groups = self._flat_groups()
         loss, metrics = self._closure_pass(closure)
-        if gate_value is None and self.gate.kind != "never":
-            if "entropy_mean" not in metrics:
-                raise ValueError("SFPO's gate needs the batch token entropy: pass step(closure, gate_value=H) "
-                                 "or return (loss, {'entropy_mean': H}) from the closure (or use gate='never')")
-            gate_value = float(metrics["entropy_mean"])
+        if gate_value is None:
+            self._check_entropy(metrics)
         g0_norm = self._snapshot(groups)
         if not math.isfinite(g0_norm):
             self.base.zero_grad(set_to_none=True)
@@ -61,14 +66,15 @@ class SFPO(UpdateRule):
         step_norm = math.sqrt(self._all_reduce(step_sq.reshape(1)).item())
         self._load_optimizer_state(saved_state)
 
-        self._closure_pass(closure)
+        _, metrics = self._closure_pass(closure)  # the corrective pass, at theta_tilde
         norm, _ = self._grad_norm(groups)
         if not math.isfinite(norm):
             self._restore_theta0_and_step_with_g0(groups, g0_norm)
             return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)
         self._base_step(norm)
         self.base.zero_grad(set_to_none=True)
-        z = self.gate.observe(gate_value) if gate_value is not None else 0.0
-        return self._finish(loss, "none", active=1.0, g0_norm=g0_norm, gtilde_norm=norm, z=z,
-                            gate_stat=gate_value if gate_value is not None else float("nan"),
+        if gate_value is None:
+            gate_value = float(metrics.get("entropy_mean", math.nan))  # present unless gate == "never"
+        z = self.gate.observe(gate_value)
+        return self._finish(loss, "none", active=1.0, g0_norm=g0_norm, gtilde_norm=norm, z=z, gate_stat=gate_value,
                             step_norm=step_norm)
