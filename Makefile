@@ -48,12 +48,12 @@ bench-gpu: build-ext
 	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest $(BENCH_ARGS) --benchmark-json=$(OUT).json
 	$(SYSPY) bench/report.py $(OUT).json --title "make bench-gpu" > $(OUT).md
 
-# The main job: SmolLM2-135M-Instruct, GRPO then GXPO, report under runs/demo/ (CPU: ~10 minutes).
+# The main job: SmolLM2-135M-Instruct, GRPO then GXPO, report under runs/demo/ (CPU: ~4 minutes).
 demo: $(STAMP)
 	$(PY) -m trainer.demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check gxpo_kernels trainer bench tests examples
+	$(PY) -m ruff check gxpo_kernels gxpo_bench trainer bench tests examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -4,7 +4,12 @@ alternatives and against the hardware's floor.
   gxpo-bench kernels [--fast] [--out FILE.json]
   gxpo-bench step [--model smollm2-135m] [--algo grpo,sfpo,gxpo] [--pack on|off|both] [--ckpt full]
                   [--lengths uniform|longtail] [--fast] [--out FILE.json]
+  gxpo-bench static [--json FILE.json] [--md FILE.md] [--no-liger] [--N 16384] [--V 151936] [--params 1.5e9]
   gxpo-bench compare A.json B.json [--threshold 1.10]
+
+`static` needs no GPU: every Triton kernel compiled for sm_90 at its launchers' configs, with registers,
+spills, occupancy, access widths, hot-loop instructions and bytes per call (a model of an H100, not a
+timing; see gxpo_bench/static.py).
 
 Results go to FILE.json and FILE.md (default bench/results/DATE-DEVICE-KIND[-fast].json). On CPU the
 losses' "ours" is the torch fallback and the bookkeeping's is the C++ extension; Triton's interpreter is
@@ -87,6 +92,22 @@ def run_step(args) -> dict:
             "algos": per_algo, "ratios": step.ratios(per_algo)}
 
 
+def run_static(args):
+    import datetime
+    from pathlib import Path
+
+    from gxpo_bench import static
+
+    report = static.build(N=args.N, V=args.V, T=args.T, params=args.params, with_liger=not args.no_liger)
+    path = Path(args.json or f"bench/results/{datetime.date.today():%Y-%m-%d}-static-sm90.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    md = Path(args.md) if args.md else path.with_suffix(".md")
+    md.write_text(static.to_markdown(report, args.command))
+    print(md.read_text())
+    print(f"wrote {path} and {md}", file=sys.stderr)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="gxpo-bench", description=__doc__,
@@ -115,6 +136,14 @@ def main(argv=None):
                    help="completion lengths: uniform in [T/4, T] or log-normal around T/8")
     s.add_argument("--max-tokens", type=int, default=0, help="packed: tokens per micro-batch (0: one)")
     s.add_argument("--micro-batch", type=int, default=0, help="padded: sequences per micro-batch (0: one)")
+    st = sub.add_parser("static", help="the static sm_90 model of every kernel (no GPU needed)")
+    st.add_argument("--json", help="FILE.json (default bench/results/DATE-static-sm90.json)")
+    st.add_argument("--md", help="FILE.md (default: next to the JSON)")
+    st.add_argument("--no-liger", action="store_true", help="leave Liger-Kernel's GRPO kernels out")
+    st.add_argument("--N", type=int, default=16384, help="tokens of the modelled loss call")
+    st.add_argument("--V", type=int, default=151936, help="vocabulary of the modelled loss call")
+    st.add_argument("--T", type=int, default=1024, help="completion tokens per sequence (rows captured)")
+    st.add_argument("--params", type=float, default=1.5e9, help="parameters for the bookkeeping roofline")
     c = sub.add_parser("compare", help="B / A per row of two result files")
     c.add_argument("a")
     c.add_argument("b")
@@ -132,6 +161,8 @@ def main(argv=None):
             sys.exit(1)
         return
     args.command = "gxpo-bench " + shlex.join(argv)
+    if args.cmd == "static":
+        return run_static(args)
     try:
         result = run_kernels(args) if args.cmd == "kernels" else run_step(args)
     except ValueError as e:

@@ -2,7 +2,7 @@
 
 import torch
 
-from .loss_inputs import make_config, prepare_token_inputs, summarize
+from .loss_inputs import extend_positions, make_config, prepare_token_inputs, summarize
 from .ops.fused_linear_grpo_loss import FusedLinearGRPOLossFunction
 from .ops.grpo_loss import GRPOLossFunction
 
@@ -26,6 +26,10 @@ def grpo_loss(
 ):
     """GRPO token-level clipped loss from logits [B, T, V]; logits[:, t] scores completion_ids[:, t].
 
+    logits_BTV may also be a causal LM's [B, T + 1, V] (the positions that predict the completion, plus
+    the last one, which predicts nothing): pass it whole rather than logits[:, :-1], and the kernels
+    read and write it as it is (a slice would cost autograd a zero-filled [B, T + 1, V] and a copy).
+
     per_token = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(logp - old_logp)
     (old_logp None: on-policy, rho == 1 with its gradient kept); with dual_clip_c = c and A < 0 the
     loss is capped at -c * A (dual clip); plus beta * k3 KL to ref_logp. A token with A == 0 has policy
@@ -40,16 +44,25 @@ def grpo_loss(
     the detached per-token log-probs (0 at masked tokens).
     """
     _check_floating("logits_BTV", logits_BTV, 3)
-    B, T, V = logits_BTV.shape
+    B, L, V = logits_BTV.shape
+    T = completion_ids_BT.shape[-1] if torch.is_tensor(completion_ids_BT) and completion_ids_BT.dim() == 2 else L
+    if L not in (T, T + 1):
+        raise ValueError(f"completion_ids_BT must have shape [{B}, {L}] (logits_BTV's position t scores token t) "
+                         f"or [{B}, {L - 1}] (a causal LM's logits, one position more), got "
+                         f"{tuple(completion_ids_BT.shape)}")
     cfg = make_config(beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
                       temperature=temperature, loss_agg=loss_agg, max_completion_len=max_completion_len,
                       return_entropy=return_entropy, ref_logp_BT=ref_logp_BT, log_ratio_clamp=log_ratio_clamp)
     inputs = prepare_token_inputs(B, T, V, logits_BTV.device, _stats_dtype(logits_BTV), completion_ids_BT,
                                   advantages_B, completion_mask_BT, old_logp_BT, ref_logp_BT, loss_agg,
                                   max_completion_len)
+    if L > T:
+        inputs = extend_positions(inputs, L)
     loss, stats = GRPOLossFunction.apply(logits_BTV, inputs.ids_N, inputs.adv_N, inputs.weight_N,
                                          inputs.old_N, inputs.ref_N, cfg, inplace, None)
-    return loss, summarize(stats, inputs, cfg, ref_logp_BT is not None)
+    metrics = summarize(stats, inputs, cfg, ref_logp_BT is not None)
+    metrics["logp_BT"] = metrics["logp_BT"][:, :T]
+    return loss, metrics
 
 
 def fused_linear_grpo_loss(

@@ -1,5 +1,6 @@
 """Validation of grpo_loss arguments and their per-token form ([N] vectors, N = B * T)."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,16 @@ def prepare_token_inputs(B, T, V, device, stats_dtype, completion_ids_BT, advant
         adv_N=flat(torch.where(on, adv_BT, 0)), mask_N=flat(mask_BT), weight_N=flat(weight_BT),
         old_N=masked(old_logp_BT), ref_N=masked(ref_logp_BT), num_active=num_active,
     )
+
+
+def extend_positions(inputs: TokenInputs, L: int) -> TokenInputs:
+    """The per-token vectors over L >= T logit positions per sequence: the last L - T positions score no
+    token (weight 0), as a causal LM's final position does. The kernels then read and write the logits
+    tensor as it is, with no slice and no copy."""
+    pad = lambda x: None if x is None else torch.nn.functional.pad(  # noqa: E731
+        x.view(inputs.B, inputs.T), (0, L - inputs.T)).reshape(inputs.B * L).contiguous()
+    return dataclasses.replace(inputs, T=L, ids_N=pad(inputs.ids_N), adv_N=pad(inputs.adv_N), mask_N=pad(inputs.mask_N),
+                               weight_N=pad(inputs.weight_N), old_N=pad(inputs.old_N), ref_N=pad(inputs.ref_N))
 
 
 def summarize(stats, inputs: TokenInputs, cfg: LossConfig, has_ref: bool) -> dict:

@@ -166,3 +166,49 @@ def test_every_clip_branch_is_exercised(path):
     metrics = ours[1]
     for name in ("clip_frac_low", "clip_frac_high", "clip_frac_dual"):
         assert metrics[name].item() > 0, name
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_causal_lm_logits_with_one_extra_position(path, inplace, loss_agg):
+    """[B, T + 1, V] passed whole: the gradient is the input's shape, its last position zero, and autograd
+    goes straight to the logits (no slice_backward, no zero-filled copy)."""
+    batch = loss_batch(4, 6, 131, seed=21)
+    full = torch.randn(4, 7, 131, dtype=torch.float64)
+    full[:, :-1] = batch["logits"].double()
+    x = full.float().requires_grad_()
+    buf = x * 1.0 if inplace else x
+    loss, metrics = grpo_loss(buf, batch["ids"], batch["adv"], batch["mask"], batch["old"], batch["ref"], beta=0.1,
+                              loss_agg=loss_agg, return_entropy=True, inplace=inplace)
+    assert type(loss.grad_fn.next_functions[0][0]).__name__ == ("MulBackward0" if inplace else "AccumulateGrad")
+    (loss * -1.5).backward()
+    x64 = full.clone().requires_grad_()
+    loss64, metrics64 = grpo_loss_reference(x64[:, :-1], batch["ids"], batch["adv"].double(), batch["mask"],
+                                            batch["old"].double(), batch["ref"].double(), beta=0.1, loss_agg=loss_agg,
+                                            return_entropy=True)
+    (loss64 * -1.5).backward()
+    assert loss_close(loss, loss64)
+    assert x.grad.shape == x64.grad.shape and x.grad[:, -1].abs().max() == 0
+    assert rel_err(x.grad, x64.grad) < TOL
+    assert metrics["logp_BT"].shape == (4, 6) and rel_err(metrics["logp_BT"], metrics64["logp_BT"]) < TOL
+    assert rel_err(metrics["entropy_mean"], metrics64["entropy_mean"]) < TOL
+
+
+def test_triton_backward_reads_grad_output_without_a_host_sync(monkeypatch):
+    """The Triton path folds grad_output into pass 2 on the device: its backward never turns a tensor into a
+    Python value (on a GPU that would be a host sync)."""
+    batch = loss_batch(3, 5, 70, seed=22)
+    x = batch["logits"].clone().requires_grad_()
+    loss, _ = grpo_loss(x, batch["ids"], batch["adv"], batch["mask"], batch["old"])
+
+    def refuse(*_):
+        raise AssertionError("host sync in the backward")
+
+    for name in ("__bool__", "item", "tolist", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    (loss * 3.0).backward()
+    monkeypatch.undo()
+    x64 = batch["logits"].double().requires_grad_()
+    (grpo_loss_reference(x64, batch["ids"], batch["adv"].double(), batch["mask"], batch["old"].double())[0]
+     * 3.0).backward()
+    assert rel_err(x.grad, x64.grad) < TOL

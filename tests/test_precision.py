@@ -111,3 +111,39 @@ def test_parameter_and_optimizer_state_dtypes_on_each_rank(tmp_path, ranks):
     for rank in range(ranks):
         dtypes = json.loads((tmp_path / f"dtypes{rank}").read_text())
         assert dtypes == {"params": ["torch.float32"], "state": ["torch.float32"]}, (rank, dtypes)
+
+
+def test_one_rank_mixed_precision_keeps_loss_inputs_fp32(monkeypatch):
+    """Under FSDP2's bf16 policy the hidden states and LM head reach the loss in bf16, while advantages and
+    old log-probs stay fp32 (the root must not cast its inputs)."""
+    import trainer.policy
+    from gxpo_bench.step import synthetic_batch
+    from trainer.config import load_config
+    from trainer.distributed import init_single_rank_group, shard_policy
+    from trainer.policy import PolicyRunner
+    from trainer.step import LossClosure
+
+    seen = []
+    fused = trainer.policy.fused_linear_grpo_loss
+
+    def spy(hidden, weight, ids, adv, mask, **kw):
+        old = kw.get("old_logp_BT")
+        seen.append((hidden.dtype, weight.dtype, adv.dtype, None if old is None else old.dtype))
+        return fused(hidden, weight, ids, adv, mask, **kw)
+
+    monkeypatch.setattr(trainer.policy, "fused_linear_grpo_loss", spy)
+    model, tokenizer = load_policy("tiny-random", torch.float32, seed=0)
+    runner = PolicyRunner(model)
+    own = init_single_rank_group(torch.device("cpu"))
+    try:
+        shard_policy(runner, torch.bfloat16)
+        cfg = load_config(overrides=[("model", "tiny-random"), ("rollout.max_new_tokens", "8")])
+        batch = synthetic_batch(len(tokenizer), 4, 5, 8, torch.device("cpu"))
+        closure = LossClosure(runner, batch, torch.tensor([0.3, -1.1547, 0.8, 0.0]), cfg)
+        closure()
+        closure()  # the second pass gets pass 1's log-probs as old_logp
+    finally:
+        if own:
+            torch.distributed.destroy_process_group()
+    assert seen[0][:3] == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert seen[-1] == (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)

@@ -102,9 +102,15 @@ def shard_policy(runner, compute_dtype: torch.dtype | None):
     gradients are reduced into fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
-    kwargs = {"mp_policy": mp} if mp is not None else {}
+    def policy(cast_forward_inputs):
+        if compute_dtype is None:
+            return {}
+        return {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                  cast_forward_inputs=cast_forward_inputs)}
+
     for layer in decoder_layers(runner.model):
-        fully_shard(layer, **kwargs)
-    fully_shard(runner, reshard_after_forward=False, **kwargs)
+        fully_shard(layer, **policy(True))
+    # The root's inputs are advantages and old / reference log-probs: they stay fp32 (a bf16 old log-prob
+    # near -5 is off by up to 0.016, a 1.6% error in the ratio).
+    fully_shard(runner, reshard_after_forward=False, **policy(False))
     return runner

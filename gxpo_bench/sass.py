@@ -1,0 +1,150 @@
+"""Reading what ptxas, cuobjdump and Triton's TTGIR say about a kernel compiled for sm_90: registers and
+spills, global access widths, innermost loops, occupancy, and the bytes each program moves."""
+
+import math
+import re
+from collections import Counter
+
+# H100 SXM (sm_90) per-SM limits
+REGS_PER_SM, MAX_THREADS_PER_SM, MAX_CTAS_PER_SM, SMEM_PER_SM = 65536, 2048, 32, 228 * 1024
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "i1": 1}
+
+
+def sass_instructions(sass: str) -> list:
+    """[(address, opcode, operands)] of the (single) function in `cuobjdump -sass` output, NOPs dropped."""
+    out = []
+    for line in sass.splitlines():
+        m = _INSTR.search(line)
+        if m and m.group(2) != "NOP":
+            out.append((int(m.group(1), 16), m.group(2), m.group(3).strip()))
+    return out
+
+
+def access_bits(opcode: str) -> int:
+    """Width of a global load/store: LDG.E.128 -> 128, LDG.E.U16 -> 16, LDG.E -> 32."""
+    for part in opcode.split(".")[1:]:
+        if part in ("128", "64"):
+            return int(part)
+        if part in ("U16", "S16"):
+            return 16
+        if part in ("U8", "S8"):
+            return 8
+    return 32
+
+
+def widths(instrs, kind: str) -> dict:
+    """{bits: count} of the LDG or STG instructions."""
+    return dict(sorted(Counter(access_bits(op) for _, op, _ in instrs if op.split(".")[0] == kind).items(),
+                       reverse=True))
+
+
+def innermost_memory_loops(instrs) -> list:
+    """Bodies of the innermost backward-branch loops that touch global memory, in address order."""
+    spans = set()
+    for addr, op, args in instrs:
+        m = re.search(r"0x([0-9a-f]+)", args) if op.split(".")[0] == "BRA" else None
+        if m and int(m.group(1), 16) < addr:
+            spans.add((int(m.group(1), 16), addr))
+    touches = lambda lo, hi: any(lo <= a <= hi and op.split(".")[0] in ("LDG", "STG")  # noqa: E731
+                                 for a, op, _ in instrs)
+    spans = [s for s in spans if touches(*s)]
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    return [[i for i in instrs if lo <= i[0] <= hi] for lo, hi in sorted(inner)]
+
+
+def loop_summary(body) -> dict:
+    ops = Counter(op.split(".")[0] for _, op, _ in body)
+    return {"instrs": len(body), "ldg_bits": widths(body, "LDG"), "stg_bits": widths(body, "STG"),
+            "mufu": ops["MUFU"], "barriers": ops["BAR"]}
+
+
+def ptxas_usage(log: str) -> dict:
+    """Registers, spill bytes and stack from `ptxas -v`."""
+    out = {}
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        out.update(stack=int(m.group(1)), spill_bytes=int(m.group(2)) + int(m.group(3)))
+    m = re.search(r"Used (\d+) registers", log)
+    if m:
+        out["regs"] = int(m.group(1))
+    return out
+
+
+def ctas_per_sm(threads: int, regs: int, smem_bytes: int) -> tuple:
+    """(resident CTAs per SM, what limits it)."""
+    warps = math.ceil(threads / 32)
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    limits = {"regs": REGS_PER_SM // regs_per_warp // warps, "threads": MAX_THREADS_PER_SM // threads,
+              "ctas": MAX_CTAS_PER_SM, "smem": SMEM_PER_SM // smem_bytes if smem_bytes else MAX_CTAS_PER_SM}
+    limiter = min(limits, key=limits.get)
+    return limits[limiter], limiter
+
+
+def ttgir_accesses(ttgir: str) -> dict:
+    """Tensor loads and stores of a program per basic block of its control flow:
+    {block: {"accesses": [(kind, bytes, in_loop, branch)], "next": [blocks]}}; in_loop: inside an scf.for;
+    branch: ((if number, "then" | "else"), ...) of the enclosing scf.if regions. Early returns show up as
+    cf.cond_br between blocks."""
+    blocks, cur, stack, n_ifs, body_depth = {}, "^entry", [], 0, None
+    blocks[cur] = {"accesses": [], "next": []}
+    for raw in ttgir.splitlines():
+        line = raw.strip()
+        if line.startswith("^bb"):
+            if len(stack) == body_depth:  # a block of the function's control flow, not of a reduce's region
+                cur = line.split(":")[0].split("(")[0]
+                blocks.setdefault(cur, {"accesses": [], "next": []})
+            continue
+        if line.startswith("}"):
+            top = stack.pop() if stack else None
+            if line.endswith("{") and top and top[0] == "if":  # "} else {"
+                stack.append(("if", top[1], "else"))
+            continue
+        if re.search(r"\bcf\.(cond_)?br\b", line):
+            blocks[cur]["next"] += [b.split("(")[0] for b in re.findall(r"\^bb\d+", line)]
+        m = re.search(r"\btt\.(load|store)\b.*tensor<((?:\d+x)+)!tt\.ptr<(\w+)>", line)
+        if m:
+            branch = tuple((f[1], f[2]) for f in stack if f[0] == "if")
+            numel = math.prod(int(d) for d in m.group(2).rstrip("x").split("x"))
+            blocks[cur]["accesses"].append((m.group(1), numel * _DTYPE_BYTES.get(m.group(3), 4),
+                                            any(f[0] == "for" for f in stack), branch))
+        if line.endswith("{"):
+            if "scf.if" in line:
+                stack.append(("if", n_ifs, "then"))
+                n_ifs += 1
+            else:
+                stack.append(("for",) if "scf.for" in line else ("block",))
+            if "tt.func" in line:
+                body_depth = len(stack)
+    return blocks
+
+
+def _branch_costs(accesses, loop_trips) -> list:
+    """{"load", "store"} bytes of each combination of scf.if sides within one basic block."""
+    ifs = sorted({i for *_, branch in accesses for i, _ in branch})
+    out = []
+    for choice in range(2 ** len(ifs)):
+        sides = {i: ("then", "else")[(choice >> k) & 1] for k, i in enumerate(ifs)}
+        total = {"load": 0, "store": 0}
+        for kind, nbytes, in_loop, branch in accesses:
+            if all(sides[i] == side for i, side in branch):
+                total[kind] += nbytes * (loop_trips if in_loop else 1)
+        out.append(total)
+    return out
+
+
+def program_bytes(ttgir: str, loop_trips: float) -> dict:
+    """{"max": {"load", "store"}, "min": {...}}: the bytes one program moves down its costliest path (an
+    unmasked row) and its cheapest (a masked one); loop accesses count loop_trips times."""
+    blocks = ttgir_accesses(ttgir)
+    pick = {"max": max, "min": min}
+
+    def walk(name, how, seen=()):
+        own = pick[how](_branch_costs(blocks[name]["accesses"], loop_trips), key=lambda t: sum(t.values()))
+        nexts = [walk(b, how, seen + (name,)) for b in blocks[name]["next"] if b in blocks and b not in seen]
+        tail = pick[how](nexts, key=lambda t: sum(t.values()), default={"load": 0, "store": 0})
+        return {k: own[k] + tail[k] for k in own}
+
+    return {how: walk("^entry", how) for how in pick}

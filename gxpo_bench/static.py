@@ -1,0 +1,392 @@
+"""`gxpo-bench static`: a static model of every Triton kernel on an H100 (sm_90), with no GPU.
+
+Our launchers run on small CPU tensors with every kernel launch captured instead of executed, so each
+kernel is compiled with exactly the constexprs, num_warps and argument specializations its launcher
+uses (Liger-Kernel's GRPO kernels the same way, as the peer). Triton compiles each for sm_90 through a
+stub driver; its bundled ptxas and cuobjdump give registers, spills, occupancy, the width of every
+global load and store and the instructions of each hot loop; the TTGIR's per-program loads and stores
+times the loop trip counts and the grid give the bytes a call moves, and autograd's own tensor ops
+during forward+backward (slices, rescales, copies) are traced and added. A model of sm_90, not a timing.
+"""
+
+import math
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from . import sass
+
+HBM_BYTES_PER_S = 3.0e12  # the roofline the report divides by (H100 SXM HBM3, nominal 3.35 TB/s)
+ROWS = 16  # token rows the loss calls are captured at; bytes scale linearly to the modelled N
+
+
+@dataclass
+class Launch:
+    fn: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self):
+        return self.fn.__name__
+
+    @property
+    def num_programs(self):
+        return math.prod(self.grid)
+
+
+@contextmanager
+def captured_launches():
+    """Launches of Triton kernels are recorded, not run; every launcher picks its Triton path."""
+    from triton.runtime.jit import JITFunction
+
+    from gxpo_kernels import backend
+    from gxpo_kernels.ops import grpo_loss
+
+    launches, run, use_triton, block_v = [], JITFunction.run, backend.use_triton, grpo_loss.default_block_v
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, tuple(grid(kwargs) if callable(grid) else grid), args, kwargs))
+
+    JITFunction.run = record
+    backend.use_triton = lambda t: t.dtype in backend.KERNEL_DTYPES
+    grpo_loss.default_block_v = lambda V, device: block_v(V, torch.device("cuda"))  # the GPU's launch config
+    try:
+        yield launches
+    finally:
+        JITFunction.run, backend.use_triton, grpo_loss.default_block_v = run, use_triton, block_v
+
+
+@contextmanager
+def sm90_target():
+    """Triton compiles for an H100 on a machine without one."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.runtime.driver import driver
+
+    class SM90(DriverBase):
+        @classmethod
+        def is_active(cls):
+            return True
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def map_python_to_cpp_type(self, ty):
+            return ty
+
+        def get_benchmarker(self):
+            raise NotImplementedError
+
+        def get_device_interface(self):
+            return torch.cuda
+
+    previous = getattr(driver, "_active", None)
+    driver.set_active(SM90())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def _tool(name):
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
+    """Compile one captured launch for sm_90 and read what the chip would run. block: the elements one
+    program handles per hot-loop iteration (or in all, for a kernel without a loop)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    kernel = launch.fn.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+    with tempfile.TemporaryDirectory(prefix="gxpo_static_") as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        open(ptx, "w").write(kernel.asm["ptx"])
+        open(cubin, "wb").write(kernel.asm["cubin"])
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "r.cubin")],
+                             capture_output=True, text=True)
+        dump = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    usage = sass.ptxas_usage(log.stdout + log.stderr)
+    instrs = sass.sass_instructions(dump)
+    threads = kernel.metadata.num_warps * 32
+    ctas, limiter = sass.ctas_per_sm(threads, usage.get("regs", 0), kernel.metadata.shared)
+    loops = [sass.loop_summary(body) for body in sass.innermost_memory_loops(instrs)]
+    per_elem = [round(n * threads / block, 2) for n in ([loop["instrs"] for loop in loops] or [len(instrs)])]
+    program = sass.program_bytes(kernel.asm["ttgir"], loop_trips)
+    constexprs = {k: v for k, v in launch.kwargs.items() if k.isupper() or k == "num_warps"}
+    first = next((a for a in launch.args if torch.is_tensor(a)), None)
+    config = " ".join([f"{k}={_short(v)}" for k, v in constexprs.items()] + [f"arg0={str(first.dtype)[6:]}"])
+    return {"kernel": launch.name, "config": config,
+            "regs": usage.get("regs"), "spill_bytes": usage.get("spill_bytes"), "threads": threads,
+            "ctas_per_sm": ctas, "occupancy_limiter": limiter, "ldg_bits": sass.widths(instrs, "LDG"),
+            "stg_bits": sass.widths(instrs, "STG"), "barriers": sum(op.split(".")[0] == "BAR" for _, op, _ in instrs),
+            "hot_loops": loops, "hot_loop_instrs_per_elem": per_elem,
+            "program_bytes": program["max"], "masked_program_bytes": program["min"]}
+
+
+def _short(v):
+    return getattr(v, "__name__", None) or str(v).replace("triton.language.", "")
+
+
+# -- the calls that are modelled ------------------------------------------------------------------------
+
+class ByteTrace:
+    """Bytes that torch's own ops move during a call (autograd's slices, rescales, copies, zero fills),
+    counting only tensors of at least `min_numel` elements (the [rows, V] ones)."""
+
+    VIEWS = {"view", "_unsafe_view", "slice", "select", "as_strided", "t", "transpose", "expand", "alias",
+             "detach", "unsqueeze", "squeeze", "reshape", "permute", "empty", "empty_like", "empty_strided",
+             "new_empty", "new_empty_strided", "_to_copy_noop", "lift_fresh"}
+    WRITE_ONLY = {"zeros", "zeros_like", "new_zeros", "fill_", "zero_", "full", "new_full", "ones", "ones_like"}
+    SCATTER_INTO_ZEROS = {"slice_backward", "select_backward", "as_strided_backward", "index_select_backward"}
+
+    def __init__(self, min_numel):
+        self.min_numel, self.bytes, self.ops = min_numel, 0, {}
+
+    def __call__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        trace = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                trace.record(func.overloadpacket.__name__, args, out)
+                return out
+
+        return Mode()
+
+    def record(self, name, args, out):
+        if name in self.VIEWS:
+            return
+        big = lambda ts: [t for t in ts if torch.is_tensor(t) and t.numel() >= self.min_numel]  # noqa: E731
+        outs = big(out if isinstance(out, (tuple, list)) else [out])
+        ins = [] if name in self.WRITE_ONLY else big(args[1:] if name == "copy_" else args)
+        nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
+        if name in self.SCATTER_INTO_ZEROS:  # a zero-filled output first, then the gradient copied into it
+            nbytes += sum(t.numel() * t.element_size() for t in outs)
+        if nbytes:
+            self.bytes += nbytes
+            self.ops[name] = self.ops.get(name, 0) + 1
+
+
+LOSS_CALLS = {
+    "whole": "grpo_loss(logits [B, T, V]) with loss.backward()",
+    "sliced": "a causal LM's [B, T + 1, V] logits (ours: passed whole; Liger: its own input layout)",
+    "scaled": "as whole, with (loss * w).backward(): grad_output != 1",
+    "sliced_view": "ours on logits[:, :-1] (the view a user might pass): autograd's slice_backward",
+}
+
+
+def _loss_inputs(V, rows, dtype=torch.bfloat16, extra_position=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, rows + int(extra_position), V, generator=g).to(dtype).requires_grad_()
+    ids = torch.randint(0, V, (1, rows), generator=g)
+    old = -torch.rand(1, rows, generator=g) * 3
+    return x, ids, torch.ones(1, rows), torch.randn(1, generator=g), old, old + 0.01
+
+
+def run_loss_call(impl: str, call: str, V: int, rows: int = ROWS):
+    """(captured launches, torch-op bytes) of one forward+backward of a loss call at `rows` token rows."""
+    from gxpo_kernels import grpo_loss
+
+    causal = impl == "liger" or call in ("sliced", "sliced_view")
+    x, ids, mask, adv, old, ref = _loss_inputs(V, rows, extra_position=causal)
+    trace = ByteTrace(min_numel=V)
+    with captured_launches() as launches, trace():
+        if impl == "ours":
+            logits = x[:, :-1] if call == "sliced_view" else x
+            loss, _ = grpo_loss(logits, ids, adv, mask, old, ref, beta=0.04, eps_low=0.2, eps_high=0.28, inplace=True)
+        else:
+            from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+            loss = triton_grpo_loss(x, old, ref, ids, adv, mask, temperature=1.0, beta=0.04, eps_low=0.2,
+                                    eps_high=0.28, inplace=True, loss_type="dapo", reduce=True)[0]
+        # the logits' gradient as a model's LM head would receive it (no AccumulateGrad into a leaf)
+        torch.autograd.grad(loss * 0.5 if call == "scaled" else loss, x)
+    return launches, trace
+
+
+def flat_launches(numels=(4096, 1000, 16, 4100)):
+    """Every flat-op and fused-AdamW launch of one GXPO active step (unfused and fused), on a small group."""
+    from gxpo_kernels.flat import FlatGroup
+    from gxpo_kernels.ops import flat_ops
+    from gxpo_kernels.ops.fused_adamw import adamw_step
+    from gxpo_kernels.optim.rule import BLOCK
+
+    params = [torch.randn(n) for n in numels]
+    grads = [torch.randn(n) for n in numels]
+    state = [[torch.zeros(n) for n in numels] for _ in range(2)]
+    per = [1e-3] * len(numels)
+    with captured_launches() as launches:
+        group = FlatGroup(params, BLOCK)
+        flat_ops.snapshot(group, grads)
+        flat_ops.grad_dots(group, grads, with_g0=False)
+        flat_ops.extrapolate(group, grads, K=3, alpha=0.5, delta=1e-8)
+        flat_ops.grad_dots(group, grads, with_g0=True)
+        flat_ops.restore(group)
+        for kwargs in ({}, {"snapshot": True}, {"extrapolate": {"K": 3, "alpha": 0.5, "delta": 1e-8}}):
+            adamw_step(group, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8, **kwargs)
+    labels = ["snapshot", "grad_norm", "extrapolate", "grad_dots_g0", "restore", "adamw", "adamw_snapshot",
+              "adamw_extrapolate"]
+    assert len(launches) == len(labels), [launch.name for launch in launches]
+    return list(zip(labels, launches, strict=True)), sum(numels)
+
+
+def _block_of(launch: Launch) -> int:
+    kw = launch.kwargs
+    return kw.get("BLOCK_V") or kw.get("BLOCK_N") or kw.get("BLOCK_H") or kw.get("BLOCK") or 1
+
+
+class Compiler:
+    """Compiles each distinct (kernel, constexprs, argument types) once."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def __call__(self, impl: str, launch: Launch, loop_trips: int) -> dict:
+        key = (launch.name, repr(sorted((k, _short(v)) for k, v in launch.kwargs.items())),
+               tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in launch.args), loop_trips)
+        if key not in self.cache:
+            self.cache[key] = {"impl": impl, **compile_launch(launch, loop_trips, _block_of(launch))}
+        return self.cache[key]
+
+
+def loss_report(compile_, N: int, V: int, T: int, with_liger: bool) -> list:
+    """Per implementation and calling convention: the GB one forward+backward over N tokens moves."""
+    rows = []
+    for impl in ("ours", "liger") if with_liger else ("ours",):
+        for call in LOSS_CALLS:
+            if impl == "liger" and call == "sliced_view":
+                continue
+            launches, trace = run_loss_call(impl, call, V, rows=T)
+            # ours on a causal LM's logits: the extra position's row is masked (it only writes its zero
+            # gradient); Liger's grid leaves that row out and zero-fills it with torch
+            masked = 1 if impl == "ours" and call in ("sliced", "sliced_view") else 0
+            kernel_bytes = 0
+            for launch in launches:
+                m = compile_(impl, launch, V / _block_of(launch))  # masked tail lanes move no bytes
+                kernel_bytes += (sum(m["program_bytes"].values()) * (launch.num_programs - masked)
+                                 + sum(m["masked_program_bytes"].values()) * masked)
+            total = (kernel_bytes + trace.bytes) * N / T
+            rows.append({"impl": impl, "call": call, "gb": total / 1e9, "kernel_gb": kernel_bytes * N / T / 1e9,
+                         "torch_op_gb": trace.bytes * N / T / 1e9, "torch_ops": trace.ops,
+                         "kernels": [launch.name for launch in launches]})
+    liger = {r["call"]: r["gb"] for r in rows if r["impl"] == "liger"}
+    for r in rows:
+        r["vs_liger"] = r["gb"] / liger[r["call"]] if r["call"] in liger else None
+    return rows
+
+
+def flat_report(compile_) -> tuple:
+    """(per-kernel rows, GXPO bookkeeping bytes per parameter: unfused and fused into FlatAdamW)."""
+    labelled, _ = flat_launches()
+    per_param = {}
+    for label, launch in labelled:
+        m = compile_("ours", launch, 1)
+        per_param[label] = sum(m["program_bytes"].values()) / _block_of(launch)
+    unfused = per_param["snapshot"] + per_param["grad_norm"] + per_param["extrapolate"] + per_param["grad_dots_g0"]
+    fused = ((per_param["adamw_snapshot"] - per_param["adamw"]) + 2 * per_param["grad_norm"]
+             + (per_param["adamw_extrapolate"] - per_param["adamw"]) + per_param["grad_dots_g0"])
+    return per_param, {"unfused": unfused, "fused_flat_adamw": fused}
+
+
+def loss_variant_launches(V=151936, rows=4):
+    """The loss launchers' other constexpr combinations (dual clip, entropy, on-policy, no reference, fp32
+    logits, the fused-linear path), so that every configuration is compiled and checked for spills."""
+    from gxpo_kernels import fused_linear_grpo_loss, grpo_loss
+
+    launches = []
+    variants = ((torch.bfloat16, {"dual_clip_c": 3.0, "return_entropy": True}), (torch.bfloat16, {"on_policy": 1}),
+                (torch.float32, {}))
+    for dtype, kw in variants:
+        x, ids, mask, adv, old, ref = _loss_inputs(V, rows, dtype)
+        on_policy = kw.pop("on_policy", 0)
+        with captured_launches() as captured:
+            loss, _ = grpo_loss(x, ids, adv, mask, None if on_policy else old, None if on_policy else ref,
+                                beta=0.0 if on_policy else 0.04, **kw)
+            torch.autograd.grad(loss, x)
+        launches += captured
+    hidden, weight = torch.randn(1, rows, 64, dtype=torch.bfloat16), torch.randn(V, 64, dtype=torch.bfloat16)
+    ids = torch.randint(0, V, (1, rows))
+    with captured_launches() as captured:
+        fused_linear_grpo_loss(hidden, weight, ids, torch.ones(1), torch.ones(1, rows), return_entropy=True)
+    return launches + captured
+
+
+def capo_launches(H=1536, V=4096, K=50, n=8):
+    from gxpo_kernels.ops.capo import gathered_quadratic
+
+    with captured_launches() as launches:
+        gathered_quadratic(torch.randn(n, H), torch.rand(V, H), torch.randint(0, V, (n, K)))
+    return launches
+
+
+def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True) -> dict:
+    compile_ = Compiler()
+    with sm90_target():
+        calls = loss_report(compile_, N, V, T, with_liger)
+        per_param, bookkeeping = flat_report(compile_)
+        for launch in capo_launches():
+            compile_("ours", launch, math.ceil(1536 / _block_of(launch)))
+        for launch in loss_variant_launches(V):
+            compile_("ours", launch, V / _block_of(launch))
+    kernels = list(compile_.cache.values())
+    return {"model": "static sm_90 (H100 SXM) model: compiled, not run", "shape": {"N": N, "V": V, "T": T,
+            "params": params, "logits_dtype": "bf16", "hbm_bytes_per_s": HBM_BYTES_PER_S},
+            "kernels": kernels, "loss_calls": calls, "flat_bytes_per_param": per_param,
+            "gxpo_bookkeeping_bytes_per_param": bookkeeping,
+            "gxpo_bookkeeping_ms_at_roofline": {k: v * params / HBM_BYTES_PER_S * 1e3 for k, v in bookkeeping.items()}}
+
+
+def to_markdown(report: dict, command: str) -> str:
+    sh = report["shape"]
+    out = [f"# Static sm_90 model (`{command}`)", "",
+           "A model of an H100 from kernels compiled for sm_90 on a CPU machine: not a GPU timing. "
+           f"Loss calls at N = {sh['N']} tokens, V = {sh['V']}, bf16 logits; roofline "
+           f"{sh['hbm_bytes_per_s'] / 1e12:g} TB/s.",
+           "", "## Kernels", "",
+           "| impl | kernel | config | regs | spill B | CTAs/SM | LDG bits | STG bits | barriers "
+           "| hot-loop instrs/elem |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    hist = lambda h: " ".join(f"{n}x{w}" for w, n in h.items()) or "-"  # noqa: E731
+    for k in report["kernels"]:
+        out.append(f"| {k['impl']} | {k['kernel']} | {k['config']} | {k['regs']} | {k['spill_bytes']} | "
+                   f"{k['ctas_per_sm']} ({k['occupancy_limiter']}) | {hist(k['ldg_bits'])} | {hist(k['stg_bits'])} | "
+                   f"{k['barriers']} | {', '.join(map(str, k['hot_loop_instrs_per_elem']))} |")
+    out += ["", "## Loss calls: bytes of one forward+backward", "",
+            "| impl | call | GB | vs Liger | kernels GB | torch ops GB | torch ops | ms at roofline |",
+            "|---|---|---|---|---|---|---|---|"]
+    for c in report["loss_calls"]:
+        vs = f"{c['vs_liger']:.2f}x" if c["vs_liger"] else "-"
+        ops = ", ".join(f"{k} x{v}" for k, v in c["torch_ops"].items()) or "-"
+        out.append(f"| {c['impl']} | {c['call']} | {c['gb']:.1f} | {vs} | {c['kernel_gb']:.1f} | "
+                   f"{c['torch_op_gb']:.1f} | {ops} | {c['gb'] * 1e9 / sh['hbm_bytes_per_s'] * 1e3:.2f} |")
+    out += ["", "Calls: " + "; ".join(f"`{k}`: {v}" for k, v in LOSS_CALLS.items()) + ".", "",
+            "## GXPO bookkeeping, bytes per parameter (fp32 state)", "",
+            "| kernel | B/param |", "|---|---|"]
+    out += [f"| {k} | {v:g} |" for k, v in report["flat_bytes_per_param"].items()]
+    bk, ms = report["gxpo_bookkeeping_bytes_per_param"], report["gxpo_bookkeeping_ms_at_roofline"]
+    out += ["", f"Per GXPO active step: {bk['unfused']:g} B/param with separate flat kernels, "
+            f"{bk['fused_flat_adamw']:g} B/param fused into FlatAdamW; at {sh['params']:.3g} parameters "
+            f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline."]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,72 @@
+"""`gxpo-bench static` on this CPU machine: every Triton kernel compiled for sm_90 at its launchers'
+configurations, no spills, and the targets the static model holds the kernels to (a model, not a timing)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {"_grpo_loss_fwd_kernel", "_grpo_loss_bwd_kernel", "_snapshot_kernel", "_restore_kernel", "_grad_dots_kernel",
+        "_extrapolate_kernel", "_adamw_kernel", "_capo_q_kernel"}
+LIGER = importlib.util.find_spec("liger_kernel") is not None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "static.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1")
+    cmd = [sys.executable, "-m", "gxpo_bench.cli", "static", "--json", str(out), *([] if LIGER else ["--no-liger"])]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.with_suffix(".md").read_text().startswith("# Static sm_90 model")
+    return json.loads(out.read_text())
+
+
+def test_every_kernel_compiles_without_spills(report):
+    kernels = report["kernels"]
+    assert OURS <= {k["kernel"] for k in kernels if k["impl"] == "ours"}
+    for k in kernels:
+        assert k["regs"] and k["spill_bytes"] == 0, (k["kernel"], k["config"], k["spill_bytes"])
+        assert k["ctas_per_sm"] >= 1 and k["ldg_bits"], k["kernel"]
+
+
+def test_loss_moves_no_more_bytes_than_liger(report):
+    calls = {(c["impl"], c["call"]): c for c in report["loss_calls"]}
+    N, V = report["shape"]["N"], report["shape"]["V"]
+    three_passes = 3 * N * V * 2 / 1e9  # read, read, write of bf16 [N, V]
+    for call in ("whole", "sliced", "scaled"):
+        assert calls["ours", call]["gb"] == pytest.approx(three_passes, rel=2e-3), call
+        assert calls["ours", call]["torch_op_gb"] == 0, calls["ours", call]["torch_ops"]
+        if LIGER:
+            assert calls["ours", call]["gb"] <= calls["liger", call]["gb"] * (1 + 1e-9), call
+    assert "slice_backward" in calls["ours", "sliced_view"]["torch_ops"]  # the trace does see autograd
+
+
+@pytest.mark.skipif(not LIGER, reason="needs liger-kernel (the dev extra)")
+def test_loss_pass1_issues_no_more_instructions_per_element_than_liger(report):
+    def per_elem(impl, name, config=""):
+        k = next(k for k in report["kernels"] if k["impl"] == impl and k["kernel"] == name and config in k["config"])
+        return max(k["hot_loop_instrs_per_elem"])
+
+    ours = per_elem("ours", "_grpo_loss_fwd_kernel", "HAS_DUAL=False WITH_ENTROPY=False")
+    assert ours <= per_elem("liger", "_grpo_loss_fwd_kernel")
+
+
+def test_gxpo_bookkeeping_bytes_per_parameter(report):
+    assert report["gxpo_bookkeeping_bytes_per_param"] == {"unfused": 48, "fused_flat_adamw": 32}
+
+
+def test_a_masked_row_only_writes_its_zero_gradient(report):
+    V = report["shape"]["V"]
+    config = "HAS_DUAL=False WITH_ENTROPY=False BLOCK_V=4096"
+    fwd = next(k for k in report["kernels"] if k["kernel"] == "_grpo_loss_fwd_kernel" and config in k["config"])
+    bwd = next(k for k in report["kernels"] if k["kernel"] == "_grpo_loss_bwd_kernel" and "bfloat16" in k["config"])
+    assert fwd["masked_program_bytes"] == {"load": 0, "store": 0}
+    assert bwd["masked_program_bytes"] == {"load": 0, "store": pytest.approx(V * 2)}
+    assert bwd["program_bytes"] == {"load": pytest.approx(V * 2), "store": pytest.approx(V * 2)}
