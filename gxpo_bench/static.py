@@ -21,6 +21,7 @@ import torch
 from . import sass
 
 HBM_BYTES_PER_S = 3.0e12  # the roofline the report divides by (H100 SXM HBM3, nominal 3.35 TB/s)
+WARP_ISSUE_PER_S = 132 * 4 * 1.755e9  # SMs x schedulers x boost clock: one warp instruction per scheduler per clock
 ROWS = 16  # token rows the loss calls are captured at; bytes scale linearly to the modelled N
 
 
@@ -132,6 +133,10 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
     loops = [sass.loop_summary(body) for body in sass.innermost_memory_loops(instrs)]
     per_elem = [round(n * threads / block, 2) for n in ([loop["instrs"] for loop in loops] or [len(instrs)])]
     program = sass.program_bytes(kernel.asm["ttgir"], loop_trips)
+    bytes_per_elem = sum(program["max"].values()) / (block * loop_trips)
+    # the hottest loop's instruction issue at the ideal rate, as a share of its bytes' time at the roofline
+    issue_s = max(per_elem) / 32 / WARP_ISSUE_PER_S
+    issue_vs_memory = issue_s / (bytes_per_elem / HBM_BYTES_PER_S) if bytes_per_elem else None
     constexprs = {k: v for k, v in launch.kwargs.items() if k.isupper() or k == "num_warps"}
     first = next((a for a in launch.args if torch.is_tensor(a)), None)
     config = " ".join([f"{k}={_short(v)}" for k, v in constexprs.items()] + [f"arg0={str(first.dtype)[6:]}"])
@@ -139,8 +144,13 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
             "regs": usage.get("regs"), "spill_bytes": usage.get("spill_bytes"), "threads": threads,
             "ctas_per_sm": ctas, "occupancy_limiter": limiter, "ldg_bits": sass.widths(instrs, "LDG"),
             "stg_bits": sass.widths(instrs, "STG"), "barriers": sum(op.split(".")[0] == "BAR" for _, op, _ in instrs),
-            "hot_loops": loops, "hot_loop_instrs_per_elem": per_elem,
+            "hot_loops": loops, "hot_loop_instrs_per_elem": per_elem, "bytes_per_elem": bytes_per_elem,
+            "issue_vs_memory": issue_vs_memory,
             "program_bytes": program["max"], "masked_program_bytes": program["min"]}
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def _short(v):
@@ -361,18 +371,21 @@ def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True) -> dict:
 def to_markdown(report: dict, command: str) -> str:
     sh = report["shape"]
     out = [f"# Static sm_90 model (`{command}`)", "",
-           "A model of an H100 from kernels compiled for sm_90 on a CPU machine: not a GPU timing. "
+           "A model of an H100 from kernels compiled for sm_90 on a CPU machine: not a GPU timing. Issue / memory "
+           "time: the hottest loop's instructions at one warp instruction per scheduler per clock, over its bytes at "
+           "the roofline (above 100% a kernel would be issue-bound). "
            f"Loss calls at N = {sh['N']} tokens, V = {sh['V']}, bf16 logits; roofline "
            f"{sh['hbm_bytes_per_s'] / 1e12:g} TB/s.",
            "", "## Kernels", "",
            "| impl | kernel | config | regs | spill B | CTAs/SM | LDG bits | STG bits | barriers "
-           "| hot-loop instrs/elem |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| hot-loop instrs/elem | B/elem | issue / memory time |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     hist = lambda h: " ".join(f"{n}x{w}" for w, n in h.items()) or "-"  # noqa: E731
     for k in report["kernels"]:
         out.append(f"| {k['impl']} | {k['kernel']} | {k['config']} | {k['regs']} | {k['spill_bytes']} | "
                    f"{k['ctas_per_sm']} ({k['occupancy_limiter']}) | {hist(k['ldg_bits'])} | {hist(k['stg_bits'])} | "
-                   f"{k['barriers']} | {', '.join(map(str, k['hot_loop_instrs_per_elem']))} |")
+                   f"{k['barriers']} | {', '.join(map(str, k['hot_loop_instrs_per_elem']))} | "
+                   f"{k['bytes_per_elem']:g} | {_pct(k['issue_vs_memory'])} |")
     out += ["", "## Loss calls: bytes of one forward+backward", "",
             "| impl | call | GB | vs Liger | kernels GB | torch ops GB | torch ops | ms at roofline |",
             "|---|---|---|---|---|---|---|---|"]

@@ -20,13 +20,19 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+ALIGN_BYTES = 16
+
+
 @dataclass
 class FlatGroup:
     params: list  # the optimizer's parameters (maybe DTensors) of one device and dtype
     block: int
     numels: list = field(init=False)
-    offsets: list = field(init=False)
-    total: int = field(init=False)
+    offsets: list = field(init=False)  # each tensor's start in theta0 / g0, 16-byte aligned
+    total: int = field(init=False)  # parameters (coordinates) in the group
+    flat_size: int = field(init=False)  # elements of theta0 / g0, alignment padding included
+    num_full: int = field(init=False)  # blocks of `block` elements wholly inside their tensor (listed first)
+    params_aligned: bool = field(init=False)
     tables: dict = field(init=False)  # device int64 tensors: numels, offsets, block_tensor, block_start
     theta0: torch.Tensor = field(init=False)
     g0: torch.Tensor = field(init=False)
@@ -38,19 +44,27 @@ class FlatGroup:
                 raise ValueError(f"parameter of shape {tuple(p.shape)} is not contiguous; the flat-buffer "
                                  "update rules need contiguous parameters")
         self.numels = [p.numel() for p in locals_]
-        self.offsets = [sum(self.numels[:i]) for i in range(len(self.numels))]
+        # Each tensor's segment of theta0 / g0 starts on a 16-byte boundary, so that full blocks move as
+        # 128-bit accesses.
+        align = ALIGN_BYTES // locals_[0].element_size() if locals_ else 1
+        self.offsets = [0] * len(self.numels)
+        for i in range(1, len(self.numels)):
+            self.offsets[i] = -(-(self.offsets[i - 1] + self.numels[i - 1]) // align) * align
         self.total = sum(self.numels)
-        block_tensor, block_start = [], []
+        self.flat_size = self.offsets[-1] + self.numels[-1] if self.numels else 0
+        full, partial = [], []  # the block map lists full blocks first: their programs need no masks
         for i, n in enumerate(self.numels):
             for start in range(0, n, self.block):
-                block_tensor.append(i)
-                block_start.append(start)
+                (full if start + self.block <= n else partial).append((i, start))
+        self.num_full = len(full)
         device = locals_[0].device
         as_table = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
         self.tables = {"numels": as_table(self.numels), "offsets": as_table(self.offsets),
-                       "block_tensor": as_table(block_tensor), "block_start": as_table(block_start)}
-        self.theta0 = torch.empty(self.total, dtype=self.dtype, device=device)
-        self.g0 = torch.empty(self.total, dtype=self.dtype, device=device)
+                       "block_tensor": as_table([t for t, _ in full + partial]),
+                       "block_start": as_table([s for _, s in full + partial])}
+        self.theta0 = torch.empty(self.flat_size, dtype=self.dtype, device=device)
+        self.g0 = torch.empty(self.flat_size, dtype=self.dtype, device=device)
+        self.params_aligned = aligned(locals_)
 
     @property
     def dtype(self):
@@ -86,6 +100,12 @@ class FlatGroup:
         """int64 data pointers (0 for None), on the group's device."""
         return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64,
                             device=self.device)
+
+
+def aligned(tensors) -> bool:
+    """Every tensor (None counts as aligned) starts on a 16-byte boundary: the kernels may then use
+    128-bit accesses on full blocks."""
+    return all(t is None or t.data_ptr() % ALIGN_BYTES == 0 for t in tensors)
 
 
 def build_groups(params, block: int) -> list[FlatGroup]:

@@ -164,3 +164,36 @@ def test_interpolate_is_sfpos_partial_move(ops_path, alpha):
             assert rel_err(p, expected) < 1e-6
     assert rel_err(d_sq, sum((tk.double() - t0.double()).square().sum() for t0, tk in zip(theta0, theta_k,
                                                                                               strict=True))) < 1e-6
+
+
+@pytest.mark.parametrize("unaligned", [False, True])
+def test_many_blocks_per_program_and_unaligned_tensors(ops_path, unaligned):
+    """More full blocks than one program walks (so several full-block programs), tails that are not a
+    multiple of 4, and (unaligned) tensors that start 4 bytes past a 16-byte boundary."""
+    sizes = [64 * (flat_ops.BLOCKS_PER_PROGRAM + 21) + 5, 3, 64 * 20, 66]
+    g = torch.Generator().manual_seed(31)
+    if unaligned:
+        storage = [torch.randn(n + 1, generator=g) for n in sizes]
+        params = [s[1:] for s in storage]
+    else:
+        params = [torch.randn(n, generator=g) for n in sizes]
+    g0 = [torch.randn(n, generator=g) for n in sizes]
+    group = FlatGroup(params, 64)
+    assert group.params_aligned != unaligned and flat_ops.num_programs(group) > 3
+    assert all(o % 4 == 0 for o in group.offsets)
+    group.theta0.fill_(float("nan"))
+    group.g0.fill_(float("nan"))
+    g0_sq = flat_ops.snapshot(group, g0)
+    assert rel_err(g0_sq, sum(x.double().square().sum() for x in g0)) < 1e-6
+    assert all(torch.equal(group.view(group.theta0, i), p) for i, p in enumerate(params))
+    theta0 = [p.clone() for p in params]
+    for i, p in enumerate(params):
+        p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(40 + i)))
+    theta2 = [p.clone() for p in params]
+    grads = g1_like(g0, 32, special=False)
+    dots = flat_ops.grad_dots(group, grads, with_g0=True)
+    assert rel_err(dots[1], sum((a.double() * b.double()).sum() for a, b in zip(g0, grads, strict=True))) < 1e-6
+    grads[0][7] = float("inf")  # one clipped ratio, so the check's n_clipped > 0 holds
+    stats = flat_ops.extrapolate(group, grads, K=3, alpha=0.5, delta=1e-8)
+    check_extrapolated(params, theta0, theta2, g0, grads, stats, K=3, alpha=0.5, g1_scale=1.0, tol=1e-6,
+                       stats_tol=1e-6)

@@ -70,3 +70,21 @@ def test_a_masked_row_only_writes_its_zero_gradient(report):
     assert fwd["masked_program_bytes"] == {"load": 0, "store": 0}
     assert bwd["masked_program_bytes"] == {"load": 0, "store": pytest.approx(V * 2)}
     assert bwd["program_bytes"] == {"load": pytest.approx(V * 2), "store": pytest.approx(V * 2)}
+
+
+FLAT = ("_snapshot_kernel", "_restore_kernel", "_grad_dots_kernel", "_extrapolate_kernel", "_adamw_kernel")
+
+
+def test_flat_kernels_stream_in_128_bit_accesses_within_the_issue_budget(report):
+    """Every byte a full block moves goes through 128-bit loads and stores; issue time at most half the
+    memory time; no barrier in the hot loop; registers for 8 programs of 128 threads per SM (7 for the
+    standalone extrapolation, which would spill at 64 registers)."""
+    flat = [k for k in report["kernels"] if k["impl"] == "ours" and k["kernel"] in FLAT]
+    assert {k["kernel"] for k in flat} == set(FLAT)
+    for k in flat:
+        (loop,) = k["hot_loops"]  # the full-block loop; a tensor's tail block is straight-line code
+        bytes_128 = 16 * (loop["ldg_bits"].get("128", 0) + loop["stg_bits"].get("128", 0)) * k["threads"]
+        assert bytes_128 == sum(k["program_bytes"].values()), (k["kernel"], k["config"])
+        assert loop["barriers"] == 0, k["kernel"]
+        assert k["issue_vs_memory"] <= 0.5, (k["kernel"], k["config"], k["issue_vs_memory"])
+        assert k["ctas_per_sm"] >= (7 if k["kernel"] == "_extrapolate_kernel" else 8), (k["kernel"], k["regs"])

@@ -13,76 +13,201 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from ..flat import FlatGroup
-from ..optim.reference import EXTRAP_STATS, extrapolate_reference
+from ..flat import ALIGN_BYTES, FlatGroup, aligned
+from ..optim.reference import EXTRAP_STATS, R_MAX, R_MIN, extrapolate_reference
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_R_MIN, _R_MAX = tl.constexpr(R_MIN), tl.constexpr(R_MAX)  # Triton reads module constants as constexpr
 
+
+BLOCKS_PER_PROGRAM = 16  # full blocks one program walks, its statistics kept in registers throughout
+ROWS = 128  # rows of a tile: one per thread at NUM_WARPS = 4
+NUM_WARPS = 4
+MAX_REGISTERS = 64  # 8 resident programs of 128 threads per SM on sm_90
+
+
+# -- the block map: programs [0, cdiv(num_full, BPP)) walk BPP full blocks each with unmasked 128-bit
+# -- accesses; each later program takes one partial block (a tensor's tail) with masks.
 
 @triton.jit
-def _block(block_tensor, block_start, numels, offsets, BLOCK: tl.constexpr):
+def _program(num_full, BPP: tl.constexpr):
+    """(pid, number of full-block programs, this program's first and end block)."""
     pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    elems = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    in_bounds = elems < tl.load(numels + t)
-    return pid, t, elems, in_bounds, tl.load(offsets + t)
+    n_full_programs = tl.cdiv(num_full, BPP)
+    first = pid * BPP
+    return pid, n_full_programs, first, tl.minimum(first + BPP, num_full)
 
 
 @triton.jit
-def _load_grad(grad_ptrs, t, elems, in_bounds, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    g = tl.zeros([BLOCK], dtype=tl.float32)
-    g_addr = tl.load(grad_ptrs + t)
-    if g_addr != 0:
-        g = tl.load(g_addr.to(tl.pointer_type(DTYPE)) + elems, mask=in_bounds, other=0.0).to(tl.float32)
-    return g
+def _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK: tl.constexpr, G: tl.constexpr):
+    """(tensor, first element, segment offset in theta0 / g0, tensor numel) of block blk."""
+    t = tl.load(block_tensor + blk)
+    start = tl.multiple_of(tl.load(block_start + blk), BLOCK)
+    return t, start, tl.multiple_of(tl.load(offsets + t), G), tl.load(numels + t)
 
 
 @triton.jit
-def _snapshot_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, g0_ptr,
-                     partial_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, elems, in_bounds, off = _block(block_tensor, block_start, numels, offsets, BLOCK)
-    p = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
-    tl.store(theta0_ptr + off + elems, tl.load(p + elems, mask=in_bounds), mask=in_bounds)
-    g = _load_grad(grad_ptrs, t, elems, in_bounds, DTYPE, BLOCK)
-    tl.store(g0_ptr + off + elems, g.to(DTYPE), mask=in_bounds)
-    tl.store(partial_ptr + pid, tl.sum(g * g, 0))
+def _address(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
-def _restore_kernel(param_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr,
-                    DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, elems, in_bounds, off = _block(block_tensor, block_start, numels, offsets, BLOCK)
-    p = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
-    tl.store(p + elems, tl.load(theta0_ptr + off + elems, mask=in_bounds), mask=in_bounds)
+def _tile(start, k, ROWS: tl.constexpr, G: tl.constexpr):
+    """Element indices of tile k of a block: [ROWS, G], G contiguous elements (16 bytes) per thread."""
+    return start + k * ROWS * G + tl.arange(0, ROWS)[:, None] * G + tl.arange(0, G)[None, :]
 
 
 @triton.jit
-def _grad_dots_kernel(grad_ptrs, numels, offsets, block_tensor, block_start, g0_ptr, partial_ptr,
-                      WITH_G0: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, elems, in_bounds, off = _block(block_tensor, block_start, numels, offsets, BLOCK)
-    g = _load_grad(grad_ptrs, t, elems, in_bounds, DTYPE, BLOCK)
-    tl.store(partial_ptr + 2 * pid, tl.sum(g * g, 0))
-    if WITH_G0:
-        g0 = tl.load(g0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
-        tl.store(partial_ptr + 2 * pid + 1, tl.sum(g0 * g, 0))
+def _ld(ptr, idx, numel, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + idx, mask=idx < numel, other=0.0)
     else:
-        tl.store(partial_ptr + 2 * pid + 1, 0.0)
+        return tl.load(ptr + idx)
 
 
 @triton.jit
-def _extrapolate_block(theta2, theta0, g0, g1, in_bounds, partial_ptr, pid, alpha, delta, scale_max,
-                       K: tl.constexpr, BLOCK: tl.constexpr):
-    """theta0 + alpha * scale * (theta2 - theta0) for one block (fp32), its 11 EXTRAP_STATS partials
-    stored at partial_ptr + 11 * pid. Shared by the flat op and the fused pass-2 AdamW kernel."""
+def _ld_if(ptr, idx, numel, present, MASKED: tl.constexpr):
+    """A load predicated on `present` (a gradient that exists): 0 where absent, no branch. The predicate is
+    a splat compared, not a broadcast bool, which Triton's interpreter rejects as a mask."""
+    mask = (tl.full(idx.shape, 0, tl.int32) + present.to(tl.int32)) != 0
+    if MASKED:
+        mask = mask & (idx < numel)
+    return tl.load(ptr + idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def _st(ptr, idx, value, numel, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + idx, value, mask=idx < numel)
+    else:
+        tl.store(ptr + idx, value)
+
+
+@triton.jit
+def _valid(idx, numel, MASKED: tl.constexpr):
+    if MASKED:
+        return idx < numel
+    else:
+        return tl.full(idx.shape, 1, tl.int1)
+
+
+@triton.jit
+def _snapshot_block(blk, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, g0_ptr,
+                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr,
+                    ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    p = _address(param_ptrs, t, DTYPE, ALIGNED)
+    g_addr = tl.load(grad_ptrs + t)
+    acc = tl.zeros([ROWS], tl.float32)
+    for k in tl.static_range(BLOCK // (ROWS * G)):
+        idx = _tile(start, k, ROWS, G)
+        _st(theta0_ptr + off, idx, _ld(p, idx, numel, MASKED), numel, MASKED)
+        g = tl.zeros([ROWS, G], tl.float32)
+        if g_addr != 0:
+            g = _ld(_address(grad_ptrs, t, DTYPE, ALIGNED), idx, numel, MASKED).to(tl.float32)
+        _st(g0_ptr + off, idx, g.to(DTYPE), numel, MASKED)
+        acc += tl.sum(g * g, 1)
+    return acc
+
+
+@triton.jit
+def _snapshot_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, num_full, theta0_ptr, g0_ptr,
+                     partial_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr,
+                     BPP: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, n_full_programs, first, end = _program(num_full, BPP)
+    acc = tl.zeros([ROWS], tl.float32)
+    if pid < n_full_programs:
+        for blk in range(first, end):
+            acc += _snapshot_block(blk, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr,
+                                   g0_ptr, DTYPE, BLOCK, ROWS, G, ALIGNED, False)
+    else:
+        acc += _snapshot_block(num_full + pid - n_full_programs, param_ptrs, grad_ptrs, numels, offsets, block_tensor,
+                               block_start, theta0_ptr, g0_ptr, DTYPE, BLOCK, ROWS, G, False, True)
+    tl.store(partial_ptr + pid, tl.sum(acc, 0))
+
+
+@triton.jit
+def _restore_block(blk, param_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, DTYPE: tl.constexpr,
+                   BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr,
+                   MASKED: tl.constexpr):
+    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    p = _address(param_ptrs, t, DTYPE, ALIGNED)
+    for k in tl.static_range(BLOCK // (ROWS * G)):
+        idx = _tile(start, k, ROWS, G)
+        _st(p, idx, _ld(theta0_ptr + off, idx, numel, MASKED), numel, MASKED)
+
+
+@triton.jit
+def _restore_kernel(param_ptrs, numels, offsets, block_tensor, block_start, num_full, theta0_ptr,
+                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr,
+                    BPP: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, n_full_programs, first, end = _program(num_full, BPP)
+    if pid < n_full_programs:
+        for blk in range(first, end):
+            _restore_block(blk, param_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, DTYPE, BLOCK,
+                           ROWS, G, ALIGNED, False)
+    else:
+        _restore_block(num_full + pid - n_full_programs, param_ptrs, numels, offsets, block_tensor, block_start,
+                       theta0_ptr, DTYPE, BLOCK, ROWS, G, False, True)
+
+
+@triton.jit
+def _grad_dots_block(blk, grad_ptrs, numels, offsets, block_tensor, block_start, g0_ptr, WITH_G0: tl.constexpr,
+                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr,
+                     ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    g_addr = tl.load(grad_ptrs + t)
+    gg = tl.zeros([ROWS], tl.float32)
+    g0g = tl.zeros([ROWS], tl.float32)
+    if g_addr != 0:
+        g_ptr = _address(grad_ptrs, t, DTYPE, ALIGNED)
+        for k in tl.static_range(BLOCK // (ROWS * G)):
+            idx = _tile(start, k, ROWS, G)
+            g = _ld(g_ptr, idx, numel, MASKED).to(tl.float32)
+            gg += tl.sum(g * g, 1)
+            if WITH_G0:
+                g0g += tl.sum(_ld(g0_ptr + off, idx, numel, MASKED).to(tl.float32) * g, 1)
+    return gg, g0g
+
+
+@triton.jit
+def _grad_dots_kernel(grad_ptrs, numels, offsets, block_tensor, block_start, num_full, g0_ptr, partial_ptr,
+                      WITH_G0: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                      G: tl.constexpr, BPP: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, n_full_programs, first, end = _program(num_full, BPP)
+    gg = tl.zeros([ROWS], tl.float32)
+    g0g = tl.zeros([ROWS], tl.float32)
+    if pid < n_full_programs:
+        for blk in range(first, end):
+            a, b = _grad_dots_block(blk, grad_ptrs, numels, offsets, block_tensor, block_start, g0_ptr, WITH_G0, DTYPE,
+                                    BLOCK, ROWS, G, ALIGNED, False)
+            gg += a
+            g0g += b
+    else:
+        a, b = _grad_dots_block(num_full + pid - n_full_programs, grad_ptrs, numels, offsets, block_tensor,
+                                block_start, g0_ptr, WITH_G0, DTYPE, BLOCK, ROWS, G, False, True)
+        gg += a
+        g0g += b
+    tl.store(partial_ptr + 2 * pid, tl.sum(gg, 0))
+    tl.store(partial_ptr + 2 * pid + 1, tl.sum(g0g, 0))
+
+
+@triton.jit
+def _extrapolate_tile(theta2, theta0, g0, g1, valid, alpha, delta, scale_max, K: tl.constexpr):
+    """theta0 + alpha * scale * (theta2 - theta0) elementwise (fp32), and the tile's 11 EXTRAP_STATS as
+    per-row sums (scale_max a per-row max). Shared by the flat op and the fused pass-2 AdamW kernel."""
     abs_g0 = tl.abs(g0)
-    active = (abs_g0 > delta) & in_bounds
+    active = (abs_g0 > delta) & valid
     r = g1 / (tl.where(g0 >= 0, 1.0, -1.0) * tl.maximum(abs_g0, delta))
     r_finite = (r == r) & (tl.abs(r) < float("inf"))
-    clipped = active & ((~r_finite) | (r < -2.0) | (r > 3.0))
+    clipped = active & ((~r_finite) | (r < _R_MIN) | (r > _R_MAX))
     r = tl.where(r != r, 1.0, r)
-    r = tl.minimum(tl.maximum(r, -2.0), 3.0)
+    r = tl.minimum(tl.maximum(r, _R_MIN), _R_MAX)
     r = tl.where(active, r, 1.0)
-    s_k = tl.full([BLOCK], 1.0, tl.float32)
+    s_k = tl.full(r.shape, 1.0, tl.float32)
     for _ in tl.static_range(K - 1):
         s_k = s_k * r + 1.0
     s_2 = 1.0 + r
@@ -91,35 +216,83 @@ def _extrapolate_block(theta2, theta0, g0, g1, in_bounds, partial_ptr, pid, alph
     scale = tl.minimum(tl.maximum(scale, 1.0), scale_max)
     scale = tl.where(active, scale, 1.0)
     d = theta2 - theta0
-
-    out = partial_ptr + 11 * pid
-    tl.store(out + 0, tl.sum(g0 * g0, 0))
-    tl.store(out + 1, tl.sum(g1 * g1, 0))
-    tl.store(out + 2, tl.sum(g0 * g1, 0))
-    tl.store(out + 3, tl.sum(active.to(tl.float32), 0))
-    tl.store(out + 4, tl.sum(tl.where(active, r, 0.0), 0))
-    tl.store(out + 5, tl.sum(tl.where(active, r * r, 0.0), 0))
-    tl.store(out + 6, tl.sum(clipped.to(tl.float32), 0))
-    tl.store(out + 7, tl.sum(tl.where(active, scale, 0.0), 0))
-    tl.store(out + 8, tl.max(scale, 0))
-    tl.store(out + 9, tl.sum(d * d, 0))
-    tl.store(out + 10, tl.sum(scale * scale * d * d, 0))
-    return theta0 + alpha * scale * d
+    sd = scale * d
+    stats = (tl.sum(g0 * g0, 1), tl.sum(g1 * g1, 1), tl.sum(g0 * g1, 1), tl.sum(active.to(tl.float32), 1),
+             tl.sum(tl.where(active, r, 0.0), 1), tl.sum(tl.where(active, r * r, 0.0), 1),
+             tl.sum(clipped.to(tl.float32), 1), tl.sum(tl.where(active, scale, 0.0), 1),
+             tl.max(tl.where(valid, scale, 1.0), 1), tl.sum(d * d, 1), tl.sum(sd * sd, 1))
+    return theta0 + alpha * sd, stats
 
 
 @triton.jit
-def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, g0_ptr,
-                        partial_ptr, g1_scale, alpha, delta, scale_max,
-                        K: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, elems, in_bounds, off = _block(block_tensor, block_start, numels, offsets, BLOCK)
-    p = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
-    theta2 = tl.load(p + elems, mask=in_bounds, other=0.0).to(tl.float32)
-    theta0 = tl.load(theta0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
-    g0 = tl.load(g0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
-    g1 = _load_grad(grad_ptrs, t, elems, in_bounds, DTYPE, BLOCK) * g1_scale
-    theta_tilde = _extrapolate_block(theta2, theta0, g0, g1, in_bounds, partial_ptr, pid, alpha, delta, scale_max,
-                                     K, BLOCK)
-    tl.store(p + elems, theta_tilde.to(DTYPE), mask=in_bounds)
+def _add_stats(acc, stats):
+    return (acc[0] + stats[0], acc[1] + stats[1], acc[2] + stats[2], acc[3] + stats[3], acc[4] + stats[4],
+            acc[5] + stats[5], acc[6] + stats[6], acc[7] + stats[7], tl.maximum(acc[8], stats[8]),
+            acc[9] + stats[9], acc[10] + stats[10])
+
+
+@triton.jit
+def _zero_stats(ROWS: tl.constexpr):
+    z = tl.zeros([ROWS], tl.float32)
+    return (z, z, z, z, z, z, z, z, z + 1.0, z, z)
+
+
+@triton.jit
+def _store_stats(partial_ptr, pid, acc):
+    """The program's 11 statistics, reduced across its rows once."""
+    out = partial_ptr + 11 * pid
+    tl.store(out + 0, tl.sum(acc[0], 0))
+    tl.store(out + 1, tl.sum(acc[1], 0))
+    tl.store(out + 2, tl.sum(acc[2], 0))
+    tl.store(out + 3, tl.sum(acc[3], 0))
+    tl.store(out + 4, tl.sum(acc[4], 0))
+    tl.store(out + 5, tl.sum(acc[5], 0))
+    tl.store(out + 6, tl.sum(acc[6], 0))
+    tl.store(out + 7, tl.sum(acc[7], 0))
+    tl.store(out + 8, tl.max(acc[8], 0))
+    tl.store(out + 9, tl.sum(acc[9], 0))
+    tl.store(out + 10, tl.sum(acc[10], 0))
+
+
+@triton.jit
+def _extrapolate_block(blk, acc, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr,
+                       g0_ptr, g1_scale, alpha, delta, scale_max, K: tl.constexpr, DTYPE: tl.constexpr,
+                       BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr,
+                       MASKED: tl.constexpr):
+    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    p = _address(param_ptrs, t, DTYPE, ALIGNED)
+    g_addr = tl.load(grad_ptrs + t)
+    g_ptr = _address(grad_ptrs, t, DTYPE, ALIGNED)
+    for k in tl.static_range(BLOCK // (ROWS * G)):
+        idx = _tile(start, k, ROWS, G)
+        theta2 = _ld(p, idx, numel, MASKED).to(tl.float32)
+        theta0 = _ld(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
+        g0 = _ld(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
+        g1 = _ld_if(g_ptr, idx, numel, g_addr != 0, MASKED).to(tl.float32) * g1_scale
+        theta_tilde, stats = _extrapolate_tile(theta2, theta0, g0, g1, _valid(idx, numel, MASKED), alpha, delta,
+                                               scale_max, K)
+        _st(p, idx, theta_tilde.to(DTYPE), numel, MASKED)
+        acc = _add_stats(acc, stats)
+    return acc
+
+
+@triton.jit
+def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, num_full, theta0_ptr,
+                        g0_ptr, partial_ptr, g1_scale, alpha, delta, scale_max, K: tl.constexpr, DTYPE: tl.constexpr,
+                        BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, BPP: tl.constexpr,
+                        ALIGNED: tl.constexpr):
+    pid, n_full_programs, first, end = _program(num_full, BPP)
+    acc = _zero_stats(ROWS)
+    if pid < n_full_programs:
+        for blk in range(first, end):
+            acc = _extrapolate_block(blk, acc, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start,
+                                     theta0_ptr, g0_ptr, g1_scale, alpha, delta, scale_max, K, DTYPE, BLOCK, ROWS, G,
+                                     ALIGNED, False)
+    else:
+        acc = _extrapolate_block(num_full + pid - n_full_programs, acc, param_ptrs, grad_ptrs, numels, offsets,
+                                 block_tensor, block_start, theta0_ptr, g0_ptr, g1_scale, alpha, delta, scale_max, K,
+                                 DTYPE, BLOCK, ROWS, G, False, True)
+    _store_stats(partial_ptr, pid, acc)
 
 
 def _tables(group: FlatGroup):
@@ -127,17 +300,36 @@ def _tables(group: FlatGroup):
     return tb["numels"], tb["offsets"], tb["block_tensor"], tb["block_start"]
 
 
-def _launch_args(group):
-    return {"DTYPE": TL_DTYPES[group.dtype], "BLOCK": group.block}
+def num_programs(group: FlatGroup) -> int:
+    return triton.cdiv(group.num_full, BLOCKS_PER_PROGRAM) + group.num_blocks - group.num_full
 
 
-def _launch(path, group, kernel, csrc_name, args, **constexprs):
-    """kernel over the group's blocks, or on path "cuda_csrc" its twin backend._C.<csrc_name>, which
-    takes the constexprs' values positionally after args, then the block size."""
+def _partial_rows(path, group) -> int:
+    """Rows of per-program (Triton) or per-block (csrc CUDA) partial sums."""
+    return group.num_blocks if path == "cuda_csrc" else num_programs(group)
+
+
+def _launch_args(group, aligned: bool, maxnreg: int | None = MAX_REGISTERS):
+    G = ALIGN_BYTES // group.theta0.element_size()
+    rows = min(ROWS, group.block // G)
+    assert group.block % (rows * G) == 0, f"block {group.block} is not a multiple of {rows * G} elements"
+    return {"DTYPE": TL_DTYPES[group.dtype], "BLOCK": group.block, "ROWS": rows, "G": G, "BPP": BLOCKS_PER_PROGRAM,
+            "ALIGNED": aligned, "num_warps": NUM_WARPS, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
+
+
+def _launch(path, group, kernel, csrc_name, head, tail, aligned, maxnreg=MAX_REGISTERS, **constexprs):
+    """kernel over the group's programs, or on path "cuda_csrc" its twin backend._C.<csrc_name> over the
+    group's blocks, which takes the constexprs' values positionally after its arguments, then the block size."""
     if path == "cuda_csrc":
-        getattr(backend._C, csrc_name)(*args, *constexprs.values(), group.block)
+        getattr(backend._C, csrc_name)(*head, *_tables(group), *tail, *constexprs.values(), group.block)
     else:
-        kernel[(group.num_blocks,)](*args, **constexprs, **_launch_args(group))
+        kernel[(num_programs(group),)](*head, *_tables(group), group.num_full, *tail, **constexprs,
+                                       **_launch_args(group, aligned, maxnreg))
+
+
+def _table(group, tensors):
+    """(int64 pointer table, whether every tensor is 16-byte aligned)."""
+    return group.pointer_table(tensors), aligned(tensors)
 
 
 def snapshot(group: FlatGroup, grads) -> torch.Tensor:
@@ -158,10 +350,10 @@ def snapshot(group: FlatGroup, grads) -> torch.Tensor:
                 group.view(group.g0, i).copy_(g)
                 total += g.double().square().sum()
         return total
-    partial = backend.empty(group.num_blocks, dtype=torch.float32, device=group.device)
-    args = (group.pointer_table(group.local_params()), group.pointer_table(grads), *_tables(group), group.theta0,
-            group.g0, partial)
-    _launch(path, group, _snapshot_kernel, "snapshot_cuda", args)
+    partial = backend.empty(_partial_rows(path, group), dtype=torch.float32, device=group.device)
+    grad_table, grads_aligned = _table(group, grads)
+    _launch(path, group, _snapshot_kernel, "snapshot_cuda", (group.pointer_table(group.local_params()), grad_table),
+            (group.theta0, group.g0, partial), group.params_aligned and grads_aligned)
     return partial.double().sum()
 
 
@@ -177,8 +369,8 @@ def restore(group: FlatGroup) -> None:
         for i, p in enumerate(group.local_params()):
             p.copy_(group.view(group.theta0, i))
         return
-    args = (group.pointer_table(group.local_params()), *_tables(group), group.theta0)
-    _launch(path, group, _restore_kernel, "restore_cuda", args)
+    _launch(path, group, _restore_kernel, "restore_cuda", (group.pointer_table(group.local_params()),),
+            (group.theta0,), group.params_aligned)
 
 
 def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
@@ -197,9 +389,10 @@ def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
                 if with_g0:
                     out[1] += (group.view(group.g0, i).double() * g.double()).sum()
         return out
-    partial = backend.empty(group.num_blocks, 2, dtype=torch.float32, device=group.device)
-    args = (group.pointer_table(grads), *_tables(group), group.g0, partial)
-    _launch(path, group, _grad_dots_kernel, "grad_dots_cuda", args, WITH_G0=with_g0)
+    partial = backend.empty(_partial_rows(path, group), 2, dtype=torch.float32, device=group.device)
+    grad_table, grads_aligned = _table(group, grads)
+    _launch(path, group, _grad_dots_kernel, "grad_dots_cuda", (grad_table,), (group.g0, partial), grads_aligned,
+            WITH_G0=with_g0)
     return partial.double().sum(0)
 
 
@@ -226,10 +419,12 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
             p.copy_(theta_tilde)
             rows.append(stats.double())
         return combine_stats(torch.stack(rows))
-    partial = backend.empty(group.num_blocks, n_stats, dtype=torch.float32, device=group.device)
-    args = (group.pointer_table(group.local_params()), group.pointer_table(grads), *_tables(group), group.theta0,
-            group.g0, partial, float(g1_scale), float(alpha), float(delta), K / 2 + 1)
-    _launch(path, group, _extrapolate_kernel, "extrapolate_cuda", args, K=K)
+    partial = backend.empty(_partial_rows(path, group), n_stats, dtype=torch.float32, device=group.device)
+    grad_table, grads_aligned = _table(group, grads)
+    params = group.pointer_table(group.local_params())
+    _launch(path, group, _extrapolate_kernel, "extrapolate_cuda", (params, grad_table),
+            (group.theta0, group.g0, partial, float(g1_scale), float(alpha), float(delta), K / 2 + 1),
+            group.params_aligned and grads_aligned, maxnreg=72, K=K)  # at 64 it spills: 7 programs per SM
     return combine_stats(partial.double())
 
 

@@ -13,42 +13,89 @@ import triton.language as tl
 from .. import backend
 from ..flat import FlatGroup
 from ..optim.reference import EXTRAP_STATS
-from .flat_ops import _block, _extrapolate_block, _launch_args, _tables, combine_stats
+from .flat_ops import (
+    _add_stats,
+    _address,
+    _block_at,
+    _extrapolate_tile,
+    _launch_args,
+    _ld,
+    _program,
+    _st,
+    _store_stats,
+    _tables,
+    _tile,
+    _valid,
+    _zero_stats,
+    aligned,
+    combine_stats,
+    num_programs,
+)
 
 
 @triton.jit
-def _adamw_kernel(param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor, block_start,
+def _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor, block_start, lr_t,
+                 wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr, beta1, beta2, eps, grad_scale, alpha, delta, scale_max,
+                 SNAPSHOT: tl.constexpr, EXTRAPOLATE: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr,
+                 BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr,
+                 MASKED: tl.constexpr):
+    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    p_ptr = _address(param_ptrs, t, DTYPE, ALIGNED)
+    g_addr = tl.load(grad_ptrs + t)
+    lr = tl.load(lr_t + t)
+    decay = 1.0 - lr * tl.load(wd_t + t)
+    step = lr / tl.load(bc1_t + t)
+    bc2_sqrt = tl.load(bc2_sqrt_t + t)
+    for k in tl.static_range(BLOCK // (ROWS * G)):
+        idx = _tile(start, k, ROWS, G)
+        p = _ld(p_ptr, idx, numel, MASKED)
+        x = p.to(tl.float32)
+        g = tl.zeros([ROWS, G], tl.float32)
+        if g_addr != 0:
+            g = _ld(_address(grad_ptrs, t, DTYPE, ALIGNED), idx, numel, MASKED).to(tl.float32)
+            gs = g * grad_scale
+            m_ptr = _address(m_ptrs, t, DTYPE, ALIGNED)
+            v_ptr = _address(v_ptrs, t, DTYPE, ALIGNED)
+            m = _ld(m_ptr, idx, numel, MASKED).to(tl.float32)
+            v = _ld(v_ptr, idx, numel, MASKED).to(tl.float32)
+            m = m + (1.0 - beta1) * (gs - m)
+            v = beta2 * v + (1.0 - beta2) * gs * gs
+            x = x * decay - step * m / (tl.sqrt(v) / bc2_sqrt + eps)
+            _st(m_ptr, idx, m.to(DTYPE), numel, MASKED)
+            _st(v_ptr, idx, v.to(DTYPE), numel, MASKED)
+        if SNAPSHOT:
+            _st(theta0_ptr + off, idx, p, numel, MASKED)
+            _st(g0_ptr + off, idx, g.to(DTYPE), numel, MASKED)
+        if EXTRAPOLATE:  # x is theta2 (kept in registers); g the raw g1, not the clipped one
+            theta0 = _ld(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
+            g0 = _ld(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
+            x, stats = _extrapolate_tile(x, theta0, g0, g, _valid(idx, numel, MASKED), alpha, delta, scale_max, K)
+            acc = _add_stats(acc, stats)
+        _st(p_ptr, idx, x.to(DTYPE), numel, MASKED)
+    return acc
+
+
+@triton.jit
+def _adamw_kernel(param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor, block_start, num_full,
                   lr_t, wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr, partial_ptr, beta1, beta2, eps, grad_scale,
                   alpha, delta, scale_max, SNAPSHOT: tl.constexpr, EXTRAPOLATE: tl.constexpr, K: tl.constexpr,
-                  DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, elems, in_bounds, off = _block(block_tensor, block_start, numels, offsets, BLOCK)
-    p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(DTYPE))
-    p = tl.load(p_ptr + elems, mask=in_bounds, other=0.0)
-    x = p.to(tl.float32)
-    g = tl.zeros([BLOCK], dtype=tl.float32)
-    g_addr = tl.load(grad_ptrs + t)
-    if g_addr != 0:
-        g = tl.load(g_addr.to(tl.pointer_type(DTYPE)) + elems, mask=in_bounds, other=0.0).to(tl.float32)
-        gs = g * grad_scale
-        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(DTYPE))
-        v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(DTYPE))
-        m = tl.load(m_ptr + elems, mask=in_bounds, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + elems, mask=in_bounds, other=0.0).to(tl.float32)
-        lr = tl.load(lr_t + t)
-        m = m + (1.0 - beta1) * (gs - m)
-        v = beta2 * v + (1.0 - beta2) * gs * gs
-        x = x * (1.0 - lr * tl.load(wd_t + t))
-        x = x - (lr / tl.load(bc1_t + t)) * m / (tl.sqrt(v) / tl.load(bc2_sqrt_t + t) + eps)
-        tl.store(m_ptr + elems, m.to(DTYPE), mask=in_bounds)
-        tl.store(v_ptr + elems, v.to(DTYPE), mask=in_bounds)
-    if SNAPSHOT:
-        tl.store(theta0_ptr + off + elems, p, mask=in_bounds)
-        tl.store(g0_ptr + off + elems, g.to(DTYPE), mask=in_bounds)
-    if EXTRAPOLATE:  # x is theta2 (kept in registers); g the raw g1, not the clipped one
-        theta0 = tl.load(theta0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
-        g0 = tl.load(g0_ptr + off + elems, mask=in_bounds, other=0.0).to(tl.float32)
-        x = _extrapolate_block(x, theta0, g0, g, in_bounds, partial_ptr, pid, alpha, delta, scale_max, K, BLOCK)
-    tl.store(p_ptr + elems, x.to(DTYPE), mask=in_bounds)
+                  DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, BPP: tl.constexpr,
+                  ALIGNED: tl.constexpr):
+    pid, n_full_programs, first, end = _program(num_full, BPP)
+    acc = _zero_stats(ROWS)
+    if pid < n_full_programs:
+        for blk in range(first, end):
+            acc = _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor,
+                               block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr, beta1, beta2, eps,
+                               grad_scale, alpha, delta, scale_max, SNAPSHOT, EXTRAPOLATE, K, DTYPE, BLOCK, ROWS, G,
+                               ALIGNED, False)
+    else:
+        acc = _adamw_block(num_full + pid - n_full_programs, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels,
+                           offsets, block_tensor, block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr,
+                           beta1, beta2, eps, grad_scale, alpha, delta, scale_max, SNAPSHOT, EXTRAPOLATE, K, DTYPE,
+                           BLOCK, ROWS, G, False, True)
+    if EXTRAPOLATE:
+        _store_stats(partial_ptr, pid, acc)
 
 
 def adamw_step(group: FlatGroup, grads, exp_avgs, exp_avg_sqs, lr, weight_decay, bc1, bc2_sqrt, *, beta1: float,
@@ -66,12 +113,14 @@ def adamw_step(group: FlatGroup, grads, exp_avgs, exp_avg_sqs, lr, weight_decay,
         return None
     per_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=group.device)  # noqa: E731
     ex = extrapolate or {"K": 2, "alpha": 1.0, "delta": 1.0}
-    partial = backend.empty(group.num_blocks if extrapolate else 1, n_stats, dtype=torch.float32,
-                            device=group.device)
-    _adamw_kernel[(group.num_blocks,)](
-        group.pointer_table(group.local_params()), group.pointer_table(grads), group.pointer_table(exp_avgs),
-        group.pointer_table(exp_avg_sqs), *_tables(group), per_tensor(lr), per_tensor(weight_decay),
-        per_tensor(bc1), per_tensor(bc2_sqrt), group.theta0, group.g0, partial, float(beta1), float(beta2),
-        float(eps), float(grad_scale), float(ex["alpha"]), float(ex["delta"]), ex["K"] / 2 + 1,
-        SNAPSHOT=snapshot, EXTRAPOLATE=extrapolate is not None, K=ex["K"], **_launch_args(group))
+    programs = num_programs(group)
+    partial = backend.empty(programs if extrapolate else 1, n_stats, dtype=torch.float32, device=group.device)
+    tensors = (group.local_params(), grads, exp_avgs, exp_avg_sqs)
+    all_aligned = group.params_aligned and all(aligned(ts) for ts in tensors[1:])
+    _adamw_kernel[(programs,)](
+        *(group.pointer_table(ts) for ts in tensors), *_tables(group), group.num_full, per_tensor(lr),
+        per_tensor(weight_decay), per_tensor(bc1), per_tensor(bc2_sqrt), group.theta0, group.g0, partial,
+        float(beta1), float(beta2), float(eps), float(grad_scale), float(ex["alpha"]), float(ex["delta"]),
+        ex["K"] / 2 + 1, SNAPSHOT=snapshot, EXTRAPOLATE=extrapolate is not None, K=ex["K"],
+        **_launch_args(group, all_aligned))
     return combine_stats(partial.double()) if extrapolate else None
