@@ -12,7 +12,7 @@ INTERP  = $(if $(filter 1,$(HAS_GPU)),,TRITON_INTERPRET=1)
 install: $(STAMP)
 
 # --no-build-isolation: the C++ extension (csrc/) builds against the venv's torch.
-$(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp csrc/flat_ops_cuda.cu
+$(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp csrc/flat_ops_cuda.cu gxpo_kernels/extrapolation.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0

@@ -6,9 +6,24 @@ too when torch has CUDA and a CUDA toolkit is found (GXPO_NO_CUDA_EXT=1 skips th
 or with GXPO_NO_EXT=1, the package is pure Python and the CPU path falls back to torch ops.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 from setuptools import setup
+
+HERE = Path(__file__).parent
+
+
+def write_extrapolation_header():
+    """csrc/extrapolation.h from gxpo_kernels/extrapolation.py, the constants' one home (loaded by path:
+    the package's __init__ needs torch and triton)."""
+    spec = importlib.util.spec_from_file_location("extrapolation", HERE / "gxpo_kernels" / "extrapolation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    header = HERE / "csrc" / "extrapolation.h"
+    if not header.exists() or header.read_text() != module.c_header():
+        header.write_text(module.c_header())
 
 
 def extensions():
@@ -33,5 +48,6 @@ def extensions():
     return [ext], cmdclass
 
 
+write_extrapolation_header()
 ext_modules, cmdclass = extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

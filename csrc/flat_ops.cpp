@@ -13,6 +13,8 @@
 #include <optional>
 #include <vector>
 
+#include "extrapolation.h"
+
 namespace {
 
 using GradList = std::vector<std::optional<at::Tensor>>;
@@ -125,9 +127,9 @@ ExtrapSums<T> extrapolate_chunk(T* __restrict p, const T* __restrict g, const T*
     const T abs_a = std::abs(a);
     const bool active = abs_a > delta;
     const T r_raw = b / ((a >= 0 ? T(1) : T(-1)) * std::max(abs_a, delta));
-    const bool clipped = active & (!(std::abs(r_raw) <= big) | (r_raw < T(-2)) | (r_raw > T(3)));
+    const bool clipped = active & (!(std::abs(r_raw) <= big) | (r_raw < T(kRMin)) | (r_raw > T(kRMax)));
     T r = r_raw != r_raw ? T(1) : r_raw;
-    r = std::min(std::max(r, T(-2)), T(3));
+    r = std::min(std::max(r, T(kRMin)), T(kRMax));
     r = active ? r : T(1);
     const T s_2 = T(1) + r;
     const T ratio = geometric_sum<T, K>(r, k_runtime) / s_2;
@@ -179,9 +181,9 @@ void extrapolate_tensor(T* p, const T* g, const T* theta0_ptr, const T* g0_ptr, 
     d_sq += part.d_sq;
     scaled_d_sq += part.scaled_d_sq;
   }
-  const double row[11] = {g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq,
-                          scaled_d_sq};
-  for (int k = 0; k < 11; ++k) out[k] = k == 8 ? std::max(out[k], row[k]) : out[k] + row[k];
+  const double row[kNumStats] = {g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq,
+                                 scaled_d_sq};
+  for (int k = 0; k < kNumStats; ++k) out[k] = k == kMaxStat ? std::max(out[k], row[k]) : out[k] + row[k];
 }
 
 template <typename T, int K>
@@ -205,14 +207,14 @@ void extrapolate_all(std::vector<at::Tensor>& params, const GradList& grads, con
 template <typename T>
 std::vector<double> extrapolate_impl(std::vector<at::Tensor>& params, const GradList& grads, const at::Tensor& theta0,
                                      const at::Tensor& g0, const std::vector<int64_t>& offsets, int64_t K,
-                                     double alpha, double delta, double g1_scale) {
-  std::vector<double> out(11, 0.0);
-  out[8] = 1.0;
+                                     double alpha, double delta, double g1_scale, double scale_hi) {
+  std::vector<double> out(kNumStats, 0.0);
+  out[kMaxStat] = 1.0;
   const T* theta0_ptr = theta0.data_ptr<T>();
   const T* g0_ptr = g0.data_ptr<T>();
   const auto run = [&](auto k_const) {
     extrapolate_all<T, decltype(k_const)::value>(params, grads, theta0_ptr, g0_ptr, offsets, K, T(alpha), T(delta),
-                                                 T(g1_scale), T(K / 2.0 + 1.0), out.data());
+                                                 T(g1_scale), T(scale_hi), out.data());
   };
   switch (K) {  // the usual K unrolled; any other K (tests: 7) loops at run time
     case 2: run(std::integral_constant<int, 2>{}); break;
@@ -255,10 +257,10 @@ std::vector<double> grad_dots(std::vector<at::Tensor> params, GradList grads, at
 
 std::vector<double> extrapolate(std::vector<at::Tensor> params, GradList grads, at::Tensor theta0, at::Tensor g0,
                                 std::vector<int64_t> offsets, int64_t K, double alpha, double delta,
-                                double g1_scale) {
+                                double g1_scale, double scale_hi) {
   check_inputs(params, grads, theta0, offsets);
   return DISPATCH_FLOAT(theta0.scalar_type(), "extrapolate", [&] {
-    return extrapolate_impl<scalar_t>(params, grads, theta0, g0, offsets, K, alpha, delta, g1_scale);
+    return extrapolate_impl<scalar_t>(params, grads, theta0, g0, offsets, K, alpha, delta, g1_scale, scale_hi);
   });
 }
 

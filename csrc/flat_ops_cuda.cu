@@ -10,6 +10,8 @@
 
 #include <cmath>
 
+#include "extrapolation.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -98,7 +100,7 @@ __global__ void grad_dots_kernel(const int64_t* grad_ptrs, BlockMap map, const T
   block_reduce<2>(vals, partial + 2 * blockIdx.x);
 }
 
-// Slots: EXTRAP_STATS in gxpo_kernels/optim/reference.py (8 = scale_max, reduced by max).
+// Slots: EXTRAP_STATS in gxpo_kernels/extrapolation.py (kMaxStat reduced by max), via extrapolation.h.
 template <typename T>
 __global__ void extrapolate_kernel(const int64_t* param_ptrs, const int64_t* grad_ptrs, BlockMap map,
                                    const T* theta0, const T* g0, float* partial, float g1_scale, float alpha,
@@ -106,16 +108,17 @@ __global__ void extrapolate_kernel(const int64_t* param_ptrs, const int64_t* gra
   const Range range = block_range(map);
   T* p = pointer_at<T>(param_ptrs, range.tensor);
   const T* g = pointer_at<T>(grad_ptrs, range.tensor);
-  float vals[11] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 1.f, 0.f, 0.f};
+  float vals[kNumStats] = {};
+  vals[kMaxStat] = 1.f;
   for (int64_t j = range.begin + threadIdx.x; j < range.end; j += kThreads) {
     const float a = static_cast<float>(g0[range.offset + j]);
     const float b = g ? static_cast<float>(g[j]) * g1_scale : 0.f;
     const float abs_a = fabsf(a);
     const bool active = abs_a > delta;
     float r = b / ((a >= 0.f ? 1.f : -1.f) * fmaxf(abs_a, delta));
-    const bool clipped = active && (!isfinite(r) || r < -2.f || r > 3.f);
+    const bool clipped = active && (!isfinite(r) || r < float(kRMin) || r > float(kRMax));
     if (isnan(r)) r = 1.f;
-    r = fminf(fmaxf(r, -2.f), 3.f);
+    r = fminf(fmaxf(r, float(kRMin)), float(kRMax));
     if (!active) r = 1.f;
     float s_k = 1.f;
     for (int k = 1; k < K; ++k) s_k = s_k * r + 1.f;
@@ -141,7 +144,7 @@ __global__ void extrapolate_kernel(const int64_t* param_ptrs, const int64_t* gra
     vals[9] += d * d;
     vals[10] += scale * scale * d * d;
   }
-  block_reduce<11>(vals, partial + 11 * blockIdx.x, 8);
+  block_reduce<kNumStats>(vals, partial + kNumStats * blockIdx.x, kMaxStat);
 }
 
 BlockMap block_map(const at::Tensor& numels, const at::Tensor& offsets, const at::Tensor& block_tensor,
@@ -214,7 +217,7 @@ void extrapolate_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor nu
                       at::Tensor block_tensor, at::Tensor block_start, at::Tensor theta0, at::Tensor g0,
                       at::Tensor partial, double g1_scale, double alpha, double delta, double scale_hi, int64_t K,
                       int64_t block) {
-  check_launch(theta0, partial, 11, block_tensor);
+  check_launch(theta0, partial, kNumStats, block_tensor);
   TORCH_CHECK(K >= 2, "K must be >= 2");
   const c10::cuda::CUDAGuard guard(theta0.device());
   const BlockMap map = block_map(numels, offsets, block_tensor, block_start, block);

@@ -21,6 +21,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 ALIGN_BYTES = 16
+DEVICE_TABLES_KEPT = 16  # pointer and hyperparameter tables per group (params, 3 passes' grads, moments, ...)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class FlatGroup:
     flat_size: int = field(init=False)  # elements of theta0 / g0, alignment padding included
     num_full: int = field(init=False)  # blocks of `block` elements wholly inside their tensor (listed first)
     params_aligned: bool = field(init=False)
+    _device_tables: dict = field(init=False, default_factory=dict, repr=False)
     tables: dict = field(init=False)  # device int64 tensors: numels, offsets, block_tensor, block_start
     theta0: torch.Tensor = field(init=False)
     g0: torch.Tensor = field(init=False)
@@ -98,8 +100,28 @@ class FlatGroup:
 
     def pointer_table(self, tensors) -> torch.Tensor:
         """int64 data pointers (0 for None), on the group's device."""
-        return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64,
-                            device=self.device)
+        return self.device_table([0 if t is None else t.data_ptr() for t in tensors], torch.int64)
+
+    def device_table(self, values, dtype) -> torch.Tensor:
+        """values as a tensor on the group's device, uploaded only the first time these exact values are
+        asked for: in steady state the same parameters, gradient buffers and hyperparameters come back, and
+        a step uploads nothing."""
+        key = (dtype, tuple(values))
+        table = self._device_tables.pop(key, None)
+        if table is None:
+            table = upload(values, dtype, self.device)
+        self._device_tables[key] = table  # most recently used last
+        while len(self._device_tables) > DEVICE_TABLES_KEPT:
+            del self._device_tables[next(iter(self._device_tables))]
+        return table
+
+
+def upload(values, dtype, device) -> torch.Tensor:
+    """The one place the update rules copy host values to the device (tests count the calls). On CUDA from
+    pinned memory without blocking the host: the copy queues behind the kernels already launched."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def aligned(tensors) -> bool:

@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from ..extrapolation import DELTA, EXTRAP_STATS, MAX_STAT, R_MAX, R_MIN, scale_cap
 from ..flat import ALIGN_BYTES, FlatGroup, aligned
-from ..optim.reference import EXTRAP_STATS, R_MAX, R_MIN, extrapolate_reference
+from ..optim.reference import extrapolate_reference
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _R_MIN, _R_MAX = tl.constexpr(R_MIN), tl.constexpr(R_MAX)  # Triton reads module constants as constexpr
@@ -403,12 +404,12 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
     n_stats = len(EXTRAP_STATS)
     if group.total == 0:
         out = torch.zeros(n_stats, dtype=torch.float64, device=group.device)
-        out[EXTRAP_STATS.index("scale_max")] = 1.0
+        out[EXTRAP_STATS.index(MAX_STAT)] = 1.0
         return out
     path = backend.flat_path(group.theta0)
     if path == "cpp":
         sums = backend._C.extrapolate(group.local_params(), grads, group.theta0, group.g0, group.offsets, K,
-                                      float(alpha), float(delta), float(g1_scale))
+                                      float(alpha), float(delta), float(g1_scale), scale_cap(K))
         return torch.tensor(sums, dtype=torch.float64)
     if path == "torch":
         rows = []
@@ -423,7 +424,7 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
     grad_table, grads_aligned = _table(group, grads)
     params = group.pointer_table(group.local_params())
     _launch(path, group, _extrapolate_kernel, "extrapolate_cuda", (params, grad_table),
-            (group.theta0, group.g0, partial, float(g1_scale), float(alpha), float(delta), K / 2 + 1),
+            (group.theta0, group.g0, partial, float(g1_scale), float(alpha), float(delta), scale_cap(K)),
             group.params_aligned and grads_aligned, maxnreg=72, K=K)  # at 64 it spills: 7 programs per SM
     return combine_stats(partial.double())
 
@@ -432,13 +433,13 @@ def interpolate(group: FlatGroup, *, alpha: float) -> torch.Tensor:
     """params <- theta0 + alpha * (params - theta0) (SFPO's partial move); returns sum((params - theta0)^2)
     before the move (float64). It is the extrapolation with g1 = 0: r = 0 and S_K(0) / S_2(0) = 1 for
     every coordinate, so every scale is exactly 1 and no gradient is read."""
-    stats = extrapolate(group, [None] * len(group.params), K=2, alpha=alpha, delta=1e-8)
+    stats = extrapolate(group, [None] * len(group.params), K=2, alpha=alpha, delta=DELTA)
     return stats[EXTRAP_STATS.index("d_sq")]
 
 
 def combine_stats(rows: torch.Tensor) -> torch.Tensor:
-    """Reduce [n, len(EXTRAP_STATS)] partial rows: sums, and max for scale_max."""
+    """Reduce [n, len(EXTRAP_STATS)] partial rows: sums, and max for MAX_STAT."""
     out = rows.sum(0)
-    i = EXTRAP_STATS.index("scale_max")
+    i = EXTRAP_STATS.index(MAX_STAT)
     out[i] = rows[:, i].max()
     return out

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from .. import backend
+from ..extrapolation import EXTRAP_STATS, scale_cap
 from ..flat import FlatGroup
-from ..optim.reference import EXTRAP_STATS
 from .flat_ops import (
     _add_stats,
     _address,
@@ -35,17 +35,19 @@ from .flat_ops import (
 
 @triton.jit
 def _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor, block_start, lr_t,
-                 wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr, beta1, beta2, eps, grad_scale, alpha, delta, scale_max,
-                 SNAPSHOT: tl.constexpr, EXTRAPOLATE: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr,
-                 BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 wd_t, bc1_t, bc2_sqrt_t, lr_s, wd_s, bc1_s, bc2_sqrt_s, theta0_ptr, g0_ptr, beta1, beta2, eps,
+                 grad_scale, alpha, delta, scale_max, PER_TENSOR: tl.constexpr, SNAPSHOT: tl.constexpr,
+                 EXTRAPOLATE: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                 ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
     p_ptr = _address(param_ptrs, t, DTYPE, ALIGNED)
     g_addr = tl.load(grad_ptrs + t)
-    lr = tl.load(lr_t + t)
-    decay = 1.0 - lr * tl.load(wd_t + t)
-    step = lr / tl.load(bc1_t + t)
-    bc2_sqrt = tl.load(bc2_sqrt_t + t)
+    if PER_TENSOR:
+        lr, wd, bc1, bc2_sqrt = tl.load(lr_t + t), tl.load(wd_t + t), tl.load(bc1_t + t), tl.load(bc2_sqrt_t + t)
+    else:
+        lr, wd, bc1, bc2_sqrt = lr_s, wd_s, bc1_s, bc2_sqrt_s
+    decay = 1.0 - lr * wd
+    step = lr / bc1
     for k in tl.static_range(BLOCK // (ROWS * G)):
         idx = _tile(start, k, ROWS, G)
         p = _ld(p_ptr, idx, numel, MASKED)
@@ -77,23 +79,23 @@ def _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offset
 
 @triton.jit
 def _adamw_kernel(param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor, block_start, num_full,
-                  lr_t, wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr, partial_ptr, beta1, beta2, eps, grad_scale,
-                  alpha, delta, scale_max, SNAPSHOT: tl.constexpr, EXTRAPOLATE: tl.constexpr, K: tl.constexpr,
-                  DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, BPP: tl.constexpr,
-                  ALIGNED: tl.constexpr):
+                  lr_t, wd_t, bc1_t, bc2_sqrt_t, lr_s, wd_s, bc1_s, bc2_sqrt_s, theta0_ptr, g0_ptr, partial_ptr, beta1,
+                  beta2, eps, grad_scale, alpha, delta, scale_max, PER_TENSOR: tl.constexpr, SNAPSHOT: tl.constexpr,
+                  EXTRAPOLATE: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                  ROWS: tl.constexpr, G: tl.constexpr, BPP: tl.constexpr, ALIGNED: tl.constexpr):
     pid, n_full_programs, first, end = _program(num_full, BPP)
     acc = _zero_stats(ROWS)
     if pid < n_full_programs:
         for blk in range(first, end):
             acc = _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor,
-                               block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr, beta1, beta2, eps,
-                               grad_scale, alpha, delta, scale_max, SNAPSHOT, EXTRAPOLATE, K, DTYPE, BLOCK, ROWS, G,
-                               ALIGNED, False)
+                               block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, lr_s, wd_s, bc1_s, bc2_sqrt_s, theta0_ptr,
+                               g0_ptr, beta1, beta2, eps, grad_scale, alpha, delta, scale_max, PER_TENSOR, SNAPSHOT,
+                               EXTRAPOLATE, K, DTYPE, BLOCK, ROWS, G, ALIGNED, False)
     else:
         acc = _adamw_block(num_full + pid - n_full_programs, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels,
-                           offsets, block_tensor, block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, theta0_ptr, g0_ptr,
-                           beta1, beta2, eps, grad_scale, alpha, delta, scale_max, SNAPSHOT, EXTRAPOLATE, K, DTYPE,
-                           BLOCK, ROWS, G, False, True)
+                           offsets, block_tensor, block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, lr_s, wd_s, bc1_s,
+                           bc2_sqrt_s, theta0_ptr, g0_ptr, beta1, beta2, eps, grad_scale, alpha, delta, scale_max,
+                           PER_TENSOR, SNAPSHOT, EXTRAPOLATE, K, DTYPE, BLOCK, ROWS, G, False, True)
     if EXTRAPOLATE:
         _store_stats(partial_ptr, pid, acc)
 
@@ -111,16 +113,23 @@ def adamw_step(group: FlatGroup, grads, exp_avgs, exp_avg_sqs, lr, weight_decay,
     n_stats = len(EXTRAP_STATS)
     if group.total == 0:
         return None
-    per_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=group.device)  # noqa: E731
     ex = extrapolate or {"K": 2, "alpha": 1.0, "delta": 1.0}
+    # One (lr, weight decay, bias corrections) for every tensor that steps: kernel arguments, nothing to
+    # upload. Otherwise per-tensor tables, uploaded only when their values change.
+    stepping = [i for i, g in enumerate(grads) if g is not None]
+    hyper = list(zip(lr, weight_decay, bc1, bc2_sqrt, strict=True))
+    shared = len({hyper[i] for i in stepping}) <= 1
+    scalars = hyper[stepping[0]] if stepping else (0.0, 0.0, 1.0, 1.0)
+    tables = [group.tables["numels"]] * 4 if shared else [group.device_table(xs, torch.float32)
+                                                           for xs in (lr, weight_decay, bc1, bc2_sqrt)]
     programs = num_programs(group)
     partial = backend.empty(programs if extrapolate else 1, n_stats, dtype=torch.float32, device=group.device)
     tensors = (group.local_params(), grads, exp_avgs, exp_avg_sqs)
     all_aligned = group.params_aligned and all(aligned(ts) for ts in tensors[1:])
     _adamw_kernel[(programs,)](
-        *(group.pointer_table(ts) for ts in tensors), *_tables(group), group.num_full, per_tensor(lr),
-        per_tensor(weight_decay), per_tensor(bc1), per_tensor(bc2_sqrt), group.theta0, group.g0, partial,
+        *(group.pointer_table(ts) for ts in tensors), *_tables(group), group.num_full, *tables,
+        *(float(x) for x in scalars), group.theta0, group.g0, partial,
         float(beta1), float(beta2), float(eps), float(grad_scale), float(ex["alpha"]), float(ex["delta"]),
-        ex["K"] / 2 + 1, SNAPSHOT=snapshot, EXTRAPOLATE=extrapolate is not None, K=ex["K"],
+        scale_cap(ex["K"]), PER_TENSOR=not shared, SNAPSHOT=snapshot, EXTRAPOLATE=extrapolate is not None, K=ex["K"],
         **_launch_args(group, all_aligned))
     return combine_stats(partial.double()) if extrapolate else None

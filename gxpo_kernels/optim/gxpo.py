@@ -5,10 +5,10 @@ import math
 
 import torch
 
+from ..extrapolation import DELTA, EXTRAP_STATS, TINY_G0_NORM
 from ..ops import flat_ops
 from .gate import ZScoreGate
 from .presets import DEFAULT_GXPO_PRESET, GXPO_PRESETS, resolve
-from .reference import EXTRAP_STATS
 from .rule import UpdateRule
 
 # trajectory: pre-clip ||g~|| of the corrective pass; g0: pre-clip ||g0||; entropy: the corrective pass's
@@ -40,7 +40,7 @@ class GXPO(UpdateRule):
 
     def __init__(self, params, base=torch.optim.AdamW, preset=DEFAULT_GXPO_PRESET, K=None, alpha=None, tau=None,
                  gate=None, gate_stat=None, omega=None, window=None, warmup=None, patience=1, fallback="permanent",
-                 fallback_window=10, optimizer_state="accumulate", max_grad_norm=None, delta=1e-8,
+                 fallback_window=10, optimizer_state="accumulate", max_grad_norm=None, delta=DELTA,
                  allow_bf16_params=False, **base_kwargs):
         h = resolve(GXPO_PRESETS, preset, "GXPO", K=K, alpha=alpha, tau=tau, gate=gate, gate_stat=gate_stat,
                     omega=omega, window=window, warmup=warmup)
@@ -67,7 +67,7 @@ class GXPO(UpdateRule):
         if self.gate_stat == "entropy":
             self._check_entropy(metrics)
         g0_norm = self._snapshot(groups)
-        if not math.isfinite(g0_norm) or g0_norm <= 1e-8:
+        if not math.isfinite(g0_norm) or g0_norm <= TINY_G0_NORM:
             reason = "tiny_g0" if math.isfinite(g0_norm) else "nonfinite_g0"
             if reason == "tiny_g0":
                 self._base_step(g0_norm)
@@ -87,15 +87,16 @@ class GXPO(UpdateRule):
         else:
             g1_scale = 1.0 / self._clip(g1_norm)
             self.base.step()  # theta2
-            sums = sum(flat_ops.extrapolate(g, g.local_grads(), K=self.K, alpha=self.alpha, delta=self.delta,
-                                            g1_scale=g1_scale) for g in groups)
-        n_total = sums.new_tensor([float(sum(g.total for g in groups))])  # rides along in the same reduction
-        *sums, n_total = self._all_reduce(torch.cat([sums, n_total]), with_max=True).tolist()
-        sums = dict(zip(EXTRAP_STATS, sums, strict=True))
+            sums = flat_ops.combine_stats(torch.stack([
+                flat_ops.extrapolate(g, g.local_grads(), K=self.K, alpha=self.alpha, delta=self.delta,
+                                     g1_scale=g1_scale).to(groups[0].device) for g in groups]))
+        n_total = self._n_total(groups)
+        sums = self._all_reduce(sums, with_max=True)  # read with pass 3's norms: one host read per pass
         self._load_optimizer_state(saved_state)
 
         _, metrics = self._closure_pass(closure)  # at theta_tilde
-        gt_norm, g0_gt = self._grad_norm(groups, with_g0=True)
+        gt_norm, g0_gt, sums = self._read_with(self._grad_dots(groups, with_g0=True), sums)
+        sums = dict(zip(EXTRAP_STATS, sums, strict=True))
         if not math.isfinite(gt_norm):
             self._restore_theta0_and_step_with_g0(groups, g0_norm)
             return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)

@@ -6,10 +6,9 @@ one launch per dtype group and reduce the same diagnostics.
 
 import torch
 
-R_MIN, R_MAX = -2.0, 3.0
-# Sums (and one max) reduced over all coordinates; the kernels write them in this order.
-EXTRAP_STATS = ("g0_sq", "g1_sq", "g0_g1", "n_active", "r_sum", "r_sq", "n_clipped", "scale_sum", "scale_max",
-                "d_sq", "scaled_d_sq")
+from ..extrapolation import DELTA, EXTRAP_STATS, R_MAX, R_MIN, scale_cap
+
+__all__ = ["EXTRAP_STATS", "R_MAX", "R_MIN", "extrapolate_reference", "geometric_sum", "retention_scale"]
 
 
 def geometric_sum(r, n: int):
@@ -29,11 +28,11 @@ def retention_scale(g0, g1, K: int, delta: float):
     r = torch.where(active, r, 1.0)
     s2 = 1 + r
     scale = torch.where(s2.abs() > delta, geometric_sum(r, K) / s2, 1.0)
-    scale = torch.where(torch.isfinite(scale), scale, 1.0).clamp(1.0, K / 2 + 1)
+    scale = torch.where(torch.isfinite(scale), scale, 1.0).clamp(1.0, scale_cap(K))
     return torch.where(active, scale, 1.0), r, active, clipped
 
 
-def extrapolate_reference(theta0, theta2, g0, g1, *, K: int, alpha: float, delta: float = 1e-8):
+def extrapolate_reference(theta0, theta2, g0, g1, *, K: int, alpha: float, delta: float = DELTA):
     """theta_tilde = theta0 + alpha * scale * (theta2 - theta0), and the diagnostics' sums."""
     scale, r, active, clipped = retention_scale(g0, g1, K, delta)
     d = theta2 - theta0

@@ -62,6 +62,8 @@ class UpdateRule(torch.optim.Optimizer):
         self.steps = 0
         self.last_stats = {}
         self._cache = GroupCache(BLOCK)
+        if isinstance(self.base, FlatAdamW):  # one set of flat groups: shared tables, no second theta0 / g0
+            self.base._cache = self._cache
 
     @property
     def active(self) -> bool:
@@ -101,11 +103,29 @@ class UpdateRule(torch.optim.Optimizer):
                              "(loss, {'entropy_mean': H}) from the closure (grpo_loss(..., return_entropy=True) "
                              "gives it), or choose gate='never' or another gate statistic")
 
+    def _grad_dots(self, groups, with_g0=False) -> torch.Tensor:
+        """[||g||^2, <g0, g>] over all ranks, of the current gradients before clipping, on the device."""
+        return self._all_reduce(sum(flat_ops.grad_dots(g, g.local_grads(), with_g0) for g in groups))
+
     def _grad_norm(self, groups, with_g0=False):
-        """(||g||, <g0, g>) over all ranks, of the current gradients, before clipping."""
-        dots = sum(flat_ops.grad_dots(g, g.local_grads(), with_g0) for g in groups)
-        dots = self._all_reduce(dots).tolist()
+        """(||g||, <g0, g>): one host read."""
+        dots = self._grad_dots(groups, with_g0).tolist()
         return math.sqrt(dots[0]), dots[1]
+
+    def _read_with(self, dots: torch.Tensor, extra: torch.Tensor) -> tuple:
+        """(||g||, <g0, g>, extra as floats) in one host read."""
+        values = torch.cat([dots.double(), extra.to(dots.device, torch.float64).reshape(-1)]).tolist()
+        return math.sqrt(values[0]), values[1], values[2:]
+
+    def _n_total(self, groups) -> float:
+        """Coordinates over all ranks; counted (one all-reduce) once per parameter set."""
+        if getattr(self, "_n_total_of", None) is not self._cache.groups:
+            local_n = sum(g.total for g in groups)
+            if self._sharded():
+                vec = torch.tensor([float(local_n)], dtype=torch.float64, device=groups[0].device)
+                local_n = self._all_reduce(vec).item()
+            self._n_total_of, self._n_total_value = self._cache.groups, float(local_n)
+        return self._n_total_value
 
     def _clip_coef(self, norm: float) -> float:
         if self.max_grad_norm is None or norm <= self.max_grad_norm:

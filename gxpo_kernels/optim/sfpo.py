@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..extrapolation import DELTA
 from ..ops import flat_ops
 from .gate import ZScoreGate
 from .presets import DEFAULT_SFPO_PRESET, SFPO_PRESETS, resolve
@@ -24,7 +25,7 @@ class SFPO(UpdateRule):
 
     def __init__(self, params, base=torch.optim.AdamW, preset=DEFAULT_SFPO_PRESET, K=None, alpha=None, tau=None,
                  gate=None, omega=None, window=None, warmup=None, patience=1, fallback="permanent", fallback_window=10,
-                 optimizer_state="accumulate", max_grad_norm=None, delta=1e-8, allow_bf16_params=False,
+                 optimizer_state="accumulate", max_grad_norm=None, delta=DELTA, allow_bf16_params=False,
                  **base_kwargs):
         h = resolve(SFPO_PRESETS, preset, "SFPO", K=K, alpha=alpha, tau=tau, gate=gate, omega=omega, window=window,
                     warmup=warmup)
@@ -63,11 +64,12 @@ class SFPO(UpdateRule):
             self._base_step(norm)
         # theta_tilde = theta0 + alpha * (theta_K - theta0), one pass per group
         step_sq = sum(flat_ops.interpolate(g, alpha=self.alpha).to(groups[0].device) for g in groups)
-        step_norm = math.sqrt(self._all_reduce(step_sq.reshape(1)).item())
+        step_sq = self._all_reduce(step_sq.reshape(1))  # read with the corrective pass's norm
         self._load_optimizer_state(saved_state)
 
         _, metrics = self._closure_pass(closure)  # the corrective pass, at theta_tilde
-        norm, _ = self._grad_norm(groups)
+        norm, _, (step_sq,) = self._read_with(self._grad_dots(groups), step_sq)
+        step_norm = math.sqrt(step_sq)
         if not math.isfinite(norm):
             self._restore_theta0_and_step_with_g0(groups, g0_norm)
             return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)
