@@ -256,8 +256,10 @@ def flat_launches(numels=(4096, 1000, 16, 4100)):
         flat_ops.restore(group)
         for kwargs in ({}, {"snapshot": True}, {"extrapolate": {"K": 3, "alpha": 0.5, "delta": 1e-8}}):
             adamw_step(group, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8, **kwargs)
+        lrs = [1e-3 * (i + 1) for i in range(len(numels))]  # per-tensor hyperparameters: the table variant
+        adamw_step(group, grads, *state, lrs, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8)
     labels = ["snapshot", "grad_norm", "extrapolate", "grad_dots_g0", "restore", "adamw", "adamw_snapshot",
-              "adamw_extrapolate"]
+              "adamw_extrapolate", "adamw_per_tensor"]
     assert len(launches) == len(labels), [launch.name for launch in launches]
     return list(zip(labels, launches, strict=True)), sum(numels)
 
