@@ -46,14 +46,16 @@ def plan_bins(lengths: list, budget: int) -> list:
     return [sorted(b) for b in bins]
 
 
-def pack(batch, budget: int) -> list:
-    """The batch's rows as packed micro-batches (see the module docstring)."""
+def pack(batch, budget: int, rows: list | None = None) -> list:
+    """The batch's rows (all, or the given ones) as packed micro-batches (see the module docstring)."""
     P, T = batch.prompt_len, batch.completion_ids.shape[1]
     device = batch.input_ids.device
     attention = batch.attention_mask.bool()
-    lengths = sequence_lengths(batch).tolist()
+    all_lengths = sequence_lengths(batch).tolist()
+    chosen = list(range(len(all_lengths))) if rows is None else list(rows)
     micro = []
-    for rows in plan_bins(lengths, budget):
+    for bin_ in plan_bins([all_lengths[r] for r in chosen], budget) if chosen else []:
+        rows = [chosen[i] for i in bin_]
         ids, pos, index = [], [], torch.zeros(len(rows), T, dtype=torch.long, device=device)
         offset = 0
         for j, r in enumerate(rows):

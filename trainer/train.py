@@ -215,9 +215,9 @@ def train(cfg: TrainConfig, log=None) -> Path:
                       **rule_stats,
                       "backward_passes": backward_passes, "lr": scheduler.get_last_lr()[0], "world_size": d.world,
                       **closure.stats}
-            if batch.sampled_logp is not None:  # the engine's log-probs against the trainer's pass 1
-                gap, n_tokens = d.sum([((batch.sampled_logp - closure.old_logp_BT).abs() * batch.completion_mask).sum(),
-                                       batch.completion_mask.sum()])
+            if batch.sampled_logp is not None:  # the engine's log-probs against the trainer's pass 1 (trained rows)
+                mask = closure.trained_mask
+                gap, n_tokens = d.sum([((batch.sampled_logp - closure.old_logp_BT).abs() * mask).sum(), mask.sum()])
                 record["rollout/logp_abs_diff"] = gap / max(n_tokens, 1)
             update_time = sum(closure.pass_times)
             record["tokens_per_s"] = tokens * len(closure.pass_times) / update_time if update_time > 0 else float("nan")
