@@ -3,7 +3,7 @@ alternatives and against the hardware's floor.
 
   gxpo-bench kernels [--fast] [--out FILE.json]
   gxpo-bench step [--model smollm2-135m] [--algo grpo,sfpo,gxpo] [--pack on|off|both] [--ckpt full]
-                  [--lengths uniform|longtail] [--fast] [--out FILE.json]
+                  [--lengths uniform|longtail] [--zero-adv-frac F] [--fast] [--out FILE.json]
   gxpo-bench static [--json FILE.json] [--md FILE.md] [--no-liger] [--N 16384] [--V 151936] [--params 1.5e9]
   gxpo-bench compare A.json B.json [--threshold 1.10]
 
@@ -83,11 +83,16 @@ def run_step(args) -> dict:
         if args.pack in ("off", "both"):
             variants.append((a if args.pack == "off" else f"{a}+nopack",
                              [*common, ("loss.pack", "false"), ("loss.micro_batch_size", str(args.micro_batch))]))
-    per_algo = step.bench_algos(variants, model, (B, P, T), steps, warmup, args.beta, device, args.lengths)
+    if args.zero_adv_frac:  # each rule also without skipping, side by side: the time skipping saves
+        variants += [(f"{name}+noskip", [*overrides, ("loss.skip_zero_advantage", "false")])
+                     for name, overrides in list(variants) if "+" not in name]
+    per_algo = step.bench_algos(variants, model, (B, P, T), steps, warmup, args.beta, device, args.lengths,
+                                args.zero_adv_frac)
     real_tokens = int(step.synthetic_batch(100, B, P, T, "cpu", distribution=args.lengths).attention_mask.sum())
     return {**results.header("step", device, args.fast, args.command),
             "setup": {"model": model, "batch": B, "prompt_len": P, "completion_len": T, "real_tokens": real_tokens,
                       "steps": steps, "warmup": warmup, "beta": args.beta, "lengths": args.lengths,
+                      "zero_adv_frac": args.zero_adv_frac,
                       "pack": args.pack, "ckpt": args.ckpt, "max_tokens": args.max_tokens},
             "algos": per_algo, "ratios": step.ratios(per_algo)}
 
@@ -132,6 +137,8 @@ def main(argv=None):
     s.add_argument("--pack", choices=("on", "off", "both"), default="on",
                    help="packed micro-batches (default), padded rows, or both side by side with their ratios")
     s.add_argument("--ckpt", choices=("off", "full", "selective"), default="off", help="activation checkpointing")
+    s.add_argument("--zero-adv-frac", type=float, default=0.0,
+                   help="share of completions with zero advantage; adds each rule without skipping, side by side")
     s.add_argument("--lengths", choices=("uniform", "longtail"), default="uniform",
                    help="completion lengths: uniform in [T/4, T] or log-normal around T/8")
     s.add_argument("--max-tokens", type=int, default=0, help="packed: tokens per micro-batch (0: one)")

@@ -72,7 +72,7 @@ class AlgoBench:
     """One update rule on its own copy of the model (same seed for all), stepped on the fixed batch."""
 
     def __init__(self, name: str, model_name: str, batch_shape: tuple, beta: float, device, overrides=(),
-                 distribution="uniform"):
+                 distribution="uniform", zero_adv_frac: float = 0.0):
         self.algo, self.device = name, device
         self.cfg = load_config(overrides=[("model", model_name), ("algo", name.split("+")[0]), ("gxpo.gate", "never"),
                                           ("sfpo.gate", "never"), ("loss.beta", str(beta)),
@@ -90,7 +90,9 @@ class AlgoBench:
         self.rule = make_update_rule(self.cfg, self.params)
         self.opt_timer = _TimedStep(base_optimizer(self.rule), device)
         self.batch = synthetic_batch(len(tokenizer), *batch_shape, device, distribution=distribution)
-        self.adv = torch.randn(batch_shape[0], generator=torch.Generator().manual_seed(1)).to(device)
+        self.adv = torch.randn(batch_shape[0], generator=torch.Generator().manual_seed(1))
+        self.adv[:round(zero_adv_frac * batch_shape[0])] = 0.0  # zero-variance groups' completions
+        self.adv = self.adv.to(device)
         self.per_token = train_flops_per_token(model, int(self.batch.attention_mask.sum(1).float().mean()))
         self.peak = peak_flops(device)
         self.rows = []
@@ -136,10 +138,10 @@ class AlgoBench:
 
 
 def bench_algos(variants: list, model_name: str, batch_shape: tuple, steps: int, warmup: int, beta: float,
-                device, distribution: str = "uniform") -> dict:
+                device, distribution: str = "uniform", zero_adv_frac: float = 0.0) -> dict:
     """variants: (name, config overrides); the algorithm is the name up to "+". Steps them in turn
     (grpo, sfpo, gxpo, grpo, ...) so that drift in the machine's speed hits all alike; medians each."""
-    benches = [AlgoBench(name, model_name, batch_shape, beta, device, overrides, distribution)
+    benches = [AlgoBench(name, model_name, batch_shape, beta, device, overrides, distribution, zero_adv_frac)
                for name, overrides in variants]
     for i in range(warmup + steps):
         for b in benches:
@@ -155,7 +157,8 @@ def summarize(algo: str, rows: list) -> dict:
            "phases_ms": {k: 1e3 * med([r["times"][k] for r in rows]) for k in keys + ["unaccounted"]},
            "passes_per_step": rows[0]["passes"], "rule_passes_per_step": rows[0]["rule_passes"],
            "tokens_per_s": med([r["tokens_per_s"] for r in rows]), "steps": rows}
-    for key in ("mfu", "peak_mem_gib", "pack/padding_frac_padded", "pack/padding_frac_packed"):
+    for key in ("mfu", "peak_mem_gib", "pack/padding_frac_padded", "pack/padding_frac_packed",
+                "pack/skipped_token_frac"):
         if key in rows[0]:
             out[key] = med([r[key] for r in rows])
     return out
@@ -184,4 +187,7 @@ def ratios(results: dict) -> dict:
             out[f"{name}: tokens/s packed / padded"] = r["tokens_per_s"] / padded["tokens_per_s"]
             if "peak_mem_gib" in r:
                 out[f"{name}: peak memory packed / padded"] = r["peak_mem_gib"] / padded["peak_mem_gib"]
+        unskipped = results.get(f"{name}+noskip")
+        if "+" not in name and unskipped is not None:
+            out[f"{name}: step without / with zero-advantage skipping"] = unskipped["step_ms"] / r["step_ms"]
     return out

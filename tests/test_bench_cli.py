@@ -93,6 +93,16 @@ def test_step_packed_vs_padded_ratios(tmp_path):
     assert result["setup"]["ckpt"] == "full" and result["setup"]["lengths"] == "longtail"
 
 
+def test_step_reports_the_time_zero_advantage_skipping_saves(tmp_path):
+    out = tmp_path / "s.json"
+    gxpo_bench("step", "--fast", "--algo", "grpo", "--zero-adv-frac", "0.5", "--out", str(out))
+    result = json.loads(out.read_text())
+    skipping, full = result["algos"]["grpo"], result["algos"]["grpo+noskip"]
+    assert 0.3 < skipping["pack/skipped_token_frac"] < 0.7 and full["pack/skipped_token_frac"] == 0
+    assert result["ratios"]["grpo: step without / with zero-advantage skipping"] == pytest.approx(
+        full["step_ms"] / skipping["step_ms"])
+
+
 def test_bad_arguments_are_named():
     proc = gxpo_bench("step", "--fast", "--algo", "grpo,ppo", check=False)
     assert proc.returncode != 0 and "['ppo'] not among" in proc.stderr

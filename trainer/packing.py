@@ -71,10 +71,12 @@ def pack(batch, budget: int, rows: list | None = None) -> list:
     return micro
 
 
-def padding_fractions(batch, micro: list | None) -> dict:
-    """Share of padding in the padded batch, and in the packed micro-batches when there are some."""
+def padding_fractions(batch, micro: list | None, rows: list | None = None) -> dict:
+    """Share of padding in the padded batch, and in the packed micro-batches (of `rows`, default all) when
+    there are some."""
     real = float(batch.attention_mask.sum())
     out = {"pack/padding_frac_padded": 1 - real / batch.attention_mask.numel()}
     if micro is not None:
-        out["pack/padding_frac_packed"] = 1 - real / max(1, sum(m.num_tokens for m in micro))
+        packed_real = real if rows is None else float(batch.attention_mask[rows].sum())
+        out["pack/padding_frac_packed"] = 1 - packed_real / max(1, sum(m.num_tokens for m in micro))
     return out

@@ -98,7 +98,7 @@ class LossClosure:
             size, device = loss_cfg.micro_batch_size or B, self.batch.completion_ids.device
             plan = [(torch.tensor(self.rows[i:i + size], device=device), None)
                     for i in range(0, len(self.rows), size)]
-        self.stats = padding_fractions(self.batch, [m for _, m in plan] if loss_cfg.pack else None)
+        self.stats = padding_fractions(self.batch, [m for _, m in plan] if loss_cfg.pack else None, self.rows)
         most, fewest = self.dist.max(len(plan)), -self.dist.max(-len(plan))
         self.stats.update({"micro_batches_max": most, "micro_batches_min": fewest})
         return plan + [(None, None)] * (most - len(plan))
