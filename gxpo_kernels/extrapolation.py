@@ -1,4 +1,4 @@
-"""The one home of GXPO's extrapolation constants (DESIGN.md, step 3) and of the layout of its
+"""The one home of GXPO's extrapolation constants (docs/algorithm.md, step 3) and of the layout of its
 statistics. The torch reference, the Triton kernels and (through csrc/extrapolation.h, generated from
 this file by setup.py and checked by tests/test_extrapolation_constants.py) the C++ and CUDA kernels all
 take them from here, so a change is one edit. A leaf module: it imports nothing of the package."""

@@ -122,7 +122,7 @@ def check_extrapolated(params, theta0, theta2, g0, grads, stats, *, K, alpha, g1
 
 
 def test_retention_scale_rules():
-    """The clamp and fallback rules of DESIGN.md step 3, coordinate by coordinate."""
+    """The clamp and fallback rules of docs/algorithm.md, step 3, coordinate by coordinate."""
     g0 = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -2.0, 0.0, 1e-9, 1.0], dtype=torch.float64)
     g1 = torch.tensor([0.5, 10.0, -5.0, float("nan"), float("inf"), 1.0, 3.0, 1.0, -1.0], dtype=torch.float64)
     scale, r, active, clipped = retention_scale(g0, g1, K=5, delta=1e-8)

@@ -1,5 +1,5 @@
 """GXPO: two fast steps, per-coordinate retention-ratio extrapolation to a virtual K-step point,
-a partial move, one corrective step; a z-score gate falls back to one-pass GRPO (DESIGN.md)."""
+a partial move, one corrective step; a z-score gate falls back to one-pass GRPO (docs/algorithm.md)."""
 
 import math
 

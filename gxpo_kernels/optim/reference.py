@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of GXPO's per-coordinate extrapolation (DESIGN.md, step 3).
+"""Plain PyTorch reference of GXPO's per-coordinate extrapolation (docs/algorithm.md, step 3).
 
 Elementwise on one tensor; the flat-buffer kernels compute the same thing over all parameters in
 one launch per dtype group and reduce the same diagnostics.
