@@ -24,7 +24,8 @@ def test_presets_resolve_and_fields_override(tmp_path):
 @pytest.mark.parametrize("key,value", [
     ("gxpo.alpha", "2"), ("gxpo.K", "1"), ("gxpo.gate", "bogus"), ("gxpo.gate_stat", "loss"), ("gxpo.tau", "0"),
     ("gxpo.preset", "best"), ("sfpo.alpha", "-1"), ("sfpo.window", "0"), ("sfpo.preset", "x"),
-    ("gxpo.optimizer_state", "sometimes"), ("loss.log_ratio_clamp", "0"),
+    ("gxpo.optimizer_state", "sometimes"), ("loss.log_ratio_clamp", "0"), ("optim.betas", "0.9"),
+    ("optim.betas", "0.9,1.5"), ("optim.weight_decay", "-0.1"), ("optim.max_grad_norm", "0"),
 ])
 def test_bad_values_name_their_key(key, value):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
