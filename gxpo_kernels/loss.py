@@ -35,7 +35,8 @@ def grpo_loss(
     loss is capped at -c * A (dual clip); plus beta * k3 KL to ref_logp. A token with A == 0 has policy
     loss and gradient 0 even where rho overflows. log_ratio_clamp = c clamps logp - old_logp to [-c, c]
     before exp, with no gradient through rho outside it (verl's guard, c = 20; default off). Aggregated over the mask by
-    loss_agg. The gradient is computed in the forward; inplace=True lets the Triton kernel write it
+    loss_agg. On the Triton path the gradient is written in the backward (grad_output folded in on the
+    device; elsewhere it is computed in the forward and scaled); inplace=True lets the kernel write it
     over the logits (saves an [N, V] buffer; the logits hold dlogits afterwards, so nothing else may
     need them).
 

@@ -11,6 +11,7 @@ import tomllib
 from gxpo_kernels.optim.gate import GATES
 from gxpo_kernels.optim.gxpo import GATE_STATS
 from gxpo_kernels.optim.presets import DEFAULT_GXPO_PRESET, DEFAULT_SFPO_PRESET, GXPO_PRESETS, SFPO_PRESETS, resolve
+from gxpo_kernels.optim.rule import OPTIMIZER_STATES
 
 ALGOS = ("grpo", "sfpo", "gxpo")
 
@@ -303,8 +304,7 @@ def validate(cfg: TrainConfig):
         ("gxpo.gate_stat", cfg.gxpo.gate_stat in GATE_STATS, f"one of {GATE_STATS}"),
         ("gxpo.window", cfg.gxpo.window >= 1, ">= 1"),
         ("gxpo.warmup", cfg.gxpo.warmup >= 0, ">= 0"),
-        ("gxpo.optimizer_state", cfg.gxpo.optimizer_state in ("accumulate", "transactional"),
-         "'accumulate' or 'transactional'"),
+        ("gxpo.optimizer_state", cfg.gxpo.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}"),
         ("sfpo.K", cfg.sfpo.K >= 1, ">= 1"),
         ("sfpo.alpha", 0 < cfg.sfpo.alpha <= 1, "in (0, 1]"),
         ("sfpo.tau", cfg.sfpo.tau > 0, "> 0"),

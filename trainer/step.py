@@ -72,10 +72,9 @@ class LossClosure:
         self.rows = self._trained_rows()
         self.trained_mask = torch.zeros_like(batch.completion_mask)
         self.trained_mask[self.rows] = batch.completion_mask[self.rows]
-        skipped, self.trained_tokens = dist.sum([(batch.completion_mask & ~self.trained_mask).sum(),
-                                                 self.trained_mask.sum()])
+        self.trained_tokens = dist.sum([self.trained_mask.sum()])[0]
         self.micro_batches = self._plan()
-        self.stats["pack/skipped_token_frac"] = skipped / max(self.total_tokens, 1.0)
+        self.stats["pack/skipped_token_frac"] = 1 - self.trained_tokens / max(self.total_tokens, 1.0)
 
     def _trained_rows(self) -> list:
         B = self.batch.completion_ids.shape[0]

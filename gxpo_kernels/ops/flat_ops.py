@@ -19,6 +19,7 @@ from ..optim.reference import extrapolate_reference
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _R_MIN, _R_MAX = tl.constexpr(R_MIN), tl.constexpr(R_MAX)  # Triton reads module constants as constexpr
+_N_STATS, _MAX_SLOT = tl.constexpr(len(EXTRAP_STATS)), tl.constexpr(EXTRAP_STATS.index(MAX_STAT))
 
 
 BLOCKS_PER_PROGRAM = 16  # full blocks one program walks, its statistics kept in registers throughout
@@ -241,18 +242,12 @@ def _zero_stats(ROWS: tl.constexpr):
 @triton.jit
 def _store_stats(partial_ptr, pid, acc):
     """The program's 11 statistics, reduced across its rows once."""
-    out = partial_ptr + 11 * pid
-    tl.store(out + 0, tl.sum(acc[0], 0))
-    tl.store(out + 1, tl.sum(acc[1], 0))
-    tl.store(out + 2, tl.sum(acc[2], 0))
-    tl.store(out + 3, tl.sum(acc[3], 0))
-    tl.store(out + 4, tl.sum(acc[4], 0))
-    tl.store(out + 5, tl.sum(acc[5], 0))
-    tl.store(out + 6, tl.sum(acc[6], 0))
-    tl.store(out + 7, tl.sum(acc[7], 0))
-    tl.store(out + 8, tl.max(acc[8], 0))
-    tl.store(out + 9, tl.sum(acc[9], 0))
-    tl.store(out + 10, tl.sum(acc[10], 0))
+    out = partial_ptr + _N_STATS * pid
+    for k in tl.static_range(_N_STATS):
+        if k == _MAX_SLOT:
+            tl.store(out + k, tl.max(acc[k], 0))
+        else:
+            tl.store(out + k, tl.sum(acc[k], 0))
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """GRPO token-level clipped loss from logits: Triton kernels, launchers, autograd.Function.
 
 One program per token row (a 1-D grid, so any number of tokens). Pass 1 (forward) reads the row once:
-per-lane online log-sum-exp (and entropy), the per-token loss and statistics, and the row's gradient
+an online log-sum-exp over in-thread groups (and entropy), the per-token loss and statistics, and the row's gradient
 coefficient. Pass 2 (backward) reads it again and writes dlogits, grad_output folded into the
 coefficient (read on the device), in place of the logits if the caller allows: read, read, write of
 [N, V] per training step whatever grad_output is. Rows with zero weight (masked tokens) skip pass 1 and
@@ -27,6 +27,9 @@ class LossConfig:
     beta: float = 0.0
     with_entropy: bool = False
     log_ratio_clamp: float | None = None  # verl's clamp of logp - old_logp before exp (their default: 20)
+
+
+_LOG2E, _LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # Triton reads constexprs
 
 
 @triton.jit
@@ -70,7 +73,7 @@ def _grpo_loss_fwd_kernel(
         m = tl.full([R], -1e30, tl.float32)
         s = tl.zeros([R], tl.float32)
         ez = tl.zeros([R], tl.float32)
-        scale2 = inv_temp * 1.4426950408889634
+        scale2 = inv_temp * _LOG2E
         for start in range(0, V, BLOCK_V):
             offs = start + lanes
             z2 = tl.load(logits_row + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * scale2
@@ -86,7 +89,7 @@ def _grpo_loss_fwd_kernel(
         m_row = tl.max(m, 0)
         lane_scale = tl.exp2(m - m_row)
         s_row = tl.sum(s * lane_scale, 0)
-        lse = (m_row + tl.log2(s_row)) * 0.6931471805599453
+        lse = (m_row + tl.log2(s_row)) * _LN2
 
         token = tl.load(ids_ptr + row)
         logp = tl.load(logits_row + token).to(tl.float32) * inv_temp - lse
@@ -121,7 +124,7 @@ def _grpo_loss_fwd_kernel(
             dloss_dlogp += beta * (1.0 - tl.exp(diff))
         entropy = 0.0
         if WITH_ENTROPY:
-            entropy = lse - tl.sum(ez * lane_scale, 0) / s_row * 0.6931471805599453
+            entropy = lse - tl.sum(ez * lane_scale, 0) / s_row * _LN2
 
         tl.store(stats_ptr + 0 * N + row, loss)
         tl.store(stats_ptr + 1 * N + row, logp)
@@ -158,8 +161,8 @@ def _grpo_loss_bwd_kernel(
             offs = start + cols
             tl.store(dlogits_row + offs, zeros.to(dlogits_ptr.dtype.element_ty), mask=offs < V)
     else:
-        scale2 = inv_temp * 1.4426950408889634
-        lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
+        scale2 = inv_temp * _LOG2E
+        lse2 = tl.load(lse_ptr + row) * _LOG2E
         token = tl.load(ids_ptr + row)
         for start in range(0, V, BLOCK_V):
             offs = start + cols

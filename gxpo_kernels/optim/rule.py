@@ -33,8 +33,6 @@ class UpdateRule(torch.optim.Optimizer):
     def __init__(self, params, base, base_kwargs, *, gate: ZScoreGate, optimizer_state, max_grad_norm, delta,
                  allow_bf16_params=False):
         params = list(params)
-        check_master_dtype([p for g in params for p in (g["params"] if isinstance(g, dict) else [g])], base,
-                           allow_bf16_params)
         if isinstance(base, type) and issubclass(base, FlatAdamW):
             base_kwargs = {**base_kwargs, "allow_bf16_params": allow_bf16_params}
         if isinstance(base, torch.optim.Optimizer):
@@ -45,6 +43,7 @@ class UpdateRule(torch.optim.Optimizer):
             self.base = base(params, **base_kwargs)
         else:
             raise ValueError(f"base must be a torch.optim.Optimizer class or instance, got {base!r}")
+        check_master_dtype([p for g in self.base.param_groups for p in g["params"]], self.base, allow_bf16_params)
         if optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(f"unknown optimizer_state {optimizer_state!r}; choose one of {OPTIMIZER_STATES}")
         if max_grad_norm is not None and not max_grad_norm > 0:
