@@ -5,6 +5,8 @@ alternatives and against the hardware's floor.
   gxpo-bench step [--model smollm2-135m] [--algo grpo,sfpo,gxpo] [--pack on|off|both] [--ckpt full]
                   [--lengths uniform|longtail] [--zero-adv-frac F] [--fast] [--out FILE.json]
   gxpo-bench static [--json FILE.json] [--md FILE.md] [--no-liger] [--N 16384] [--V 151936] [--params 1.5e9]
+  gxpo-bench study [--fast] [--seeds 0,1,2] [--rules grpo,gxpo-final,gxpo-paper,sfpo-official] [--runs DIR]
+                   [--report-only] [--out FILE.json]
   gxpo-bench compare A.json B.json [--threshold 1.10]
 
 `static` needs no GPU: every Triton kernel compiled for sm_90 at its launchers' configs, with registers,
@@ -113,6 +115,47 @@ def run_static(args):
     print(f"wrote {path} and {md}", file=sys.stderr)
 
 
+def run_study(args) -> dict:
+    from pathlib import Path
+
+    from gxpo_bench import results, study
+
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if bad := [r for r in rules if r not in study.RULES]:
+        raise ValueError(f"--rules: {bad} not among {', '.join(study.RULES)}")
+    if study.BASELINE not in rules:
+        raise ValueError(f"--rules must include the baseline {study.BASELINE!r}: it sets the target")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise ValueError("--seeds: at least one seed")
+    runs = Path(args.runs or ("runs/study-fast" if args.fast else "runs/study"))
+    if not args.report_only:
+        study.run_all(rules, seeds, runs, args.fast, log=lambda m: print(m, file=sys.stderr, flush=True))
+    curves = study.load_curves(rules, seeds, runs)
+    setup = {**(study.FAST if args.fast else study.FULL), "config": study.CPU_DEFAULT.name, "seeds": seeds,
+             "runs": str(runs)}
+    return {**results.header("study", _device(), args.fast, args.command), "setup": setup,
+            "analysis": study.analyse(curves), "curves": curves}
+
+
+def write_study(result: dict, path):
+    from pathlib import Path
+
+    from gxpo_bench import study
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    study.plot(result["curves"], path.with_suffix(".png"))
+    md = study.to_markdown(result) + f"\n![study]({path.with_suffix('.png').name})\n"
+    path.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {path} and its .md and .png", file=sys.stderr)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="gxpo-bench", description=__doc__,
@@ -151,6 +194,13 @@ def main(argv=None):
     st.add_argument("--V", type=int, default=151936, help="vocabulary of the modelled loss call")
     st.add_argument("--T", type=int, default=1024, help="completion tokens per sequence (rows captured)")
     st.add_argument("--params", type=float, default=1.5e9, help="parameters for the bookkeeping roofline")
+    sy = sub.add_parser("study", help="GRPO, GXPO presets and SFPO over seeds: time to GRPO's peak")
+    sy.add_argument("--fast", action="store_true", help="the tiny random model, 2 steps (what CI runs)")
+    sy.add_argument("--seeds", default="0,1,2")
+    sy.add_argument("--rules", default="grpo,gxpo-final,gxpo-paper,sfpo-official")
+    sy.add_argument("--runs", help="run directories (default runs/study or runs/study-fast); finished runs are kept")
+    sy.add_argument("--report-only", action="store_true", help="rebuild the report from the runs, train nothing")
+    sy.add_argument("--out", help="FILE.json (FILE.md and FILE.png next to it); default under bench/results/")
     c = sub.add_parser("compare", help="B / A per row of two result files")
     c.add_argument("a")
     c.add_argument("b")
@@ -170,6 +220,12 @@ def main(argv=None):
     args.command = "gxpo-bench " + shlex.join(argv)
     if args.cmd == "static":
         return run_static(args)
+    if args.cmd == "study":
+        try:
+            result = run_study(args)
+        except ValueError as e:
+            sys.exit(f"gxpo-bench: {e}")
+        return write_study(result, args.out or results.default_path("study", _device(), args.fast))
     try:
         result = run_kernels(args) if args.cmd == "kernels" else run_step(args)
     except ValueError as e:
