@@ -41,6 +41,9 @@ def widths(instrs, kind: str) -> dict:
                        reverse=True))
 
 
+GLOBAL_ACCESS = ("LDG", "STG", "LDGSTS", "RED", "ATOMG", "UTMALDG")  # loads, stores, async copies, atomics
+
+
 def innermost_memory_loops(instrs) -> list:
     """Bodies of the innermost backward-branch loops that touch global memory, in address order."""
     spans = set()
@@ -48,7 +51,7 @@ def innermost_memory_loops(instrs) -> list:
         m = re.search(r"0x([0-9a-f]+)", args) if op.split(".")[0] == "BRA" else None
         if m and int(m.group(1), 16) < addr:
             spans.add((int(m.group(1), 16), addr))
-    touches = lambda lo, hi: any(lo <= a <= hi and op.split(".")[0] in ("LDG", "STG")  # noqa: E731
+    touches = lambda lo, hi: any(lo <= a <= hi and op.split(".")[0] in GLOBAL_ACCESS  # noqa: E731
                                  for a, op, _ in instrs)
     spans = [s for s in spans if touches(*s)]
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
@@ -58,7 +61,7 @@ def innermost_memory_loops(instrs) -> list:
 def loop_summary(body) -> dict:
     ops = Counter(op.split(".")[0] for _, op, _ in body)
     return {"instrs": len(body), "ldg_bits": widths(body, "LDG"), "stg_bits": widths(body, "STG"),
-            "mufu": ops["MUFU"], "barriers": ops["BAR"]}
+            "mufu": ops["MUFU"], "barriers": ops["BAR"], "tensor_core": ops["HGMMA"] + ops["HMMA"]}
 
 
 def ptxas_usage(log: str) -> dict:

@@ -47,9 +47,10 @@ def captured_launches():
     from triton.runtime.jit import JITFunction
 
     from gxpo_kernels import backend
-    from gxpo_kernels.ops import grpo_loss
+    from gxpo_kernels.ops import grpo_loss, lm_head_grpo_loss
 
     launches, run, use_triton, block_v = [], JITFunction.run, backend.use_triton, grpo_loss.default_block_v
+    tiles = lm_head_grpo_loss.tile_config
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, tuple(grid(kwargs) if callable(grid) else grid), args, kwargs))
@@ -57,10 +58,12 @@ def captured_launches():
     JITFunction.run = record
     backend.use_triton = lambda t: t.dtype in backend.KERNEL_DTYPES
     grpo_loss.default_block_v = lambda V, device: block_v(V, torch.device("cuda"))  # the GPU's launch config
+    lm_head_grpo_loss.tile_config = lambda N, V, H, device: tiles(N, V, H, torch.device("cuda"))
     try:
         yield launches
     finally:
         JITFunction.run, backend.use_triton, grpo_loss.default_block_v = run, use_triton, block_v
+        lm_head_grpo_loss.tile_config = tiles
 
 
 @contextmanager
@@ -137,6 +140,9 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
     # the hottest loop's instruction issue at the ideal rate, as a share of its bytes' time at the roofline
     issue_s = max(per_elem) / 32 / WARP_ISSUE_PER_S
     issue_vs_memory = issue_s / (bytes_per_elem / HBM_BYTES_PER_S) if bytes_per_elem else None
+    tensor_core = sum(op.split(".")[0] in ("HGMMA", "HMMA") for _, op, _ in instrs)
+    if tensor_core:  # a matmul tile loop: judged by its tensor-core use, not by issue against streamed bytes
+        issue_vs_memory = None
     constexprs = {k: v for k, v in launch.kwargs.items() if k.isupper() or k == "num_warps"}
     first = next((a for a in launch.args if torch.is_tensor(a)), None)
     config = " ".join([f"{k}={_short(v)}" for k, v in constexprs.items()] + [f"arg0={str(first.dtype)[6:]}"])
@@ -144,6 +150,8 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
             "regs": usage.get("regs"), "spill_bytes": usage.get("spill_bytes"), "threads": threads,
             "ctas_per_sm": ctas, "occupancy_limiter": limiter, "ldg_bits": sass.widths(instrs, "LDG"),
             "stg_bits": sass.widths(instrs, "STG"), "barriers": sum(op.split(".")[0] == "BAR" for _, op, _ in instrs),
+            "tensor_core_instrs": tensor_core,
+            "tensor_core_in_loops": sum(loop["tensor_core"] for loop in loops),
             "hot_loops": loops, "hot_loop_instrs_per_elem": per_elem, "bytes_per_elem": bytes_per_elem,
             "issue_vs_memory": issue_vs_memory,
             "program_bytes": program["max"], "masked_program_bytes": program["min"]}
@@ -341,8 +349,68 @@ def loss_variant_launches(V=151936, rows=4):
     hidden, weight = torch.randn(1, rows, 64, dtype=torch.bfloat16), torch.randn(V, 64, dtype=torch.bfloat16)
     ids = torch.randint(0, V, (1, rows))
     with captured_launches() as captured:
-        fused_linear_grpo_loss(hidden, weight, ids, torch.ones(1), torch.ones(1, rows), return_entropy=True)
+        fused_linear_grpo_loss(hidden, weight, ids, torch.ones(1), torch.ones(1, rows), return_entropy=True,
+                               impl="chunked")
     return launches + captured
+
+
+def tiled_launches(N=256, V=4096, H=256):
+    """The tiled LM-head loss's kernels at the GPU's tile config, bf16: forward (bias, entropy) and backward
+    (all three gradients), and the filtered backward."""
+    from gxpo_kernels import fused_linear_grpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    launches = []
+    for filter_eps in (0.0, 2.0**-12):
+        hidden, weight, bias = (torch.randn(*shape, generator=g).to(torch.bfloat16).requires_grad_()
+                                for shape in ((1, N, H), (V, H), (V,)))
+        ids, old = torch.randint(0, V, (1, N), generator=g), -torch.rand(1, N, generator=g)
+        with captured_launches() as captured:
+            loss, _ = fused_linear_grpo_loss(hidden, weight, ids, torch.ones(1), torch.ones(1, N), old,
+                                             lm_head_bias_V=bias, return_entropy=True, impl="tiled",
+                                             filter_eps=filter_eps)
+            torch.autograd.grad(loss, (hidden, weight, bias))
+        launches += captured if filter_eps == 0 else captured[1:]
+    return launches
+
+
+def fused_linear_bytes(N: int, V: int, H: int, dtype_bytes: int = 2) -> dict:
+    """Bytes one forward+backward of the LM-head loss moves through HBM at [N, H] x [V, H], per path, with the
+    L2 reuse each path's launch order gives (a model, spelled out term by term in the returned dict).
+
+    chunked: per chunk of C tokens (the launcher's default C) the logits matmul writes [C, V], pass 1 reads it,
+    pass 2 reads and writes it, the two gradient matmuls read it; each matmul streams the weight (and the
+    d_weight addmm reads and writes d_weight). tiled: the forward streams the weight once and the hidden
+    states once per vocabulary split; the backward streams both again, its fp32 d_hidden rows of a group
+    stay in L2 (one read and write each), every d_weight tile is read and written once per group of token
+    tiles, and both fp32 accumulators are cast to the weights' dtype at the end."""
+    import triton
+
+    from gxpo_kernels.ops.fused_linear_grpo_loss import default_chunk_tokens
+    from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
+
+    h, w, logits = N * H * dtype_bytes, V * H * dtype_bytes, N * V * dtype_bytes
+
+    def chunked_terms(C):
+        return {"logit passes (write, pass 1, pass 2 read+write, 2 matmul reads)": 6 * logits,
+                "weight per chunk (logits mm, d_hidden mm, d_weight read+write)": triton.cdiv(N, C) * 4 * w,
+                "hidden (3 reads), d_hidden write": 4 * h}
+
+    C = default_chunk_tokens(N, V, H)
+    chunked, chunked_2048 = chunked_terms(C), chunked_terms(2048)
+    cfg = tile_config(N, V, H, torch.device("cuda"))
+    groups = triton.cdiv(triton.cdiv(N, cfg["BLOCK_N"]), cfg["group_n"])
+    tiled = {"forward: weight once, hidden once per split": w + cfg["splits"] * h,
+             "forward: [N] partials": 4 * 4 * cfg["splits"] * N,
+             "backward: weight and hidden": w + h,
+             "backward: fp32 d_hidden read+write": 2 * N * H * 4,
+             "backward: fp32 d_weight read+write per token group": groups * 2 * V * H * 4,
+             "casts of both accumulators to the weights' dtype": (N + V) * H * (4 + dtype_bytes)}
+    total = {"chunked": sum(chunked.values()), "chunked_2048": sum(chunked_2048.values()), "tiled": sum(tiled.values())}
+    return {"N": N, "V": V, "H": H, "chunk_tokens": C, "tile_config": cfg, "token_groups": groups,
+            "chunked_terms": chunked, "tiled_terms": tiled, "gb": {k: v / 1e9 for k, v in total.items()},
+            "tiled_vs_chunked": total["tiled"] / total["chunked"],
+            "tiled_vs_chunked_2048": total["tiled"] / total["chunked_2048"]}
 
 
 def capo_launches(H=1536, V=4096, K=50, n=8):
@@ -353,7 +421,7 @@ def capo_launches(H=1536, V=4096, K=50, n=8):
     return launches
 
 
-def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True) -> dict:
+def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True, H=1536) -> dict:
     compile_ = Compiler()
     with sm90_target():
         calls = loss_report(compile_, N, V, T, with_liger)
@@ -362,12 +430,31 @@ def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True) -> dict:
             compile_("ours", launch, math.ceil(1536 / _block_of(launch)))
         for launch in loss_variant_launches(V):
             compile_("ours", launch, V / _block_of(launch))
+        for launch in tiled_launches():
+            compile_("ours", launch, 1)  # bytes of the tiled kernels: fused_linear_bytes (L2 reuse modelled)
     kernels = list(compile_.cache.values())
-    return {"model": "static sm_90 (H100 SXM) model: compiled, not run", "shape": {"N": N, "V": V, "T": T,
+    return {"model": "static sm_90 (H100 SXM) model: compiled, not run", "shape": {"N": N, "V": V, "T": T, "H": H,
             "params": params, "logits_dtype": "bf16", "hbm_bytes_per_s": HBM_BYTES_PER_S},
             "kernels": kernels, "loss_calls": calls, "flat_bytes_per_param": per_param,
+            "fused_linear": fused_linear_bytes(N, V, H),
             "gxpo_bookkeeping_bytes_per_param": bookkeeping,
             "gxpo_bookkeeping_ms_at_roofline": {k: v * params / HBM_BYTES_PER_S * 1e3 for k, v in bookkeeping.items()}}
+
+
+def _fused_linear_markdown(fl: dict) -> list:
+    cfg = fl["tile_config"]
+    out = ["## LM-head loss (fused linear): bytes of one forward+backward", "",
+           f"N = {fl['N']}, V = {fl['V']}, H = {fl['H']}, bf16 hidden states and weight. Chunked: the launcher's "
+           f"default {fl['chunk_tokens']} tokens per chunk (and 2048 for comparison). Tiled: {cfg['BLOCK_N']} x "
+           f"{cfg['BLOCK_V']} tiles, {cfg['splits']} vocabulary splits in the forward, {fl['token_groups']} token "
+           "groups in the backward. L2 reuse as each launch order gives it (gxpo_bench/static.py fused_linear_bytes); "
+           "the tiled kernels' rows in the table above count per-program bytes, not these.", "",
+           "| path | GB | tiled / path |", "|---|---|---|",
+           f"| chunked ({fl['chunk_tokens']}) | {fl['gb']['chunked']:.1f} | {fl['tiled_vs_chunked']:.3f} |",
+           f"| chunked (2048) | {fl['gb']['chunked_2048']:.1f} | {fl['tiled_vs_chunked_2048']:.3f} |",
+           f"| tiled | {fl['gb']['tiled']:.1f} | 1 |", "", "| tiled term | GB |", "|---|---|"]
+    out += [f"| {k} | {v / 1e9:.2f} |" for k, v in fl["tiled_terms"].items()]
+    return out + [""]
 
 
 def to_markdown(report: dict, command: str) -> str:
@@ -379,14 +466,15 @@ def to_markdown(report: dict, command: str) -> str:
            f"Loss calls at N = {sh['N']} tokens, V = {sh['V']}, bf16 logits; roofline "
            f"{sh['hbm_bytes_per_s'] / 1e12:g} TB/s.",
            "", "## Kernels", "",
-           "| impl | kernel | config | regs | spill B | CTAs/SM | LDG bits | STG bits | barriers "
-           "| hot-loop instrs/elem | B/elem | issue / memory time |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| impl | kernel | config | regs | spill B | CTAs/SM | LDG bits | STG bits | barriers | tensor-core "
+           "instrs (in loops) | hot-loop instrs/elem | B/elem | issue / memory time |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     hist = lambda h: " ".join(f"{n}x{w}" for w, n in h.items()) or "-"  # noqa: E731
     for k in report["kernels"]:
         out.append(f"| {k['impl']} | {k['kernel']} | {k['config']} | {k['regs']} | {k['spill_bytes']} | "
                    f"{k['ctas_per_sm']} ({k['occupancy_limiter']}) | {hist(k['ldg_bits'])} | {hist(k['stg_bits'])} | "
-                   f"{k['barriers']} | {', '.join(map(str, k['hot_loop_instrs_per_elem']))} | "
+                   f"{k['barriers']} | {k['tensor_core_instrs']} ({k['tensor_core_in_loops']}) | "
+                   f"{', '.join(map(str, k['hot_loop_instrs_per_elem']))} | "
                    f"{k['bytes_per_elem']:g} | {_pct(k['issue_vs_memory'])} |")
     out += ["", "## Loss calls: bytes of one forward+backward", "",
             "| impl | call | GB | vs Liger | kernels GB | torch ops GB | torch ops | ms at roofline |",
@@ -397,6 +485,7 @@ def to_markdown(report: dict, command: str) -> str:
         out.append(f"| {c['impl']} | {c['call']} | {c['gb']:.1f} | {vs} | {c['kernel_gb']:.1f} | "
                    f"{c['torch_op_gb']:.1f} | {ops} | {c['gb'] * 1e9 / sh['hbm_bytes_per_s'] * 1e3:.2f} |")
     out += ["", "Calls: " + "; ".join(f"`{k}`: {v}" for k, v in LOSS_CALLS.items()) + ".", "",
+            *_fused_linear_markdown(report["fused_linear"]),
             "## GXPO bookkeeping, bytes per parameter (fp32 state)", "",
             "| kernel | B/param |", "|---|---|"]
     out += [f"| {k} | {v:g} |" for k, v in report["flat_bytes_per_param"].items()]

@@ -2,8 +2,9 @@
 
 import torch
 
+from . import backend
 from .loss_inputs import extend_positions, make_config, prepare_token_inputs, summarize
-from .ops.fused_linear_grpo_loss import FusedLinearGRPOLossFunction
+from .ops.fused_linear_grpo_loss import FusedLinearGRPOLossFunction, TiledLMHeadGRPOLossFunction
 from .ops.grpo_loss import GRPOLossFunction
 
 
@@ -71,12 +72,19 @@ def fused_linear_grpo_loss(
     old_logp_BT=None, ref_logp_BT=None, beta=0.0,
     eps_low=0.2, eps_high=0.2, dual_clip_c=None, temperature=1.0,
     loss_agg="token-mean", max_completion_len=None, return_entropy=False,
-    lm_head_bias_V=None, chunk_tokens=None, log_ratio_clamp=None,
+    lm_head_bias_V=None, chunk_tokens=None, log_ratio_clamp=None, impl="auto", filter_eps=0.0,
 ):
     """grpo_loss(hidden_BTH @ lm_head_weight_VH.T + lm_head_bias_V, ...) without the [N, V] logits.
 
-    Only unmasked tokens go through the LM head; they are processed chunk_tokens at a time (default:
-    chunk logits about the size of the hidden states). Differentiable w.r.t. hidden, weight and bias.
+    Only unmasked tokens go through the LM head. Differentiable w.r.t. hidden, weight and bias. impl:
+    - "tiled": Triton kernels that compute the logits tile by tile with tensor-core dots and never write
+      them (the Cut Cross-Entropy class): extra memory O(N) plus fp32 accumulators for the gradients;
+      filter_eps > 0 skips the backward of a [tokens x vocab] tile whose every probability is below it
+      and that holds no target (each skipped dlogits entry is below |c_n| * filter_eps, c_n the token's
+      gradient coefficient; docs/algorithm.md). Needs CUDA (or Triton's interpreter, fp32).
+    - "chunked": chunk_tokens tokens at a time through a logits buffer of [chunk_tokens, V] (default:
+      about the size of the hidden states); runs anywhere (torch ops on CPU).
+    - "auto": tiled where Triton runs and chunk_tokens is not given, chunked otherwise.
     """
     _check_floating("hidden_BTH", hidden_BTH, 3)
     _check_floating("lm_head_weight_VH", lm_head_weight_VH, 2)
@@ -93,6 +101,7 @@ def fused_linear_grpo_loss(
                              f"{hidden_BTH.device}; they must match")
     if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and chunk_tokens > 0):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    impl = _fused_impl(impl, hidden_BTH, chunk_tokens, filter_eps)
     cfg = make_config(beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
                       temperature=temperature, loss_agg=loss_agg, max_completion_len=max_completion_len,
                       return_entropy=return_entropy, ref_logp_BT=ref_logp_BT, log_ratio_clamp=log_ratio_clamp)
@@ -112,6 +121,9 @@ def fused_linear_grpo_loss(
         if lm_head_bias_V is not None:
             loss = loss + lm_head_bias_V.sum().to(stats_dtype) * 0
         stats = torch.zeros(8, 0, dtype=stats_dtype, device=hidden_BTH.device)
+    elif impl == "tiled":
+        loss, stats = TiledLMHeadGRPOLossFunction.apply(hidden_NH.contiguous(), lm_head_weight_VH.contiguous(),
+                                                        lm_head_bias_V, *per_token, cfg, filter_eps)
     else:
         loss, stats = FusedLinearGRPOLossFunction.apply(hidden_NH, lm_head_weight_VH, lm_head_bias_V,
                                                         *per_token, cfg, chunk_tokens)
@@ -119,3 +131,24 @@ def fused_linear_grpo_loss(
         stats = torch.zeros(stats.shape[0], B * T, dtype=stats_dtype, device=stats.device).index_copy_(
             1, active_idx, stats)
     return loss, summarize(stats, inputs, cfg, ref_logp_BT is not None)
+
+
+FUSED_IMPLS = ("auto", "tiled", "chunked")
+
+
+def _fused_impl(impl, hidden, chunk_tokens, filter_eps) -> str:
+    if impl not in FUSED_IMPLS:
+        raise ValueError(f"impl must be one of {FUSED_IMPLS}, got {impl!r}")
+    if not (isinstance(filter_eps, (int, float)) and 0 <= filter_eps < 1):
+        raise ValueError(f"filter_eps must be in [0, 1) (0: exact, no filtering), got {filter_eps!r}")
+    triton_ok = backend.use_triton(hidden)
+    if impl == "auto":
+        impl = "tiled" if triton_ok and chunk_tokens is None else "chunked"
+    if impl == "tiled" and not triton_ok:
+        raise ValueError(f"impl='tiled' needs Triton on this tensor (CUDA, or CPU float32 under TRITON_INTERPRET=1), "
+                         f"got {hidden.dtype} on {hidden.device}; use impl='chunked'")
+    if impl == "tiled" and chunk_tokens is not None:
+        raise ValueError("chunk_tokens applies to impl='chunked' only; the tiled kernels need no chunking")
+    if filter_eps and impl != "tiled":
+        raise ValueError(f"filter_eps applies to impl='tiled' only (impl is {impl!r})")
+    return impl

@@ -20,14 +20,14 @@ def linear_batch(B, T, H, V, seed, bias=True, **kw):
     return batch
 
 
-def run_both(batch, chunk_tokens=None, **kw):
+def run_both(batch, chunk_tokens=None, impl="auto", **kw):
     if kw.get("loss_agg") == "seq-mean-token-sum-norm":
         kw["max_completion_len"] = batch["ids"].shape[1]
     ref_logp = batch["ref"] if kw.get("beta", 0) > 0 else None
     leaves = [t.clone().requires_grad_() for t in (batch["hidden"], batch["weight"])]
     bias = None if batch["bias"] is None else batch["bias"].clone().requires_grad_()
     loss, metrics = fused_linear_grpo_loss(*leaves, batch["ids"], batch["adv"], batch["mask"], batch["old"],
-                                           ref_logp, lm_head_bias_V=bias, chunk_tokens=chunk_tokens, **kw)
+                                           ref_logp, lm_head_bias_V=bias, chunk_tokens=chunk_tokens, impl=impl, **kw)
     loss.backward()
 
     leaves64 = [t.double().requires_grad_() for t in (batch["hidden"], batch["weight"])]

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {"_grpo_loss_fwd_kernel", "_grpo_loss_bwd_kernel", "_snapshot_kernel", "_restore_kernel", "_grad_dots_kernel",
-        "_extrapolate_kernel", "_adamw_kernel", "_capo_q_kernel"}
+        "_extrapolate_kernel", "_adamw_kernel", "_capo_q_kernel", "_lm_head_fwd_kernel", "_lm_head_bwd_kernel"}
 LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -88,3 +88,15 @@ def test_flat_kernels_stream_in_128_bit_accesses_within_the_issue_budget(report)
         assert loop["barriers"] == 0, k["kernel"]
         assert k["issue_vs_memory"] <= 0.5, (k["kernel"], k["config"], k["issue_vs_memory"])
         assert k["ctas_per_sm"] >= (7 if k["kernel"] == "_extrapolate_kernel" else 8), (k["kernel"], k["regs"])
+
+
+def test_tiled_lm_head_loss_on_tensor_cores_at_a_quarter_of_the_chunked_bytes(report):
+    """The tiled LM-head kernels run their tile loops on wgmma (HGMMA) and, at N = 16384, V = 151936,
+    H = 1536, move at most 1/4 of the chunked path's bytes (L2 reuse as modelled in fused_linear_bytes)."""
+    tiled = [k for k in report["kernels"] if k["kernel"].startswith("_lm_head_")]
+    assert {k["kernel"] for k in tiled} == {"_lm_head_fwd_kernel", "_lm_head_bwd_kernel"}
+    for k in tiled:
+        assert k["spill_bytes"] == 0 and k["tensor_core_in_loops"] > 0, (k["kernel"], k["config"])
+    fl = report["fused_linear"]
+    assert (fl["N"], fl["V"], fl["H"]) == (16384, 151936, 1536)
+    assert fl["tiled_vs_chunked"] <= 0.25

@@ -1,15 +1,18 @@
-"""GRPO loss fused with the LM head: [N, V] logits never exist in full.
+"""GRPO loss fused with the LM head, two autograd Functions:
 
-Tokens are processed in chunks: logits_chunk = hidden_chunk @ W^T (+ b), the loss kernel turns them
-into dlogits in place, and d_hidden, d_weight, d_bias are accumulated right away. Peak extra memory
-is O(chunk_tokens x V). The backward only rescales the stored gradients by grad_output (when != 1).
+- tiled (TiledLMHeadGRPOLossFunction): the logits never reach memory (lm_head_grpo_loss.py kernels);
+  peak extra memory O(N) plus fp32 gradient accumulators; the backward recomputes the logit tiles.
+- chunked (FusedLinearGRPOLossFunction): logits_chunk = hidden_chunk @ W^T (+ b) in memory, the loss
+  kernel turns them into dlogits in place, and d_hidden, d_weight, d_bias are accumulated right away.
+  Peak extra memory O(chunk_tokens x V). The backward only rescales the stored gradients by grad_output.
 """
 
 import torch
 import triton
 
 from .. import backend
-from .grpo_loss import grpo_rows, scale_grad_, take_saved_grads
+from .grpo_loss import grpo_rows, scale_grad_, take_saved_grads, token_terms
+from .lm_head_grpo_loss import lm_head_grads, lm_head_lse
 from .reference import STAT_NAMES
 
 
@@ -64,3 +67,34 @@ class FusedLinearGRPOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         grads = take_saved_grads(ctx, "fused_linear_grpo_loss")
         return (*(scale_grad_(g, grad_loss) for g in grads), None, None, None, None, None, None, None)
+
+
+class TiledLMHeadGRPOLossFunction(torch.autograd.Function):
+    """Forward: lse, target logit and entropy from logit tiles, then the GRPO math on [N] vectors; the
+    backward recomputes the tiles (grad_output folded in on the device)."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, bias_V, ids_N, adv_N, weight_N, old_N, ref_N, cfg, filter_eps):
+        lse_N, target_N, entropy_N = lm_head_lse(hidden_NH, weight_VH, bias_V, ids_N, cfg.temperature,
+                                                 cfg.with_entropy)
+        logp_N = target_N - lse_N
+        per_row, dloss_dlogp_N = token_terms(logp_N, adv_N.float(), None if old_N is None else old_N.float(),
+                                             None if ref_N is None else ref_N.float(), cfg)
+        if entropy_N is not None:
+            per_row["entropy"] = entropy_N
+        stats = torch.stack([per_row[k] for k in STAT_NAMES])
+        coef_N = weight_N.float() * dloss_dlogp_N / cfg.temperature
+        ctx.needs = tuple(ctx.needs_input_grad[:3])
+        if any(ctx.needs):
+            ctx.save_for_backward(hidden_NH, weight_VH, bias_V, ids_N, coef_N, lse_N)
+        ctx.cfg, ctx.filter_eps = cfg, filter_eps
+        ctx.mark_non_differentiable(stats)
+        return (weight_N.float() * stats[0]).sum(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        hidden_NH, weight_VH, bias_V, ids_N, coef_N, lse_N = ctx.saved_tensors
+        grads = lm_head_grads(hidden_NH, weight_VH, bias_V, ids_N, coef_N, lse_N,
+                              grad_loss.reshape(1).to(torch.float32), ctx.cfg.temperature, ctx.needs,
+                              ctx.filter_eps)
+        return (*grads, None, None, None, None, None, None, None)

@@ -227,6 +227,40 @@ def triton_pass2(logits_BTV, ids_N, coef_N, lse_N, grad_out, cfg, inplace, block
     return dlogits
 
 
+def token_terms(logp, adv, old, ref, cfg: LossConfig):
+    """The per-token GRPO math of pass 1 in torch ops on [n] vectors: the statistics (entropy 0; the caller
+    sets it) and d loss / d logp. Shared by the torch path and the tiled LM-head loss."""
+    in_range = torch.ones_like(logp, dtype=torch.bool)
+    if old is None:
+        ratio = torch.ones_like(logp)
+    else:
+        log_ratio, c = logp - old, _log_ratio_max(cfg)
+        in_range = log_ratio.abs() <= c
+        ratio = torch.exp(log_ratio.clamp(-c, c))
+    unclipped = torch.where(adv == 0, 0.0, ratio * adv)  # 0, not inf * 0, where the ratio overflowed
+    clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    dloss_dratio = torch.where(unclipped <= clipped, -adv, 0.0)
+    clip_dual = torch.zeros_like(loss)
+    if cfg.dual_clip_c is not None:
+        dual = -cfg.dual_clip_c * adv
+        is_dual = (adv < 0) & (dual < loss)
+        loss = torch.where(is_dual, dual, loss)
+        dloss_dratio = torch.where(is_dual, 0.0, dloss_dratio)
+        clip_dual = is_dual.to(loss.dtype)
+    dloss_dlogp = torch.where((dloss_dratio == 0) | ~in_range, 0.0, dloss_dratio * ratio)
+    kl = torch.zeros_like(loss)
+    if ref is not None:
+        diff = ref - logp
+        kl = torch.exp(diff) - diff - 1
+        loss = loss + cfg.beta * kl
+        dloss_dlogp = dloss_dlogp + cfg.beta * (1 - torch.exp(diff))
+    per_row = dict(loss=loss, logp=logp, ratio=ratio, kl=kl, entropy=torch.zeros_like(loss),
+                   clip_low=((adv < 0) & (ratio < 1 - cfg.eps_low)).to(loss.dtype),
+                   clip_high=((adv > 0) & (ratio > 1 + cfg.eps_high)).to(loss.dtype), clip_dual=clip_dual)
+    return per_row, dloss_dlogp
+
+
 def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad):
     """The kernel's math in torch ops, on the unmasked rows only: the CPU and float64 path."""
     B, T, V = logits_BTV.shape
@@ -246,38 +280,11 @@ def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_g
     logq_nV = torch.log_softmax(logq_nV, -1)
     ids_n = ids_N[rows, None]
     logp = logq_nV.gather(1, ids_n).squeeze(1)
-    adv = adv_N[rows]
-    in_range = torch.ones_like(logp, dtype=torch.bool)
-    if old_N is None:
-        ratio = torch.ones_like(logp)
-    else:
-        log_ratio, c = logp - old_N[rows], _log_ratio_max(cfg)
-        in_range = log_ratio.abs() <= c
-        ratio = torch.exp(log_ratio.clamp(-c, c))
-    unclipped = torch.where(adv == 0, 0.0, ratio * adv)  # 0, not inf * 0, where the ratio overflowed
-    clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv
-    loss = -torch.minimum(unclipped, clipped)
-    dloss_dratio = torch.where(unclipped <= clipped, -adv, 0.0)
-    clip_dual = torch.zeros_like(loss)
-    if cfg.dual_clip_c is not None:
-        dual = -cfg.dual_clip_c * adv
-        is_dual = (adv < 0) & (dual < loss)
-        loss = torch.where(is_dual, dual, loss)
-        dloss_dratio = torch.where(is_dual, 0.0, dloss_dratio)
-        clip_dual = is_dual.to(acc)
-    dloss_dlogp = torch.where((dloss_dratio == 0) | ~in_range, 0.0, dloss_dratio * ratio)
-    kl = torch.zeros_like(loss)
-    if ref_N is not None:
-        diff = ref_N[rows] - logp
-        kl = torch.exp(diff) - diff - 1
-        loss = loss + cfg.beta * kl
-        dloss_dlogp = dloss_dlogp + cfg.beta * (1 - torch.exp(diff))
+    per_row, dloss_dlogp = token_terms(logp, adv_N[rows], None if old_N is None else old_N[rows],
+                                       None if ref_N is None else ref_N[rows], cfg)
     p_nV = logq_nV.exp()
-    entropy = -torch.special.xlogy(p_nV, p_nV).sum(-1) if cfg.with_entropy else torch.zeros_like(loss)
-    clip_low = ((adv < 0) & (ratio < 1 - cfg.eps_low)).to(acc)
-    clip_high = ((adv > 0) & (ratio > 1 + cfg.eps_high)).to(acc)
-    per_row = dict(loss=loss, logp=logp, ratio=ratio, kl=kl, entropy=entropy, clip_low=clip_low,
-                   clip_high=clip_high, clip_dual=clip_dual)
+    if cfg.with_entropy:
+        per_row["entropy"] = -torch.special.xlogy(p_nV, p_nV).sum(-1)
     stats = torch.zeros(len(STAT_NAMES), B * T, dtype=acc, device=logits_BTV.device)
     stats[:, rows] = torch.stack([per_row[k] for k in STAT_NAMES])
     dlogits = None
