@@ -64,7 +64,11 @@ def linear_impls(compile_: bool) -> dict:
     """name -> loss(hidden [B, T, H], weight [V, H], ids, adv, mask, old, ref)."""
     compiled = torch.compile(grpo_loss_reference, dynamic=False) if compile_ else None
     return {
-        "ours": lambda h, w, *a: fused_linear_grpo_loss(h, w, *a, **KW)[0],
+        "ours": lambda h, w, *a: fused_linear_grpo_loss(h, w, *a, **KW)[0],  # tiled where Triton runs
+        "ours_chunked": (lambda h, w, *a: fused_linear_grpo_loss(h, w, *a, **KW, impl="chunked")[0])
+        if backend.use_triton(torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")) else None,
+        "ours_filtered": (lambda h, w, *a: fused_linear_grpo_loss(h, w, *a, **KW, filter_eps=2.0**-12)[0])
+        if torch.cuda.is_available() else None,
         "ours_materialized": lambda h, w, *a: grpo_loss(h @ w.t(), *a, **KW, inplace=True)[0],
         "liger": (lambda h, w, *a: liger_fused(h, w, *a, compiled=compile_)) if _has_liger() else None,
         "torch_eager": lambda h, w, *a: grpo_loss_reference(h @ w.t(), *a, **KW)[0],

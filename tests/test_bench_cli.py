@@ -45,7 +45,8 @@ def test_kernels_fast_writes_json_and_table(kernels_run):
         for r in timed.values():
             assert r["median_ms"] > 0 and r["x_floor"] == pytest.approx(r["median_ms"] / case["floor_ms"])
     skipped = [r for c in result["cases"] for r in c["rows"] if "skipped" in r]
-    assert all(r["impl"] in ("liger", "torch_compile", "ours", "ours_with_snapshot") for r in skipped)
+    assert all(r["impl"] in ("liger", "torch_compile", "ours", "ours_with_snapshot", "ours_chunked", "ours_filtered")
+               for r in skipped)
     table = kernels_run.with_suffix(".md").read_text()
     assert "## gxpo_bookkeeping" in table and "time / floor" in table and "skipped:" in table
 

@@ -40,7 +40,8 @@ def test_grpo_loss_bf16_within_twice_torch_error(B, T, V, loss_agg):
     assert err(ours.grad, ref.grad) <= 2 * err(torch_bf16.grad, ref.grad) + 1e-6
 
 
-def test_fused_linear_bf16_within_twice_torch_error():
+@pytest.mark.parametrize("impl", ["tiled", "chunked"])
+def test_fused_linear_bf16_within_twice_torch_error(impl):
     B, T, H, V = 4, 512, 1536, 32000
     batch = loss_batch(B, T, V, seed=5, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(6)
@@ -53,7 +54,7 @@ def test_fused_linear_bf16_within_twice_torch_error():
         fn(h, w).backward()
         return h.grad, w.grad
 
-    ours = run(lambda h, w: fused_linear_grpo_loss(h, w, *args, **SETTINGS)[0], torch.bfloat16)
+    ours = run(lambda h, w: fused_linear_grpo_loss(h, w, *args, **SETTINGS, impl=impl)[0], torch.bfloat16)
     materialized = lambda h, w: grpo_loss_reference(h @ w.t(), *args, **SETTINGS)[0]  # noqa: E731
     torch_bf16 = run(materialized, torch.bfloat16)
     ref = run(materialized, torch.float64)
