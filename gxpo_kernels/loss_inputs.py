@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.grpo_loss import LossConfig
+from .ops.grpo_loss import LossParams
 from .ops.reference import LOSS_AGGS, STAT_NAMES
 
 
@@ -37,7 +37,7 @@ def _check_float(name, x):
 
 
 def make_config(*, beta, eps_low, eps_high, dual_clip_c, temperature, loss_agg, max_completion_len,
-                return_entropy, ref_logp_BT, log_ratio_clamp=None) -> LossConfig:
+                return_entropy, ref_logp_BT, log_ratio_clamp=None) -> LossParams:
     for name, eps in (("eps_low", eps_low), ("eps_high", eps_high)):
         if not 0 < eps < 1:
             raise ValueError(f"{name} must be in (0, 1), got {eps}")
@@ -56,7 +56,7 @@ def make_config(*, beta, eps_low, eps_high, dual_clip_c, temperature, loss_agg, 
     if loss_agg == "seq-mean-token-sum-norm" and not (max_completion_len and max_completion_len > 0):
         raise ValueError("loss_agg='seq-mean-token-sum-norm' needs max_completion_len > 0 (Dr. GRPO's "
                          f"constant normalizer), got {max_completion_len}")
-    return LossConfig(temperature=float(temperature), eps_low=float(eps_low), eps_high=float(eps_high),
+    return LossParams(temperature=float(temperature), eps_low=float(eps_low), eps_high=float(eps_high),
                       dual_clip_c=None if dual_clip_c is None else float(dual_clip_c), beta=float(beta),
                       with_entropy=bool(return_entropy),
                       log_ratio_clamp=None if log_ratio_clamp is None else float(log_ratio_clamp))
@@ -135,7 +135,7 @@ def extend_positions(inputs: TokenInputs, L: int) -> TokenInputs:
                                weight_N=pad(inputs.weight_N), old_N=pad(inputs.old_N), ref_N=pad(inputs.ref_N))
 
 
-def summarize(stats, inputs: TokenInputs, cfg: LossConfig, has_ref: bool) -> dict:
+def summarize(stats, inputs: TokenInputs, cfg: LossParams, has_ref: bool) -> dict:
     """Masked means of the per-token statistics, and the per-token log-probs (0 at masked tokens)."""
     row = {name: stats[i] for i, name in enumerate(STAT_NAMES)}
     n = inputs.mask_N.sum().clamp(min=1)

@@ -19,7 +19,9 @@ from .reference import STAT_NAMES
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossParams:
+    """The loss's scalar settings as the kernels take them (validated by loss_inputs.make_config)."""
+
     temperature: float = 1.0
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -180,7 +182,7 @@ def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
 
-def _log_ratio_max(cfg: LossConfig) -> float:
+def _log_ratio_max(cfg: LossParams) -> float:
     return float("inf") if cfg.log_ratio_clamp is None else cfg.log_ratio_clamp
 
 
@@ -227,7 +229,7 @@ def triton_pass2(logits_BTV, ids_N, coef_N, lse_N, grad_out, cfg, inplace, block
     return dlogits
 
 
-def token_terms(logp, adv, old, ref, cfg: LossConfig):
+def token_terms(logp, adv, old, ref, cfg: LossParams):
     """The per-token GRPO math of pass 1 in torch ops on [n] vectors: the statistics (entropy 0; the caller
     sets it) and d loss / d logp. Shared by the torch path and the tiled LM-head loss."""
     in_range = torch.ones_like(logp, dtype=torch.bool)
@@ -297,7 +299,7 @@ def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_g
     return stats, dlogits
 
 
-def grpo_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg: LossConfig, compute_grad: bool,
+def grpo_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg: LossParams, compute_grad: bool,
               inplace: bool = False, block_v: int | None = None):
     """Per-token statistics [len(STAT_NAMES), N] and, if compute_grad, d(sum_t w_t loss_t)/dlogits, both
     passes at once (the fused-linear loss consumes each chunk's gradient right away)."""
