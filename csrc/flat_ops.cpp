@@ -1,5 +1,5 @@
 // CPU (OpenMP) versions of the update rules' flat-buffer ops: the same math as
-// gxpo_kernels/ops/flat_ops.py (Triton) and gxpo_kernels/optim/reference.py (torch).
+// gxpo_kernels/ops/flat_ops.py (Triton) and gxpo_kernels/ops/flat_reference.py (torch).
 // Parameters and gradients arrive as lists of contiguous tensors; theta0 / g0 are flat buffers and
 // offsets[i] is tensor i's start in them. Reductions accumulate in double (the extrapolation's
 // per chunk in the parameters' type first, as the Triton kernels do per block).
@@ -106,7 +106,7 @@ inline T geometric_sum(T r, int64_t k_runtime) {
 }
 
 template <typename T>
-struct ExtrapSums {  // the order of EXTRAP_STATS in gxpo_kernels/optim/reference.py
+struct ExtrapSums {  // the order of EXTRAP_STATS in gxpo_kernels/extrapolation.py
   T g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq, scaled_d_sq;
 };
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gxpo_kernels import extrapolation
 from gxpo_kernels.ops import flat_ops
-from gxpo_kernels.optim import reference
+from gxpo_kernels.ops import flat_reference as reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,9 @@ def test_no_path_writes_the_constants_again():
         src = (ROOT / "csrc" / name).read_text()
         assert '#include "extrapolation.h"' in src, name
         assert not re.search(r"-2\.f\b|\b3\.f\b|T\(-2\)|T\(3\)|\[11\]|/ 2\.0 \+ 1\.0", src), name
-    py = (ROOT / "gxpo_kernels" / "ops" / "flat_ops.py").read_text()
-    assert not re.search(r"-2\.0\b|\b3\.0\b|K / 2 \+ 1", py)
+    for name in ("flat_ops.py", "flat_tiles.py", "fused_adamw.py"):
+        py = (ROOT / "gxpo_kernels" / "ops" / name).read_text()
+        assert not re.search(r"-2\.0\b|\b3\.0\b|K / 2 \+ 1", py), name
     assert reference.R_MIN is extrapolation.R_MIN and reference.EXTRAP_STATS is extrapolation.EXTRAP_STATS
     assert flat_ops.EXTRAP_STATS is extrapolation.EXTRAP_STATS
 

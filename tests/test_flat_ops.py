@@ -10,8 +10,8 @@ from helpers import rel_err
 
 from gxpo_kernels import backend
 from gxpo_kernels.flat import FlatGroup
-from gxpo_kernels.ops import flat_ops
-from gxpo_kernels.optim.reference import EXTRAP_STATS, extrapolate_reference, retention_scale
+from gxpo_kernels.ops import flat_ops, flat_tiles
+from gxpo_kernels.ops.flat_reference import EXTRAP_STATS, extrapolate_reference, retention_scale
 
 SIZES = [1, 63, 64, 65, 200, 7, 0, 129]  # odd sizes around the block (64), and an empty tensor
 
@@ -170,7 +170,7 @@ def test_interpolate_is_sfpos_partial_move(ops_path, alpha):
 def test_many_blocks_per_program_and_unaligned_tensors(ops_path, unaligned):
     """More full blocks than one program walks (so several full-block programs), tails that are not a
     multiple of 4, and (unaligned) tensors that start 4 bytes past a 16-byte boundary."""
-    sizes = [64 * (flat_ops.BLOCKS_PER_PROGRAM + 21) + 5, 3, 64 * 20, 66]
+    sizes = [64 * (flat_tiles.BLOCKS_PER_PROGRAM + 21) + 5, 3, 64 * 20, 66]
     g = torch.Generator().manual_seed(31)
     if unaligned:
         storage = [torch.randn(n + 1, generator=g) for n in sizes]
@@ -179,7 +179,7 @@ def test_many_blocks_per_program_and_unaligned_tensors(ops_path, unaligned):
         params = [torch.randn(n, generator=g) for n in sizes]
     g0 = [torch.randn(n, generator=g) for n in sizes]
     group = FlatGroup(params, 64)
-    assert group.params_aligned != unaligned and flat_ops.num_programs(group) > 3
+    assert group.params_aligned != unaligned and flat_tiles.num_programs(group) > 3
     assert all(o % 4 == 0 for o in group.offsets)
     group.theta0.fill_(float("nan"))
     group.g0.fill_(float("nan"))

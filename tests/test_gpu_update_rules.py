@@ -8,7 +8,7 @@ from test_gxpo_surrogate import closure_for, gd, quadratic_problem
 from gxpo_kernels import GXPO, backend
 from gxpo_kernels.flat import FlatGroup
 from gxpo_kernels.ops import flat_ops
-from gxpo_kernels.optim.reference import extrapolate_reference
+from gxpo_kernels.ops.flat_reference import extrapolate_reference
 
 pytestmark = pytest.mark.gpu
 

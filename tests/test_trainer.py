@@ -75,9 +75,9 @@ def test_three_steps_with_each_rule(tmp_path, algo, passes_per_step):
 
 
 def test_micro_batches_give_the_whole_batch_gradient(tmp_path):
+    from trainer.engines import make_engine
     from trainer.models import load_policy
     from trainer.policy import PolicyRunner
-    from trainer.rollout import make_engine
     from trainer.step import LossClosure
 
     for loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
@@ -292,10 +292,10 @@ def test_xrpo_seeds_all_fail_prompts_and_resumes_exactly(tmp_path, monkeypatch):
 def test_capo_masks_tokens_with_a_huge_predicted_kl(tmp_path):
     """With a learning rate large enough every token's predicted KL passes tau_F: all are masked, and
     they leave the loss's token count; with a tiny one none is."""
+    from trainer.engines import make_engine
     from trainer.models import load_policy
     from trainer.plugins.capo import capo_token_mask
     from trainer.policy import PolicyRunner
-    from trainer.rollout import make_engine
     from trainer.step import LossClosure, make_update_rule
 
     cfg = tiny_cfg(tmp_path, "grpo", recipe="capo")

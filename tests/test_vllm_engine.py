@@ -84,8 +84,8 @@ def test_vllm_logprobs_survive_xrpo_allocation(tmp_path, vllm):
 
 def test_vllm_rows_are_keyed_and_cut_at_eos(tmp_path, vllm):
     from trainer.distributed import SINGLE
+    from trainer.engines import make_engine
     from trainer.policy import PolicyRunner
-    from trainer.rollout import make_engine
 
     cfg = tiny_cfg(tmp_path, "grpo", **{"rollout.engine": "vllm", "rollout.max_new_tokens": 16})
     model, tok = load_policy("tiny-random", torch.float32)

@@ -1,11 +1,10 @@
-"""Rollout engines: sample completions for a batch of prompts. HF generate is the default; the vLLM
-engine (trainer/vllm_engine.py) is imported only when configured."""
+"""The rollout batch and the HF-generate engine (the default); trainer/engines.py picks the engine, and
+the vLLM engine (trainer/vllm_engine.py) builds on this module."""
 
 from dataclasses import dataclass
 
 import torch
 
-from .distributed import SINGLE
 from .sampling import RowKeyedSampler, row_seed
 
 
@@ -131,15 +130,3 @@ class HFGenerateEngine(RolloutEngine):
         attention_mask = torch.cat([enc["attention_mask"].bool(), mask], dim=1)
         return RolloutBatch(torch.cat([enc["input_ids"], completion_ids], dim=1), attention_mask, prompt_len,
                             completion_ids, mask, texts)
-
-
-def make_engine(kind, runner, tokenizer, cfg, dist=SINGLE, config_dir=None, seed=0):
-    """The configured engine. vLLM gets the HF model inside the runner (its weights, its config) and
-    writes that config and the tokenizer to config_dir."""
-    if kind == "vllm":
-        if config_dir is None:
-            raise ValueError("the vLLM engine needs a config_dir to write the model config to")
-        from .vllm_engine import VLLMEngine
-
-        return VLLMEngine(runner.model, tokenizer, cfg, dist, config_dir, seed)
-    return HFGenerateEngine(runner, tokenizer, cfg.max_new_tokens, cfg.temperature, cfg.top_p, dist.world)

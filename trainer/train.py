@@ -18,6 +18,7 @@ from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .collect import collect, prompt_text
 from .config import TrainConfig, to_toml
 from .distributed import init_distributed, init_single_rank_group, shard_policy
+from .engines import make_engine
 from .evaluate import evaluate
 from .flops import peak_flops, train_flops_per_token
 from .models import apply_liger_patches, apply_lora, load_policy
@@ -26,7 +27,6 @@ from .plugins.grpo_lambda import grpo_lambda_advantages
 from .plugins.xrpo_seeding import SolutionCorpus
 from .plugins.xrpo_sharpening import sharpen
 from .policy import PolicyRunner
-from .rollout import make_engine
 from .sampling import row_seed
 from .step import LossClosure, make_update_rule, run_update
 from .tasks import arithmetic_problems, jsonl_problems, make_reward

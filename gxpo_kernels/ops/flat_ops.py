@@ -13,104 +13,44 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from ..extrapolation import DELTA, EXTRAP_STATS, MAX_STAT, R_MAX, R_MIN, scale_cap
-from ..flat import ALIGN_BYTES, FlatGroup, aligned
-from ..optim.reference import extrapolate_reference
-
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_R_MIN, _R_MAX = tl.constexpr(R_MIN), tl.constexpr(R_MAX)  # Triton reads module constants as constexpr
-_N_STATS, _MAX_SLOT = tl.constexpr(len(EXTRAP_STATS)), tl.constexpr(EXTRAP_STATS.index(MAX_STAT))
-
-
-BLOCKS_PER_PROGRAM = 16  # full blocks one program walks, its statistics kept in registers throughout
-ROWS = 128  # rows of a tile: one per thread at NUM_WARPS = 4
-NUM_WARPS = 4
-MAX_REGISTERS = 64  # 8 resident programs of 128 threads per SM on sm_90
-
-
-# -- the block map: programs [0, cdiv(num_full, BPP)) walk BPP full blocks each with unmasked 128-bit
-# -- accesses; each later program takes one partial block (a tensor's tail) with masks.
-
-@triton.jit
-def _program(num_full, BPP: tl.constexpr):
-    """(pid, number of full-block programs, this program's first and end block)."""
-    pid = tl.program_id(0)
-    n_full_programs = tl.cdiv(num_full, BPP)
-    first = pid * BPP
-    return pid, n_full_programs, first, tl.minimum(first + BPP, num_full)
-
-
-@triton.jit
-def _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK: tl.constexpr, G: tl.constexpr):
-    """(tensor, first element, segment offset in theta0 / g0, tensor numel) of block blk."""
-    t = tl.load(block_tensor + blk)
-    start = tl.multiple_of(tl.load(block_start + blk), BLOCK)
-    return t, start, tl.multiple_of(tl.load(offsets + t), G), tl.load(numels + t)
-
-
-@triton.jit
-def _address(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def _tile(start, k, ROWS: tl.constexpr, G: tl.constexpr):
-    """Element indices of tile k of a block: [ROWS, G], G contiguous elements (16 bytes) per thread."""
-    return start + k * ROWS * G + tl.arange(0, ROWS)[:, None] * G + tl.arange(0, G)[None, :]
-
-
-@triton.jit
-def _ld(ptr, idx, numel, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(ptr + idx, mask=idx < numel, other=0.0)
-    else:
-        return tl.load(ptr + idx)
-
-
-@triton.jit
-def _ld_if(ptr, idx, numel, present, MASKED: tl.constexpr):
-    """A load predicated on `present` (a gradient that exists): 0 where absent, no branch. The predicate is
-    a splat compared, not a broadcast bool, which Triton's interpreter rejects as a mask."""
-    mask = (tl.full(idx.shape, 0, tl.int32) + present.to(tl.int32)) != 0
-    if MASKED:
-        mask = mask & (idx < numel)
-    return tl.load(ptr + idx, mask=mask, other=0.0)
-
-
-@triton.jit
-def _st(ptr, idx, value, numel, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + idx, value, mask=idx < numel)
-    else:
-        tl.store(ptr + idx, value)
-
-
-@triton.jit
-def _valid(idx, numel, MASKED: tl.constexpr):
-    if MASKED:
-        return idx < numel
-    else:
-        return tl.full(idx.shape, 1, tl.int1)
+from ..extrapolation import DELTA, EXTRAP_STATS, MAX_STAT, scale_cap
+from ..flat import FlatGroup, aligned
+from .flat_reference import extrapolate_reference
+from .flat_tiles import (
+    MAX_REGISTERS,
+    add_stats,
+    address,
+    block_at,
+    extrapolate_tile,
+    launch_args,
+    load,
+    load_if,
+    map_tables,
+    num_programs,
+    program_span,
+    store,
+    store_stats,
+    tile_index,
+    valid_mask,
+    zero_stats,
+)
 
 
 @triton.jit
 def _snapshot_block(blk, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, g0_ptr,
                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr,
                     ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
-    p = _address(param_ptrs, t, DTYPE, ALIGNED)
+    t, start, off, numel = block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    p = address(param_ptrs, t, DTYPE, ALIGNED)
     g_addr = tl.load(grad_ptrs + t)
     acc = tl.zeros([ROWS], tl.float32)
     for k in tl.static_range(BLOCK // (ROWS * G)):
-        idx = _tile(start, k, ROWS, G)
-        _st(theta0_ptr + off, idx, _ld(p, idx, numel, MASKED), numel, MASKED)
+        idx = tile_index(start, k, ROWS, G)
+        store(theta0_ptr + off, idx, load(p, idx, numel, MASKED), numel, MASKED)
         g = tl.zeros([ROWS, G], tl.float32)
         if g_addr != 0:
-            g = _ld(_address(grad_ptrs, t, DTYPE, ALIGNED), idx, numel, MASKED).to(tl.float32)
-        _st(g0_ptr + off, idx, g.to(DTYPE), numel, MASKED)
+            g = load(address(grad_ptrs, t, DTYPE, ALIGNED), idx, numel, MASKED).to(tl.float32)
+        store(g0_ptr + off, idx, g.to(DTYPE), numel, MASKED)
         acc += tl.sum(g * g, 1)
     return acc
 
@@ -119,7 +59,7 @@ def _snapshot_block(blk, param_ptrs, grad_ptrs, numels, offsets, block_tensor, b
 def _snapshot_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, num_full, theta0_ptr, g0_ptr,
                      partial_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr,
                      BPP: tl.constexpr, ALIGNED: tl.constexpr):
-    pid, n_full_programs, first, end = _program(num_full, BPP)
+    pid, n_full_programs, first, end = program_span(num_full, BPP)
     acc = tl.zeros([ROWS], tl.float32)
     if pid < n_full_programs:
         for blk in range(first, end):
@@ -135,18 +75,18 @@ def _snapshot_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block
 def _restore_block(blk, param_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, DTYPE: tl.constexpr,
                    BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr,
                    MASKED: tl.constexpr):
-    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
-    p = _address(param_ptrs, t, DTYPE, ALIGNED)
+    t, start, off, numel = block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    p = address(param_ptrs, t, DTYPE, ALIGNED)
     for k in tl.static_range(BLOCK // (ROWS * G)):
-        idx = _tile(start, k, ROWS, G)
-        _st(p, idx, _ld(theta0_ptr + off, idx, numel, MASKED), numel, MASKED)
+        idx = tile_index(start, k, ROWS, G)
+        store(p, idx, load(theta0_ptr + off, idx, numel, MASKED), numel, MASKED)
 
 
 @triton.jit
 def _restore_kernel(param_ptrs, numels, offsets, block_tensor, block_start, num_full, theta0_ptr,
                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr,
                     BPP: tl.constexpr, ALIGNED: tl.constexpr):
-    pid, n_full_programs, first, end = _program(num_full, BPP)
+    pid, n_full_programs, first, end = program_span(num_full, BPP)
     if pid < n_full_programs:
         for blk in range(first, end):
             _restore_block(blk, param_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, DTYPE, BLOCK,
@@ -160,18 +100,18 @@ def _restore_kernel(param_ptrs, numels, offsets, block_tensor, block_start, num_
 def _grad_dots_block(blk, grad_ptrs, numels, offsets, block_tensor, block_start, g0_ptr, WITH_G0: tl.constexpr,
                      DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr,
                      ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    t, start, off, numel = block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
     g_addr = tl.load(grad_ptrs + t)
     gg = tl.zeros([ROWS], tl.float32)
     g0g = tl.zeros([ROWS], tl.float32)
     if g_addr != 0:
-        g_ptr = _address(grad_ptrs, t, DTYPE, ALIGNED)
+        g_ptr = address(grad_ptrs, t, DTYPE, ALIGNED)
         for k in tl.static_range(BLOCK // (ROWS * G)):
-            idx = _tile(start, k, ROWS, G)
-            g = _ld(g_ptr, idx, numel, MASKED).to(tl.float32)
+            idx = tile_index(start, k, ROWS, G)
+            g = load(g_ptr, idx, numel, MASKED).to(tl.float32)
             gg += tl.sum(g * g, 1)
             if WITH_G0:
-                g0g += tl.sum(_ld(g0_ptr + off, idx, numel, MASKED).to(tl.float32) * g, 1)
+                g0g += tl.sum(load(g0_ptr + off, idx, numel, MASKED).to(tl.float32) * g, 1)
     return gg, g0g
 
 
@@ -179,7 +119,7 @@ def _grad_dots_block(blk, grad_ptrs, numels, offsets, block_tensor, block_start,
 def _grad_dots_kernel(grad_ptrs, numels, offsets, block_tensor, block_start, num_full, g0_ptr, partial_ptr,
                       WITH_G0: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                       G: tl.constexpr, BPP: tl.constexpr, ALIGNED: tl.constexpr):
-    pid, n_full_programs, first, end = _program(num_full, BPP)
+    pid, n_full_programs, first, end = program_span(num_full, BPP)
     gg = tl.zeros([ROWS], tl.float32)
     g0g = tl.zeros([ROWS], tl.float32)
     if pid < n_full_programs:
@@ -198,77 +138,24 @@ def _grad_dots_kernel(grad_ptrs, numels, offsets, block_tensor, block_start, num
 
 
 @triton.jit
-def _extrapolate_tile(theta2, theta0, g0, g1, valid, alpha, delta, scale_max, K: tl.constexpr):
-    """theta0 + alpha * scale * (theta2 - theta0) elementwise (fp32), and the tile's 11 EXTRAP_STATS as
-    per-row sums (scale_max a per-row max). Shared by the flat op and the fused pass-2 AdamW kernel."""
-    abs_g0 = tl.abs(g0)
-    active = (abs_g0 > delta) & valid
-    r = g1 / (tl.where(g0 >= 0, 1.0, -1.0) * tl.maximum(abs_g0, delta))
-    r_finite = (r == r) & (tl.abs(r) < float("inf"))
-    clipped = active & ((~r_finite) | (r < _R_MIN) | (r > _R_MAX))
-    r = tl.where(r != r, 1.0, r)
-    r = tl.minimum(tl.maximum(r, _R_MIN), _R_MAX)
-    r = tl.where(active, r, 1.0)
-    s_k = tl.full(r.shape, 1.0, tl.float32)
-    for _ in tl.static_range(K - 1):
-        s_k = s_k * r + 1.0
-    s_2 = 1.0 + r
-    scale = tl.where(tl.abs(s_2) > delta, s_k / s_2, 1.0)
-    scale = tl.where((scale == scale) & (tl.abs(scale) < float("inf")), scale, 1.0)
-    scale = tl.minimum(tl.maximum(scale, 1.0), scale_max)
-    scale = tl.where(active, scale, 1.0)
-    d = theta2 - theta0
-    sd = scale * d
-    stats = (tl.sum(g0 * g0, 1), tl.sum(g1 * g1, 1), tl.sum(g0 * g1, 1), tl.sum(active.to(tl.float32), 1),
-             tl.sum(tl.where(active, r, 0.0), 1), tl.sum(tl.where(active, r * r, 0.0), 1),
-             tl.sum(clipped.to(tl.float32), 1), tl.sum(tl.where(active, scale, 0.0), 1),
-             tl.max(tl.where(valid, scale, 1.0), 1), tl.sum(d * d, 1), tl.sum(sd * sd, 1))
-    return theta0 + alpha * sd, stats
-
-
-@triton.jit
-def _add_stats(acc, stats):
-    return (acc[0] + stats[0], acc[1] + stats[1], acc[2] + stats[2], acc[3] + stats[3], acc[4] + stats[4],
-            acc[5] + stats[5], acc[6] + stats[6], acc[7] + stats[7], tl.maximum(acc[8], stats[8]),
-            acc[9] + stats[9], acc[10] + stats[10])
-
-
-@triton.jit
-def _zero_stats(ROWS: tl.constexpr):
-    z = tl.zeros([ROWS], tl.float32)
-    return (z, z, z, z, z, z, z, z, z + 1.0, z, z)
-
-
-@triton.jit
-def _store_stats(partial_ptr, pid, acc):
-    """The program's 11 statistics, reduced across its rows once."""
-    out = partial_ptr + _N_STATS * pid
-    for k in tl.static_range(_N_STATS):
-        if k == _MAX_SLOT:
-            tl.store(out + k, tl.max(acc[k], 0))
-        else:
-            tl.store(out + k, tl.sum(acc[k], 0))
-
-
-@triton.jit
 def _extrapolate_block(blk, acc, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr,
                        g0_ptr, g1_scale, alpha, delta, scale_max, K: tl.constexpr, DTYPE: tl.constexpr,
                        BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr,
                        MASKED: tl.constexpr):
-    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
-    p = _address(param_ptrs, t, DTYPE, ALIGNED)
+    t, start, off, numel = block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    p = address(param_ptrs, t, DTYPE, ALIGNED)
     g_addr = tl.load(grad_ptrs + t)
-    g_ptr = _address(grad_ptrs, t, DTYPE, ALIGNED)
+    g_ptr = address(grad_ptrs, t, DTYPE, ALIGNED)
     for k in tl.static_range(BLOCK // (ROWS * G)):
-        idx = _tile(start, k, ROWS, G)
-        theta2 = _ld(p, idx, numel, MASKED).to(tl.float32)
-        theta0 = _ld(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
-        g0 = _ld(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
-        g1 = _ld_if(g_ptr, idx, numel, g_addr != 0, MASKED).to(tl.float32) * g1_scale
-        theta_tilde, stats = _extrapolate_tile(theta2, theta0, g0, g1, _valid(idx, numel, MASKED), alpha, delta,
+        idx = tile_index(start, k, ROWS, G)
+        theta2 = load(p, idx, numel, MASKED).to(tl.float32)
+        theta0 = load(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
+        g0 = load(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
+        g1 = load_if(g_ptr, idx, numel, g_addr != 0, MASKED).to(tl.float32) * g1_scale
+        theta_tilde, stats = extrapolate_tile(theta2, theta0, g0, g1, valid_mask(idx, numel, MASKED), alpha, delta,
                                                scale_max, K)
-        _st(p, idx, theta_tilde.to(DTYPE), numel, MASKED)
-        acc = _add_stats(acc, stats)
+        store(p, idx, theta_tilde.to(DTYPE), numel, MASKED)
+        acc = add_stats(acc, stats)
     return acc
 
 
@@ -277,8 +164,8 @@ def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, bl
                         g0_ptr, partial_ptr, g1_scale, alpha, delta, scale_max, K: tl.constexpr, DTYPE: tl.constexpr,
                         BLOCK: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, BPP: tl.constexpr,
                         ALIGNED: tl.constexpr):
-    pid, n_full_programs, first, end = _program(num_full, BPP)
-    acc = _zero_stats(ROWS)
+    pid, n_full_programs, first, end = program_span(num_full, BPP)
+    acc = zero_stats(ROWS)
     if pid < n_full_programs:
         for blk in range(first, end):
             acc = _extrapolate_block(blk, acc, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start,
@@ -288,16 +175,7 @@ def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, bl
         acc = _extrapolate_block(num_full + pid - n_full_programs, acc, param_ptrs, grad_ptrs, numels, offsets,
                                  block_tensor, block_start, theta0_ptr, g0_ptr, g1_scale, alpha, delta, scale_max, K,
                                  DTYPE, BLOCK, ROWS, G, False, True)
-    _store_stats(partial_ptr, pid, acc)
-
-
-def _tables(group: FlatGroup):
-    tb = group.tables
-    return tb["numels"], tb["offsets"], tb["block_tensor"], tb["block_start"]
-
-
-def num_programs(group: FlatGroup) -> int:
-    return triton.cdiv(group.num_full, BLOCKS_PER_PROGRAM) + group.num_blocks - group.num_full
+    store_stats(partial_ptr, pid, acc)
 
 
 def _partial_rows(path, group) -> int:
@@ -305,22 +183,14 @@ def _partial_rows(path, group) -> int:
     return group.num_blocks if path == "cuda_csrc" else num_programs(group)
 
 
-def _launch_args(group, aligned: bool, maxnreg: int | None = MAX_REGISTERS):
-    G = ALIGN_BYTES // group.theta0.element_size()
-    rows = min(ROWS, group.block // G)
-    assert group.block % (rows * G) == 0, f"block {group.block} is not a multiple of {rows * G} elements"
-    return {"DTYPE": TL_DTYPES[group.dtype], "BLOCK": group.block, "ROWS": rows, "G": G, "BPP": BLOCKS_PER_PROGRAM,
-            "ALIGNED": aligned, "num_warps": NUM_WARPS, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
-
-
 def _launch(path, group, kernel, csrc_name, head, tail, aligned, maxnreg=MAX_REGISTERS, **constexprs):
     """kernel over the group's programs, or on path "cuda_csrc" its twin backend._C.<csrc_name> over the
     group's blocks, which takes the constexprs' values positionally after its arguments, then the block size."""
     if path == "cuda_csrc":
-        getattr(backend._C, csrc_name)(*head, *_tables(group), *tail, *constexprs.values(), group.block)
+        getattr(backend._C, csrc_name)(*head, *map_tables(group), *tail, *constexprs.values(), group.block)
     else:
-        kernel[(num_programs(group),)](*head, *_tables(group), group.num_full, *tail, **constexprs,
-                                       **_launch_args(group, aligned, maxnreg))
+        kernel[(num_programs(group),)](*head, *map_tables(group), group.num_full, *tail, **constexprs,
+                                       **launch_args(group, aligned, maxnreg))
 
 
 def _table(group, tensors):

@@ -12,24 +12,23 @@ import triton.language as tl
 
 from .. import backend
 from ..extrapolation import EXTRAP_STATS, scale_cap
-from ..flat import FlatGroup
-from .flat_ops import (
-    _add_stats,
-    _address,
-    _block_at,
-    _extrapolate_tile,
-    _launch_args,
-    _ld,
-    _program,
-    _st,
-    _store_stats,
-    _tables,
-    _tile,
-    _valid,
-    _zero_stats,
-    aligned,
-    combine_stats,
+from ..flat import FlatGroup, aligned
+from .flat_ops import combine_stats
+from .flat_tiles import (
+    add_stats,
+    address,
+    block_at,
+    extrapolate_tile,
+    launch_args,
+    load,
+    map_tables,
     num_programs,
+    program_span,
+    store,
+    store_stats,
+    tile_index,
+    valid_mask,
+    zero_stats,
 )
 
 
@@ -39,8 +38,8 @@ def _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offset
                  grad_scale, alpha, delta, scale_max, PER_TENSOR: tl.constexpr, SNAPSHOT: tl.constexpr,
                  EXTRAPOLATE: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                  ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    t, start, off, numel = _block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
-    p_ptr = _address(param_ptrs, t, DTYPE, ALIGNED)
+    t, start, off, numel = block_at(blk, block_tensor, block_start, offsets, numels, BLOCK, G)
+    p_ptr = address(param_ptrs, t, DTYPE, ALIGNED)
     g_addr = tl.load(grad_ptrs + t)
     if PER_TENSOR:
         lr, wd, bc1, bc2_sqrt = tl.load(lr_t + t), tl.load(wd_t + t), tl.load(bc1_t + t), tl.load(bc2_sqrt_t + t)
@@ -49,31 +48,31 @@ def _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offset
     decay = 1.0 - lr * wd
     step = lr / bc1
     for k in tl.static_range(BLOCK // (ROWS * G)):
-        idx = _tile(start, k, ROWS, G)
-        p = _ld(p_ptr, idx, numel, MASKED)
+        idx = tile_index(start, k, ROWS, G)
+        p = load(p_ptr, idx, numel, MASKED)
         x = p.to(tl.float32)
         g = tl.zeros([ROWS, G], tl.float32)
         if g_addr != 0:
-            g = _ld(_address(grad_ptrs, t, DTYPE, ALIGNED), idx, numel, MASKED).to(tl.float32)
+            g = load(address(grad_ptrs, t, DTYPE, ALIGNED), idx, numel, MASKED).to(tl.float32)
             gs = g * grad_scale
-            m_ptr = _address(m_ptrs, t, DTYPE, ALIGNED)
-            v_ptr = _address(v_ptrs, t, DTYPE, ALIGNED)
-            m = _ld(m_ptr, idx, numel, MASKED).to(tl.float32)
-            v = _ld(v_ptr, idx, numel, MASKED).to(tl.float32)
+            m_ptr = address(m_ptrs, t, DTYPE, ALIGNED)
+            v_ptr = address(v_ptrs, t, DTYPE, ALIGNED)
+            m = load(m_ptr, idx, numel, MASKED).to(tl.float32)
+            v = load(v_ptr, idx, numel, MASKED).to(tl.float32)
             m = m + (1.0 - beta1) * (gs - m)
             v = beta2 * v + (1.0 - beta2) * gs * gs
             x = x * decay - step * m / (tl.sqrt(v) / bc2_sqrt + eps)
-            _st(m_ptr, idx, m.to(DTYPE), numel, MASKED)
-            _st(v_ptr, idx, v.to(DTYPE), numel, MASKED)
+            store(m_ptr, idx, m.to(DTYPE), numel, MASKED)
+            store(v_ptr, idx, v.to(DTYPE), numel, MASKED)
         if SNAPSHOT:
-            _st(theta0_ptr + off, idx, p, numel, MASKED)
-            _st(g0_ptr + off, idx, g.to(DTYPE), numel, MASKED)
+            store(theta0_ptr + off, idx, p, numel, MASKED)
+            store(g0_ptr + off, idx, g.to(DTYPE), numel, MASKED)
         if EXTRAPOLATE:  # x is theta2 (kept in registers); g the raw g1, not the clipped one
-            theta0 = _ld(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
-            g0 = _ld(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
-            x, stats = _extrapolate_tile(x, theta0, g0, g, _valid(idx, numel, MASKED), alpha, delta, scale_max, K)
-            acc = _add_stats(acc, stats)
-        _st(p_ptr, idx, x.to(DTYPE), numel, MASKED)
+            theta0 = load(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
+            g0 = load(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
+            x, stats = extrapolate_tile(x, theta0, g0, g, valid_mask(idx, numel, MASKED), alpha, delta, scale_max, K)
+            acc = add_stats(acc, stats)
+        store(p_ptr, idx, x.to(DTYPE), numel, MASKED)
     return acc
 
 
@@ -83,8 +82,8 @@ def _adamw_kernel(param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_
                   beta2, eps, grad_scale, alpha, delta, scale_max, PER_TENSOR: tl.constexpr, SNAPSHOT: tl.constexpr,
                   EXTRAPOLATE: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                   ROWS: tl.constexpr, G: tl.constexpr, BPP: tl.constexpr, ALIGNED: tl.constexpr):
-    pid, n_full_programs, first, end = _program(num_full, BPP)
-    acc = _zero_stats(ROWS)
+    pid, n_full_programs, first, end = program_span(num_full, BPP)
+    acc = zero_stats(ROWS)
     if pid < n_full_programs:
         for blk in range(first, end):
             acc = _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor,
@@ -97,7 +96,7 @@ def _adamw_kernel(param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_
                            bc2_sqrt_s, theta0_ptr, g0_ptr, beta1, beta2, eps, grad_scale, alpha, delta, scale_max,
                            PER_TENSOR, SNAPSHOT, EXTRAPOLATE, K, DTYPE, BLOCK, ROWS, G, False, True)
     if EXTRAPOLATE:
-        _store_stats(partial_ptr, pid, acc)
+        store_stats(partial_ptr, pid, acc)
 
 
 def adamw_step(group: FlatGroup, grads, exp_avgs, exp_avg_sqs, lr, weight_decay, bc1, bc2_sqrt, *, beta1: float,
@@ -127,9 +126,9 @@ def adamw_step(group: FlatGroup, grads, exp_avgs, exp_avg_sqs, lr, weight_decay,
     tensors = (group.local_params(), grads, exp_avgs, exp_avg_sqs)
     all_aligned = group.params_aligned and all(aligned(ts) for ts in tensors[1:])
     _adamw_kernel[(programs,)](
-        *(group.pointer_table(ts) for ts in tensors), *_tables(group), group.num_full, *tables,
+        *(group.pointer_table(ts) for ts in tensors), *map_tables(group), group.num_full, *tables,
         *(float(x) for x in scalars), group.theta0, group.g0, partial,
         float(beta1), float(beta2), float(eps), float(grad_scale), float(ex["alpha"]), float(ex["delta"]),
         scale_cap(ex["K"]), PER_TENSOR=not shared, SNAPSHOT=snapshot, EXTRAPOLATE=extrapolate is not None, K=ex["K"],
-        **_launch_args(group, all_aligned))
+        **launch_args(group, all_aligned))
     return combine_stats(partial.double()) if extrapolate else None

@@ -1,7 +1,6 @@
-"""Plain PyTorch reference of GXPO's per-coordinate extrapolation (docs/algorithm.md, step 3).
-
-Elementwise on one tensor; the flat-buffer kernels compute the same thing over all parameters in
-one launch per dtype group and reduce the same diagnostics.
+"""Plain PyTorch reference of GXPO's per-coordinate extrapolation (docs/algorithm.md, step 3), and the
+flat ops' torch fallback. Elementwise on one tensor; the flat-buffer kernels compute the same thing over
+all parameters in one launch per dtype group and reduce the same diagnostics.
 """
 
 import torch
