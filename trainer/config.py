@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import tomllib
 
+from gxpo_kernels.ops.reference import LOSS_AGGS
 from gxpo_kernels.optim.gate import GATES
 from gxpo_kernels.optim.gxpo import GATE_STATS
 from gxpo_kernels.optim.presets import DEFAULT_GXPO_PRESET, DEFAULT_SFPO_PRESET, GXPO_PRESETS, SFPO_PRESETS, resolve
@@ -287,6 +288,12 @@ def validate(cfg: TrainConfig):
         ("rollout.temperature", cfg.rollout.temperature > 0, "> 0"),
         ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "in (0, 1]"),
         ("rollout.vllm_gpu_memory_utilization", 0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
+        ("loss.eps_low", 0 < cfg.loss.eps_low < 1, "in (0, 1)"),
+        ("loss.eps_high", 0 < cfg.loss.eps_high < 1, "in (0, 1)"),
+        ("loss.beta", cfg.loss.beta >= 0, ">= 0 (0: no KL term, no reference model)"),
+        ("loss.loss_agg", cfg.loss.loss_agg in LOSS_AGGS, f"one of {LOSS_AGGS}"),
+        ("loss.max_completion_len", cfg.loss.max_completion_len is None or cfg.loss.max_completion_len >= 1,
+         ">= 1 or none (rollout.max_new_tokens)"),
         ("loss.micro_batch_size", cfg.loss.micro_batch_size >= 0, ">= 0"),
         ("loss.log_ratio_clamp", cfg.loss.log_ratio_clamp is None or cfg.loss.log_ratio_clamp > 0,
          "> 0 or none (off)"),
@@ -320,6 +327,7 @@ def validate(cfg: TrainConfig):
         ("task.format_reward", 0 <= cfg.task.format_reward < 1, "in [0, 1)"),
         ("eval.every", cfg.eval.every >= 0, ">= 0"),
         ("eval.num_problems", cfg.eval.num_problems >= 1, ">= 1"),
+        ("eval.n_samples", cfg.eval.n_samples >= 1, ">= 1"),
         ("eval.k", 1 <= cfg.eval.k <= cfg.eval.n_samples, "in [1, eval.n_samples]"),
         ("eval.path", not (cfg.eval.every and cfg.task.name == "jsonl") or bool(cfg.eval.path),
          "set (a held-out JSONL file) when evaluating a jsonl task"),
