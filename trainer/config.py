@@ -14,6 +14,8 @@ from gxpo_kernels.optim.gxpo import GATE_STATS
 from gxpo_kernels.optim.presets import DEFAULT_GXPO_PRESET, DEFAULT_SFPO_PRESET, GXPO_PRESETS, SFPO_PRESETS, resolve
 from gxpo_kernels.optim.rule import OPTIMIZER_STATES
 
+from .hf_tasks import ANSWER_FROM, parse_filter
+
 ALGOS = ("grpo", "sfpo", "gxpo")
 
 
@@ -82,9 +84,15 @@ class SFPOConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arithmetic"  # | "jsonl"
+    name: str = "arithmetic"  # | "jsonl" | "hf"
     difficulty: int = 1
     path: str = ""  # jsonl: a file of {"question": ..., "answer": ...}
+    dataset: str = ""  # hf: a hub id, or local parquet / json / jsonl / csv files (a file, a glob or a directory)
+    split: str = "train"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_from: str = "field"  # | "boxed": the last \boxed{} of the answer field (a worked solution)
+    filter: str = ""  # "field=v1,v2": keep rows whose field is one of the values (e.g. "level=Level 3,Level 4")
     on_bad_record: str = "skip"  # | "error"
     reward: str = "math-verify"  # | "exact"
     format_reward: float = 0.0  # bonus for an answer in \\boxed{}; in [0, 1)
@@ -97,7 +105,8 @@ class EvalConfig:
     num_problems: int = 16  # held-out problems (arithmetic: seeds disjoint from training)
     n_samples: int = 4  # completions per problem: pass@1 is averaged over them
     k: int = 4  # pass@k, k <= n_samples
-    path: str = ""  # jsonl task: the held-out file
+    path: str = ""  # jsonl task: the held-out file; hf task: the held-out dataset (default: task.dataset)
+    split: str = "test"  # hf task: the held-out split (same fields, answer_from and filter as the task)
 
 
 @dataclass
@@ -277,6 +286,14 @@ def resolve_recipe(cfg: TrainConfig):
     cfg.capo.tau_H = tau_H if cfg.capo.tau_H is None else cfg.capo.tau_H
 
 
+def _filter_ok(spec: str) -> bool:
+    try:
+        parse_filter(spec)
+    except ValueError:
+        return False
+    return True
+
+
 def validate(cfg: TrainConfig):
     checks = [
         ("algo", cfg.algo in ALGOS, f"one of {ALGOS}"),
@@ -319,8 +336,12 @@ def validate(cfg: TrainConfig):
         ("sfpo.window", cfg.sfpo.window >= 1, ">= 1"),
         ("sfpo.warmup", cfg.sfpo.warmup >= 0, ">= 0"),
         ("optim.name", cfg.optim.name in ("adamw", "flat_adamw"), "'adamw' or 'flat_adamw'"),
-        ("task.name", cfg.task.name in ("arithmetic", "jsonl"), "'arithmetic' or 'jsonl'"),
+        ("task.name", cfg.task.name in ("arithmetic", "jsonl", "hf"), "'arithmetic', 'jsonl' or 'hf'"),
         ("task.path", cfg.task.name != "jsonl" or bool(cfg.task.path), "set for task.name = 'jsonl'"),
+        ("task.dataset", cfg.task.name != "hf" or bool(cfg.task.dataset),
+         "set for task.name = 'hf' (a hub id or local parquet / json / jsonl / csv files)"),
+        ("task.answer_from", cfg.task.answer_from in ANSWER_FROM, f"one of {ANSWER_FROM}"),
+        ("task.filter", _filter_ok(cfg.task.filter), "'field=value1,value2' or empty"),
         ("task.on_bad_record", cfg.task.on_bad_record in ("skip", "error"), "'skip' or 'error'"),
         ("task.reward", cfg.task.reward in ("math-verify", "exact"), "'math-verify' or 'exact'"),
         ("task.difficulty", cfg.task.difficulty >= 0, ">= 0"),

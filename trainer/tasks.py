@@ -53,13 +53,13 @@ def jsonl_problems(path: str, on_bad_record: str = "skip", log=print):
     return problems
 
 
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def extract_answer(text: str) -> str | None:
     """The last \\boxed{...} content, else the last number in the text, else None."""
-    boxed = _BOXED.findall(text)
+    boxed = BOXED.findall(text)
     if boxed:
         return boxed[-1].strip()
     numbers = _NUMBER.findall(text)
@@ -79,7 +79,7 @@ def make_reward(kind: str = "math-verify", format_weight: float = 0.0):
     correctness = _correctness(kind)
     if format_weight == 0.0:
         return correctness
-    return lambda text, gold: correctness(text, gold) + format_weight * float(bool(_BOXED.search(text)))
+    return lambda text, gold: correctness(text, gold) + format_weight * float(bool(BOXED.search(text)))
 
 
 def _correctness(kind: str):

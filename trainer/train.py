@@ -21,6 +21,7 @@ from .distributed import init_distributed, init_single_rank_group, shard_policy
 from .engines import make_engine
 from .evaluate import evaluate
 from .flops import peak_flops, train_flops_per_token
+from .hf_tasks import hf_problems
 from .models import apply_liger_patches, apply_lora, load_policy
 from .plugins.capo import capo_token_mask
 from .plugins.grpo_lambda import grpo_lambda_advantages
@@ -60,10 +61,20 @@ def problems_for_step(cfg: TrainConfig, step: int, dataset):
     return [dataset[order[(start + i) % len(dataset)]] for i in range(n)]
 
 
+def task_problems(task, log, spec=None, split=None):
+    """The dataset of a jsonl or hf task (None for arithmetic, which is generated per step)."""
+    if task.name == "jsonl":
+        return jsonl_problems(spec or task.path, task.on_bad_record, log)
+    if task.name == "hf":
+        return hf_problems(spec or task.dataset, split or task.split, task.question_field, task.answer_field,
+                           task.answer_from, task.filter, task.on_bad_record, log)
+    return None
+
+
 def held_out_problems(cfg: TrainConfig, log):
-    """Evaluation problems: arithmetic from seeds no training step uses, or the eval JSONL file."""
-    if cfg.task.name == "jsonl":
-        return jsonl_problems(cfg.eval.path, cfg.task.on_bad_record, log)[:cfg.eval.num_problems]
+    """Evaluation problems: arithmetic from seeds no training step uses, or the held-out file / dataset."""
+    if cfg.task.name != "arithmetic":
+        return task_problems(cfg.task, log, cfg.eval.path or None, cfg.eval.split)[:cfg.eval.num_problems]
     stream = arithmetic_problems(2**40 + cfg.seed, cfg.task.difficulty)  # training seeds stay far below
     return [next(stream) for _ in range(cfg.eval.num_problems)]
 
@@ -148,7 +159,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     peak = peak_flops(device)
     engine = make_engine(cfg.rollout.engine, runner, tokenizer, cfg.rollout, d, out / "vllm_config", cfg.seed)
     reward_fn = make_reward(cfg.task.reward, cfg.task.format_reward)
-    dataset = jsonl_problems(cfg.task.path, cfg.task.on_bad_record, log) if cfg.task.name == "jsonl" else None
+    dataset = task_problems(cfg.task, log)
 
     start_step, wall_offset, backward_passes = 0, 0.0, 0
     template = {"corpus": ""} if corpus is not None else {}
