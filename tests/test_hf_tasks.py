@@ -76,6 +76,14 @@ def test_config_names_the_key(key, value):
         load_config(overrides=[(key, value)])
 
 
+def test_local_files_need_held_out_files_to_evaluate(tmp_path):
+    train_path = write(tmp_path, "jsonl")
+    with pytest.raises(ValueError, match=r"eval\.path.*training rows"):
+        load_config(overrides=[("task.name", "hf"), ("task.dataset", train_path), ("eval.every", "5")])
+    assert load_config(overrides=[("task.name", "hf"), ("task.dataset", "org/some-dataset"),
+                                  ("eval.every", "5")]).eval.path == ""  # a hub id: its test split
+
+
 def test_trains_and_evaluates_on_local_files(tmp_path, monkeypatch):
     from test_trainer import read_metrics, tiny_cfg
 

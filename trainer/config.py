@@ -14,7 +14,7 @@ from gxpo_kernels.optim.gxpo import GATE_STATS
 from gxpo_kernels.optim.presets import DEFAULT_GXPO_PRESET, DEFAULT_SFPO_PRESET, GXPO_PRESETS, SFPO_PRESETS, resolve
 from gxpo_kernels.optim.rule import OPTIMIZER_STATES
 
-from .hf_tasks import ANSWER_FROM, parse_filter
+from .hf_tasks import ANSWER_FROM, is_local, parse_filter
 
 ALGOS = ("grpo", "sfpo", "gxpo")
 
@@ -352,6 +352,9 @@ def validate(cfg: TrainConfig):
         ("eval.k", 1 <= cfg.eval.k <= cfg.eval.n_samples, "in [1, eval.n_samples]"),
         ("eval.path", not (cfg.eval.every and cfg.task.name == "jsonl") or bool(cfg.eval.path),
          "set (a held-out JSONL file) when evaluating a jsonl task"),
+        ("eval.path", not (cfg.eval.every and cfg.task.name == "hf" and is_local(cfg.task.dataset))
+         or bool(cfg.eval.path), "set (held-out files) when evaluating an hf task on local files: local files "
+         "have no splits, so task.dataset again would be the training rows"),
         ("lora.r", cfg.lora.r >= 0, ">= 0 (0 turns LoRA off)"),
         ("lora.alpha", cfg.lora.alpha > 0, "> 0"),
         ("lora.dropout", 0 <= cfg.lora.dropout < 1, "in [0, 1)"),

@@ -31,6 +31,15 @@ def _local_files(spec: str) -> list:
     return sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else ([spec] if os.path.exists(spec) else [])
 
 
+def _looks_local(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or os.path.splitext(spec)[1] in BUILDERS or any(c in spec for c in "*?[")
+
+
+def is_local(spec: str) -> bool:
+    """spec names local files (existing ones, or a path that can only be one) rather than a hub id."""
+    return bool(_local_files(spec)) or _looks_local(spec)
+
+
 def load_records(spec: str, split: str):
     """The dataset's rows: local files by their extension, otherwise `spec` as a hub id."""
     from datasets import load_dataset
@@ -42,7 +51,7 @@ def load_records(spec: str, split: str):
             raise ValueError(f"task.dataset {spec!r}: local files must all be one of {sorted(BUILDERS)}, got "
                              f"{sorted(os.path.basename(f) for f in files)[:5]}")
         return load_dataset(kinds.pop(), data_files={split: files}, split=split)
-    if os.path.sep in spec and not os.path.exists(os.path.dirname(spec) or "."):
+    if _looks_local(spec):
         raise ValueError(f"task.dataset {spec!r}: no such local file or directory")
     return load_dataset(spec, split=split)
 
