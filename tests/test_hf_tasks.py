@@ -101,3 +101,65 @@ def test_trains_and_evaluates_on_local_files(tmp_path, monkeypatch):
     train(cfg, log=lambda *_: None)
     rows = read_metrics(cfg.out)
     assert [r["step"] for r in rows] == [1, 2] and all("eval/pass@1" in r for r in rows)
+
+
+def test_hashes_answers(tmp_path):
+    rows = [{"question": "Sam has 1,200 apples...", "answer": "He has 1200.\n#### 1,200"},
+            {"question": "No final line", "answer": "forty"}]
+    problems = hf_problems(write(tmp_path, "jsonl", rows), answer_from="hashes", log=lambda *_: None)
+    assert [(p.question, p.answer) for p in problems] == [("Sam has 1,200 apples...", "1200")]
+
+
+def _bench_toml(tmp_path, entries):
+    lines = ['model = "tiny-random"', "[eval]", "every = 1"]
+    for e in entries:
+        lines += ["[[eval.benchmarks]]"] + [f"{k} = {json.dumps(v)}" for k, v in e.items()]
+    path = tmp_path / "bench.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_benchmarks_config_round_trips_and_names_bad_keys(tmp_path):
+    from trainer.config import to_toml
+
+    cfg = load_config(_bench_toml(tmp_path, [{"name": "a", "path": "x.jsonl"},
+                                             {"name": "b", "path": "y.parquet", "answer_from": "boxed"}]))
+    assert cfg.eval.benchmarks[0] == {"name": "a", "path": "x.jsonl", "split": "test", "question_field": "question",
+                                      "answer_field": "answer", "answer_from": "field", "filter": "",
+                                      "num_problems": 0}
+    (tmp_path / "again.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "again.toml").eval.benchmarks == cfg.eval.benchmarks
+    for entries, message in (([{"name": "a", "path": "x", "fields": 1}], r"eval\.benchmarks\[0\]'?: unknown keys"),
+                             ([{"name": "a"}], r"eval\.benchmarks\[0\]\.path"),
+                             ([{"name": "a", "path": "x"}, {"name": "a", "path": "y"}], "unique"),
+                             ([{"name": "a", "path": "x", "answer_from": "last"}], r"\[0\]\.answer_from")):
+        with pytest.raises(ValueError, match=message):
+            load_config(_bench_toml(tmp_path, entries))
+    with pytest.raises(ValueError, match="TOML"):
+        load_config(overrides=[("eval.benchmarks", "a=x.jsonl")])
+
+
+def test_trains_with_several_benchmarks(tmp_path, monkeypatch):
+    from test_trainer import read_metrics, tiny_cfg
+
+    import trainer.train as train_module
+    from gxpo_kernels import backend
+    from trainer.config import resolve_benchmark
+
+    monkeypatch.setattr(backend, "use_triton", lambda t: t.is_cuda)
+    temperatures = []
+    evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: temperatures.append(a[-1]) or evaluate(*a, **k))
+    a, b = write(tmp_path, "jsonl", ROWS[:2], name="a"), write(tmp_path, "parquet", ROWS, name="b")
+    benches = [{"name": "easy", "path": a, "question_field": "problem", "answer_field": "n"},
+               {"name": "math", "path": b, "question_field": "problem", "answer_field": "solution",
+                "answer_from": "boxed", "num_problems": 2}]
+    cfg = tiny_cfg(tmp_path, "grpo", steps=1, **{"eval.every": 1, "eval.n_samples": 2, "eval.k": 2,
+                                                 "eval.temperature": 1.0})
+    cfg.eval.benchmarks = [resolve_benchmark(i, b) for i, b in enumerate(benches)]  # as load_config does
+    train_module.train(cfg, log=lambda *_: None)
+    (row,) = read_metrics(cfg.out)
+    for name in ("easy", "math"):
+        assert 0 <= row[f"eval/{name}/pass@1"] <= row[f"eval/{name}/pass@2"] <= 1
+    assert row["eval/pass@1"] == pytest.approx((row["eval/easy/pass@1"] + row["eval/math/pass@1"]) / 2)
+    assert temperatures == [1.0, 1.0]

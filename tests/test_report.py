@@ -31,3 +31,23 @@ def test_cli_writes_figure_and_table(tmp_path, capsys):
     assert "| b | not reached |" in (tmp_path / "rep" / "report.md").read_text()
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
+
+
+def test_held_out_benchmarks_get_their_own_row(tmp_path):
+    import matplotlib.image
+
+    from trainer.report import eval_keys
+
+    runs = {}
+    for name in ("a", "b"):
+        rows = list(write_run(tmp_path / name, [0.1, 0.3], 1.0, 1).values())
+        for r in rows:
+            r.update({"eval/pass@1": 0.2, "eval/math/pass@1": 0.3, "eval/gsm/pass@1": 0.1, "eval/math/pass@4": 0.5})
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = rows
+    assert eval_keys(runs) == ["eval/pass@1", "eval/gsm/pass@1", "eval/math/pass@1"]
+    write_run(tmp_path / "c", [0.1, 0.3], 1.0, 1)  # no evaluation logged
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "with")])
+    main([str(tmp_path / "c"), "--out", str(tmp_path / "without")])
+    height = lambda d: matplotlib.image.imread(tmp_path / d / "report.png").shape[0]  # noqa: E731
+    assert height("with") > 1.4 * height("without")  # a third row of panels: held-out pass@1

@@ -107,6 +107,11 @@ class EvalConfig:
     k: int = 4  # pass@k, k <= n_samples
     path: str = ""  # jsonl task: the held-out file; hf task: the held-out dataset (default: task.dataset)
     split: str = "test"  # hf task: the held-out split (same fields, answer_from and filter as the task)
+    temperature: float | None = None  # sampling temperature of evaluation; none: rollout.temperature
+    # Several benchmarks instead of the task's held-out set: [[eval.benchmarks]] tables in TOML, each
+    # {name, path, split, question_field, answer_field, answer_from, filter, num_problems} (BENCHMARK_KEYS);
+    # logged as eval/<name>/pass@1 and pass@k, with eval/pass@1 and pass@k their means.
+    benchmarks: list = field(default_factory=list)
 
 
 @dataclass
@@ -195,6 +200,11 @@ def _coerce(key, value, annotation):
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             return None
         annotation = args[0]
+    if annotation is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config key {key!r} is a list of tables: set it in a TOML file ([[{key}]] tables), "
+                             "not on the command line")
+        return list(value)
     try:
         if annotation is bool:
             if isinstance(value, str):
@@ -252,8 +262,35 @@ def load_config(toml_path=None, overrides=()) -> TrainConfig:
         raise ValueError(f"config key 'recipe' must be one of {RECIPES}")
     resolve_recipe(cfg)
     resolve_presets(cfg)
+    cfg.eval.benchmarks = [resolve_benchmark(i, b) for i, b in enumerate(cfg.eval.benchmarks)]
+    if len({b["name"] for b in cfg.eval.benchmarks}) < len(cfg.eval.benchmarks):
+        raise ValueError("config key 'eval.benchmarks': names must be unique")
     validate(cfg)
     return cfg
+
+
+BENCHMARK_KEYS = {"name": None, "path": None, "split": "test", "question_field": "question", "answer_field": "answer",
+                  "answer_from": "field", "filter": "", "num_problems": 0}  # None: required; num_problems 0: all
+
+
+def resolve_benchmark(i: int, entry) -> dict:
+    """One [[eval.benchmarks]] table, checked and with every key filled in (so config.toml records it)."""
+    key = f"eval.benchmarks[{i}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"config key {key!r} must be a table with keys {sorted(BENCHMARK_KEYS)}")
+    if unknown := sorted(set(entry) - set(BENCHMARK_KEYS)):
+        raise ValueError(f"config key {key!r}: unknown keys {unknown}; known: {sorted(BENCHMARK_KEYS)}")
+    out = {k: entry.get(k, default) for k, default in BENCHMARK_KEYS.items()}
+    for k in ("name", "path"):
+        if not isinstance(out[k], str) or not out[k].strip():
+            raise ValueError(f"config key '{key}.{k}' must be a non-empty string")
+    if out["answer_from"] not in ANSWER_FROM:
+        raise ValueError(f"config key '{key}.answer_from' must be one of {ANSWER_FROM}")
+    if not _filter_ok(out["filter"]):
+        raise ValueError(f"config key '{key}.filter' must look like 'field=value1,value2' or be empty")
+    if not isinstance(out["num_problems"], int) or out["num_problems"] < 0:
+        raise ValueError(f"config key '{key}.num_problems' must be an integer >= 0 (0: every problem)")
+    return out
 
 
 def resolve_presets(cfg: TrainConfig):
@@ -295,6 +332,7 @@ def _filter_ok(spec: str) -> bool:
 
 
 def validate(cfg: TrainConfig):
+    held_out = cfg.eval.every and not cfg.eval.benchmarks  # the task's own held-out set is evaluated
     checks = [
         ("algo", cfg.algo in ALGOS, f"one of {ALGOS}"),
         ("steps", cfg.steps >= 1, ">= 1"),
@@ -349,12 +387,13 @@ def validate(cfg: TrainConfig):
         ("eval.every", cfg.eval.every >= 0, ">= 0"),
         ("eval.num_problems", cfg.eval.num_problems >= 1, ">= 1"),
         ("eval.n_samples", cfg.eval.n_samples >= 1, ">= 1"),
+        ("eval.temperature", cfg.eval.temperature is None or cfg.eval.temperature > 0, "> 0 or none"),
         ("eval.k", 1 <= cfg.eval.k <= cfg.eval.n_samples, "in [1, eval.n_samples]"),
-        ("eval.path", not (cfg.eval.every and cfg.task.name == "jsonl") or bool(cfg.eval.path),
-         "set (a held-out JSONL file) when evaluating a jsonl task"),
-        ("eval.path", not (cfg.eval.every and cfg.task.name == "hf" and is_local(cfg.task.dataset))
-         or bool(cfg.eval.path), "set (held-out files) when evaluating an hf task on local files: local files "
-         "have no splits, so task.dataset again would be the training rows"),
+        ("eval.path", not (held_out and cfg.task.name == "jsonl") or bool(cfg.eval.path),
+         "set (a held-out JSONL file) when evaluating a jsonl task (or give eval.benchmarks)"),
+        ("eval.path", not (held_out and cfg.task.name == "hf" and is_local(cfg.task.dataset)) or bool(cfg.eval.path),
+         "set (held-out files) when evaluating an hf task on local files: local files have no splits, so "
+         "task.dataset again would be the training rows (or give eval.benchmarks)"),
         ("lora.r", cfg.lora.r >= 0, ">= 0 (0 turns LoRA off)"),
         ("lora.alpha", cfg.lora.alpha > 0, "> 0"),
         ("lora.dropout", 0 <= cfg.lora.dropout < 1, "in [0, 1)"),
@@ -408,4 +447,6 @@ def _toml_value(v):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (tuple, list)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)

@@ -15,13 +15,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, prompts: list, answers: list, keys: list, reward_fn, n_samples: int, k: int, dist=None) -> dict:
-    """Sample n_samples completions per held-out prompt with the rollout engine and score them. Under
-    several ranks each samples its share of the prompts and the counts are gathered."""
+def evaluate(engine, prompts: list, answers: list, keys: list, reward_fn, n_samples: int, k: int, dist=None,
+             temperature=None) -> dict:
+    """Sample n_samples completions per held-out prompt with the rollout engine (at `temperature`, None:
+    the rollout's) and score them. Under several ranks each samples its share of the prompts and the
+    counts are gathered."""
     local = list(zip(prompts, answers, keys, strict=True))
     if dist is not None:
         local = dist.shard(local, even=False)
-    batch = engine.generate([p for p, _, _ in local], n_samples, [key for _, _, key in local])
+    batch = engine.generate([p for p, _, _ in local], n_samples, [key for _, _, key in local], temperature)
     golds = [a for _, a, _ in local for _ in range(n_samples)]
     correct = torch.tensor([reward_fn(t, g) >= 1 for t, g in zip(batch.texts, golds, strict=True)])
     per_problem = correct.view(len(local), n_samples).sum(1).tolist()

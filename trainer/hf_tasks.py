@@ -9,7 +9,8 @@ import os
 from .tasks import BOXED, Problem
 
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
-ANSWER_FROM = ("field", "boxed")
+ANSWER_FROM = ("field", "boxed", "hashes")  # the field as it is, its last \boxed{}, or what follows its last
+# "####" (GSM8K's worked answers)
 
 
 def parse_filter(spec: str) -> tuple | None:
@@ -76,11 +77,13 @@ def hf_problems(spec: str, split: str = "train", question_field: str = "question
         if answer_from == "boxed" and isinstance(answer, str):
             boxed = BOXED.findall(answer)
             answer = boxed[-1].strip() if boxed else None
+        elif answer_from == "hashes" and isinstance(answer, str):
+            answer = answer.rpartition("####")[2].strip().replace(",", "") if "####" in answer else None
         if isinstance(question, str) and question.strip() and isinstance(answer, (str, int, float)) \
                 and not isinstance(answer, bool):
             problems.append(Problem(question, str(answer)))
             continue
-        why = ", no \\boxed{} in it" if answer_from == "boxed" else ""
+        why = {"boxed": ", no \\boxed{} in it", "hashes": ", no #### in it"}.get(answer_from, "")
         message = f"{spec} [{split}] row {i}: no usable question / answer ({question_field!r}, {answer_field!r}{why})"
         if on_bad_record == "error":
             raise ValueError(message)

@@ -43,6 +43,12 @@ def speedup_table(runs: dict, key="accuracy") -> str:
     return "\n".join(lines)
 
 
+def eval_keys(runs: dict) -> list:
+    """The held-out pass@1 series the runs logged: eval/pass@1 (the mean) and each benchmark's."""
+    keys = {k for rows in runs.values() for r in rows for k in r if k.startswith("eval/") and k.endswith("/pass@1")}
+    return sorted(keys, key=lambda k: (k != "eval/pass@1", k))
+
+
 def plot(runs: dict, path):
     import matplotlib
 
@@ -50,16 +56,23 @@ def plot(runs: dict, path):
     import matplotlib.pyplot as plt
 
     xs = [("step", "step"), ("wall_time_s", "wall-clock (s)"), ("backward_passes", "backward passes")]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7), sharey="row")
-    for row, key in enumerate(("reward_mean", "accuracy")):
+    held_out = eval_keys(runs)
+    panels = [("reward_mean", ["reward_mean"]), ("accuracy", ["accuracy"])] + (
+        [("held-out pass@1", held_out)] if held_out else [])
+    fig, axes = plt.subplots(len(panels), 3, figsize=(14, 3.5 * len(panels)), sharey="row", squeeze=False)
+    for row, (label_y, keys) in enumerate(panels):
         for col, (x, label) in enumerate(xs):
             ax = axes[row][col]
             for name, rows in runs.items():
-                ax.plot([r[x] for r in rows], [r.get(key) for r in rows], marker="o", ms=3, label=name)
+                for key in keys:
+                    pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
+                    if pts:
+                        tag = name if len(keys) == 1 else f"{name} {key[5:-7] or 'mean'}"
+                        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=tag)
             ax.set_xlabel(label)
-            ax.set_ylabel(key if col == 0 else "")
+            ax.set_ylabel(label_y if col == 0 else "")
             ax.grid(alpha=0.3)
-    axes[0][0].legend()
+        axes[row][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

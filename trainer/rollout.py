@@ -79,21 +79,22 @@ def completion_mask_from(completion_ids: torch.Tensor, eos_token_id: int) -> tor
 class RolloutEngine:
     """What every engine shares: groups of keyed rows. An engine implements _sample(prompts, row_seeds)."""
 
-    def generate(self, prompts: list, group_size: int, prompt_keys: list) -> RolloutBatch:
-        """group_size completions of each prompt; completion j of the prompt with key s from row_seed(s, j)."""
+    def generate(self, prompts: list, group_size: int, prompt_keys: list, temperature=None) -> RolloutBatch:
+        """group_size completions of each prompt; completion j of the prompt with key s from row_seed(s, j).
+        temperature: this call's sampling temperature (None: the engine's)."""
         if len(prompt_keys) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_keys)} prompt keys")
         return self.generate_rows([p for p in prompts for _ in range(group_size)],
-                                  [row_seed(key, j) for key in prompt_keys for j in range(group_size)])
+                                  [row_seed(key, j) for key in prompt_keys for j in range(group_size)], temperature)
 
-    def generate_rows(self, prompts: list, row_seeds: list) -> RolloutBatch:
+    def generate_rows(self, prompts: list, row_seeds: list, temperature=None) -> RolloutBatch:
         """One completion per (prompt text, row seed)."""
         if not prompts or len(prompts) != len(row_seeds):
             raise ValueError(f"generate_rows needs one seed per prompt, got {len(prompts)} prompts and "
                              f"{len(row_seeds)} seeds")
-        return self._sample(prompts, row_seeds)
+        return self._sample(prompts, row_seeds, temperature)
 
-    def _sample(self, prompts: list, row_seeds: list) -> RolloutBatch:
+    def _sample(self, prompts: list, row_seeds: list, temperature=None) -> RolloutBatch:
         raise NotImplementedError
 
 
@@ -107,13 +108,13 @@ class HFGenerateEngine(RolloutEngine):
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
 
     @torch.no_grad()
-    def _sample(self, prompts: list, row_seeds: list) -> RolloutBatch:
+    def _sample(self, prompts: list, row_seeds: list, temperature=None) -> RolloutBatch:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(self.runner.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
         seeds_B = torch.tensor(row_seeds, dtype=torch.int64)
-        sampler = RowKeyedSampler(seeds_B, self.temperature, self.top_p)
+        sampler = RowKeyedSampler(seeds_B, self.temperature if temperature is None else temperature, self.top_p)
         was_training = self.runner.training
         self.runner.eval()
         out = self.runner("generate", **enc, do_sample=False, logits_processor=[sampler], temperature=None,

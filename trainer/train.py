@@ -79,6 +79,33 @@ def held_out_problems(cfg: TrainConfig, log):
     return [next(stream) for _ in range(cfg.eval.num_problems)]
 
 
+def held_out_sets(cfg: TrainConfig, log) -> dict:
+    """{name: problems}: each of eval.benchmarks, or the task's held-out problems under the name ""."""
+    if not cfg.eval.benchmarks:
+        return {"": held_out_problems(cfg, log)}
+    sets = {}
+    for b in cfg.eval.benchmarks:
+        problems = hf_problems(b["path"], b["split"], b["question_field"], b["answer_field"], b["answer_from"],
+                               b["filter"], cfg.task.on_bad_record, log)
+        sets[b["name"]] = problems[:b["num_problems"]] if b["num_problems"] else problems
+    return sets
+
+
+def evaluate_sets(sets: dict, engine, tokenizer, cfg: TrainConfig, step: int, reward_fn, d) -> dict:
+    """pass@1 and pass@k of each held-out set (eval/<name>/...), and their means as eval/pass@1, eval/pass@k."""
+    out = {}
+    for index, (name, problems) in enumerate(sets.items()):
+        prompts = [prompt_text(tokenizer, p.question, cfg.task.system_prompt) for p in problems]
+        keys = [row_seed(cfg.seed, EVAL_KEY + index, step, i) for i in range(len(problems))]
+        scores = evaluate(engine, prompts, [p.answer for p in problems], keys, reward_fn, cfg.eval.n_samples,
+                          cfg.eval.k, d, cfg.eval.temperature)
+        out.update({k.replace("eval/", f"eval/{name}/") if name else k: v for k, v in scores.items()})
+    if len(sets) > 1 or "" not in sets:
+        for metric in ("pass@1", f"pass@{cfg.eval.k}"):
+            out[f"eval/{metric}"] = sum(out[f"eval/{name}/{metric}"] for name in sets) / len(sets)
+    return out
+
+
 def advantages(cfg, runner, got, d):
     """The advantage slot: group-normalized GRPO, then XRPO sharpening and GRPO-lambda when on."""
     adv, stats = group_normalized_ragged(got.rewards, got.group_sizes)
@@ -134,6 +161,7 @@ def train(cfg: TrainConfig, log=None) -> Path:
     # compute, fp32 masters for the optimizer, and the same numerics on 1 GPU as on 8.
     shard = d.world > 1 or compute_dtype != param_dtype
     own_group = shard and d.world == 1 and init_single_rank_group(device)
+    eval_sets = held_out_sets(cfg, log) if cfg.eval.every else None  # bad eval data fails before the model loads
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tokenizer = load_policy(cfg.model, param_dtype, cfg.seed, cfg.attn_implementation)
@@ -175,7 +203,6 @@ def train(cfg: TrainConfig, log=None) -> Path:
         lines = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
         metrics_path.write_text("".join(ln + "\n" for ln in lines))
 
-    eval_problems = None
     tb = _tensorboard_writer(out) if d.main else None
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -238,12 +265,8 @@ def train(cfg: TrainConfig, log=None) -> Path:
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.steps):
-                eval_problems = eval_problems or held_out_problems(cfg, log)
                 with phases("eval"):
-                    record.update(evaluate(engine, [prompt_text(tokenizer, p.question, cfg.task.system_prompt)
-                                                    for p in eval_problems], [p.answer for p in eval_problems],
-                                           [row_seed(cfg.seed, EVAL_KEY, step, i) for i in range(len(eval_problems))],
-                                           reward_fn, cfg.eval.n_samples, cfg.eval.k, d))
+                    record.update(evaluate_sets(eval_sets, engine, tokenizer, cfg, step, reward_fn, d))
             stopping = d.any(stop["requested"])  # SIGTERM may reach the ranks in different steps
             save = step + 1 == cfg.steps or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0)
             if save:

@@ -65,11 +65,12 @@ class VLLMEngine(RolloutEngine):
             self.llm.wake_up()
             self.asleep = False
 
-    def _sample(self, prompts: list, row_seeds: list) -> RolloutBatch:
+    def _sample(self, prompts: list, row_seeds: list, temperature=None) -> RolloutBatch:
         self._wake()
         tok, cfg = self.tokenizer, self.cfg
         prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
-        params = [self.vllm.SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
+        temperature = cfg.temperature if temperature is None else temperature
+        params = [self.vllm.SamplingParams(n=1, temperature=temperature, top_p=cfg.top_p,
                                            max_tokens=cfg.max_new_tokens, seed=seed, logprobs=0,
                                            stop_token_ids=[tok.eos_token_id], detokenize=False)
                   for seed in row_seeds]
