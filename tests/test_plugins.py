@@ -64,6 +64,53 @@ def test_seeded_prompt_in_collect(monkeypatch):
     assert plain.endswith("user: 1 + 1\nassistant: ") and "user: 2 + 2\nassistant: 4\n" in seeded
 
 
+def test_paper_defaults_and_their_named_variants(monkeypatch):
+    """XRPO as the paper writes it: T in the bonus counts steps from 1 (at the first step the bonus already
+    spreads zero-variance prompts), a prompt is seeded when none of its rollouts got any reward, and s(y)
+    is taken under pi_theta (temperature 1); each earlier choice stays as a named option."""
+    from types import SimpleNamespace
+
+    from trainer import collect
+    from trainer.config import load_config
+    from trainer.models import tiny_tokenizer
+    from trainer.plugins.xrpo_seeding import all_failed
+    from trainer.rollout import RolloutBatch
+    from trainer.tasks import Problem
+    from trainer.train import Phases, advantages
+
+    zero_var = [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
+    assert alloc.allocate(zero_var, [2, 2, 2], 6, step=0, bonus=0.1) == [6, 0, 0]  # log(1 + 0) = 0: no bonus
+    assert alloc.allocate(zero_var, [2, 2, 2], 6, step=1, bonus=0.1) == [2, 2, 2]
+    clocks = []
+    monkeypatch.setattr(collect.xrpo_allocator, "allocate", lambda r, n, b, clock, bonus: clocks.append(clock) or
+                        [b] + [0] * (len(r) - 1))
+
+    class Engine:  # every completion the same two tokens
+        def generate_rows(self, prompts, seeds, temperature=None):
+            return RolloutBatch.from_rows([(torch.tensor([5, 6]), torch.tensor([7, 1])) for _ in prompts],
+                                          ["x"] * len(prompts), 0, None)
+
+    keyed = [(Problem("1 + 1", "2"), 0), (Problem("2 + 2", "4"), 1)]
+    for bonus_step, expected in (("one_based", 4), ("zero_based", 3)):
+        cfg = load_config(overrides=[("recipe", "xrpo"), ("rollout.group_size", "4"), ("xrpo.bonus_step", bonus_step),
+                                     ("xrpo.phases", "1"), ("xrpo.sharpening", "false"), ("xrpo.seeding", "false")])
+        clocks.clear()
+        got = collect.collect(Engine(), tiny_tokenizer(), cfg, keyed, 3, lambda t, g: 1.0, Phases(), None)
+        assert clocks == [expected] and got.group_sizes == [6, 2]
+    assert all_failed([0.0, 0.0]) and not all_failed([0.0, 0.5]) and all_failed([0.0, 0.5], "below_one")
+    assert not all_failed([]) and not all_failed([1.0, 0.0], "below_one")
+
+    seen = []
+    runner = SimpleNamespace(logp=lambda batch, temperature: seen.append(temperature) or torch.zeros(2, 3))
+    got = SimpleNamespace(rewards=torch.tensor([1.0, 0.0]), group_sizes=[2],
+                          batch=SimpleNamespace(completion_mask=torch.ones(2, 3, dtype=torch.bool)))
+    for choice, expected in (("policy", 1.0), ("sampling", 0.6)):
+        cfg = load_config(overrides=[("recipe", "xrpo"), ("rollout.temperature", "0.6"),
+                                     ("xrpo.sharpen_temperature", choice)])
+        advantages(cfg, runner, got, None)
+        assert seen[-1] == expected
+
+
 def test_sharpening_by_hand():
     adv = torch.tensor([1.0, -1.0, 0.5, 1.0])
     mean_logp = torch.tensor([-3.0, -1.0, -1.0, -1.0])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .plugins import xrpo_allocator
-from .plugins.xrpo_seeding import seeded_messages
+from .plugins.xrpo_seeding import all_failed, seeded_messages
 from .rollout import RolloutBatch
 from .sampling import row_seed
 
@@ -55,7 +55,8 @@ def collect(engine, tokenizer, cfg, keyed_problems: list, step: int, reward_fn, 
     for phase in range(len(budgets) + 1):
         if phase > 0:
             if x.allocator:
-                extra = xrpo_allocator.allocate(rewards, counts, budgets[phase - 1], step, x.bonus)
+                clock = step + 1 if x.bonus_step == "one_based" else step  # the paper's T counts steps from 1
+                extra = xrpo_allocator.allocate(rewards, counts, budgets[phase - 1], clock, x.bonus)
             else:  # seeding alone: the second half of each group, as GRPO would have sampled it
                 extra = [G - first] * n_prompts
             plan.append(extra)
@@ -65,8 +66,7 @@ def collect(engine, tokenizer, cfg, keyed_problems: list, step: int, reward_fn, 
             if n == 0:
                 continue
             text = plain[i]
-            all_failed = phase > 0 and rewards[i] and max(rewards[i]) < 1
-            if x.seeding and all_failed and corpus is not None and len(corpus):
+            if x.seeding and phase > 0 and all_failed(rewards[i], x.seed_when) and corpus is not None and len(corpus):
                 exemplars = corpus.exemplars(problem.question, x.max_exemplars, x.max_chars)
                 text = prompt_text(tokenizer, problem.question, system, exemplars)
                 seeded += n

@@ -135,6 +135,10 @@ class XRPOConfig:
     loss_context: str = "sampled"  # | "original": the loss sees the prompt without the exemplars
     sharpen_l: float = 2.5
     sharpen_k: float = 0.5
+    # Where the paper's text and earlier versions of this code differ (README, XRPO); defaults follow the paper.
+    sharpen_temperature: str = "policy"  # s(y) under pi_theta (T = 1) | "sampling": at rollout.temperature
+    bonus_step: str = "one_based"  # T in lambda sqrt(log(1 + T) / n) is the step number from 1 | "zero_based"
+    seed_when: str = "zero_reward"  # seed a prompt whose best reward so far is 0 | "below_one": below 1
 
 
 @dataclass
@@ -406,6 +410,9 @@ def validate(cfg: TrainConfig):
         ("xrpo.max_chars", cfg.xrpo.max_chars >= 1, ">= 1"),
         ("xrpo.loss_context", cfg.xrpo.loss_context in ("sampled", "original"), "'sampled' or 'original'"),
         ("xrpo.sharpen_k", cfg.xrpo.sharpen_k >= 0, ">= 0"),
+        ("xrpo.sharpen_temperature", cfg.xrpo.sharpen_temperature in ("policy", "sampling"), "'policy' or 'sampling'"),
+        ("xrpo.bonus_step", cfg.xrpo.bonus_step in ("one_based", "zero_based"), "'one_based' or 'zero_based'"),
+        ("xrpo.seed_when", cfg.xrpo.seed_when in ("zero_reward", "below_one"), "'zero_reward' or 'below_one'"),
         ("capo.top_k", cfg.capo.top_k >= 2, ">= 2"),
         ("capo.tau_F", cfg.capo.tau_F > 0, "> 0"),
         ("capo.tau_H", cfg.capo.tau_H > 0, "> 0"),

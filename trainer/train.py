@@ -110,7 +110,8 @@ def advantages(cfg, runner, got, d):
     """The advantage slot: group-normalized GRPO, then XRPO sharpening and GRPO-lambda when on."""
     adv, stats = group_normalized_ragged(got.rewards, got.group_sizes)
     if cfg.xrpo.sharpening:
-        logp_BT = runner.logp(got.batch, cfg.rollout.temperature)  # one no-grad forward
+        temperature = 1.0 if cfg.xrpo.sharpen_temperature == "policy" else cfg.rollout.temperature
+        logp_BT = runner.logp(got.batch, temperature)  # one no-grad forward: s(y) under pi_theta (paper)
         mask = got.batch.completion_mask
         mean_logp = (torch.where(mask, logp_BT, 0.0).sum(1) / mask.sum(1).clamp(min=1)).cpu()
         adv, grown = sharpen(adv, mean_logp, got.group_sizes, cfg.xrpo.sharpen_l, cfg.xrpo.sharpen_k)

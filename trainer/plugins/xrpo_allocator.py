@@ -1,10 +1,10 @@
 """XRPO rollout allocation (Bamba et al. 2025, arXiv 2510.06672). After n0 rollouts per prompt, the half-
 width of the 95% confidence interval of prompt q's mean reward is h_q(n) = t_{0.975, n-1} * s_q /
 sqrt(n) (Student t, s_q the sample std of its rewards so far). One more rollout gains h_q(n_q) - h_q(n_q
-+ 1) (s_q held fixed); the exploration bonus is lambda * sqrt(log(1 + step) / n_q). The remaining budget
-is handed out greedily by gain + bonus, one rollout at a time, over a few phases (rewards observed in
-one phase update s_q for the next). Zero-variance groups gain nothing but keep the bonus. Ties go to the
-lower prompt index."""
++ 1) (s_q held fixed); the exploration bonus is lambda * sqrt(log(1 + T) / n_q), T the training step
+(the trainer counts it from 1: xrpo.bonus_step). The remaining budget is handed out greedily by gain +
+bonus, one rollout at a time, over a few phases (rewards observed in one phase update s_q for the next).
+Zero-variance groups gain nothing but keep the bonus. Ties go to the lower prompt index."""
 
 import math
 

@@ -52,3 +52,11 @@ def seeded_messages(system_prompt: str, question: str, exemplars: list) -> list:
     for q, s in exemplars:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": s}]
     return messages + [{"role": "user", "content": question}]
+
+
+def all_failed(rewards: list, seed_when: str = "zero_reward") -> bool:
+    """A prompt to seed: rollouts so far and none rewarded (the paper: best reward 0); "below_one": none
+    fully correct (differs under partial or format rewards)."""
+    if not rewards:
+        return False
+    return max(rewards) < 1 if seed_when == "below_one" else max(rewards) <= 0
