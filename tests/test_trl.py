@@ -1,0 +1,119 @@
+"""GXPO and SFPO inside TRL's GRPOTrainer (gxpo_kernels.trl), on CPU with the tiny model: GRPO mode is
+stock TRL, GXPO mode makes 3 closure passes per active step and lands where the rule lands when driven by
+hand with TRL's loss on the same batch, micro-batches give the whole batch's gradient, and a resume equals
+an uninterrupted run."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from gxpo_kernels import GXPO  # noqa: E402
+from gxpo_kernels.trl import GXPOConfig, GXPOTrainer  # noqa: E402
+from trainer.models import tiny_random_model, tiny_tokenizer  # noqa: E402
+
+COMMON = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, learning_rate=1e-3,
+              use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, bf16=False, optim="adamw_torch",
+              lr_scheduler_type="constant")
+PROMPTS = Dataset.from_list([{"prompt": f"{i} + {i} ="} for i in range(8)])
+
+
+def reward(completions, **_):
+    return [float(c.count("a") + c.count("1") + c.count(" ")) for c in completions]
+
+
+def make(cls, config_cls, tmp_path, steps=1, **kw):
+    tok = tiny_tokenizer()
+    args = config_cls(output_dir=str(tmp_path / "out"), max_steps=steps, **{**COMMON, **kw})
+    return cls(model=tiny_random_model(tok, seed=0), reward_funcs=reward, args=args, train_dataset=PROMPTS,
+               processing_class=tok)
+
+
+def params(trainer):
+    return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+
+
+def test_grpo_mode_is_stock_trl(tmp_path):
+    stock = make(GRPOTrainer, GRPOConfig, tmp_path / "a")
+    stock.train()
+    ours = make(GXPOTrainer, GXPOConfig, tmp_path / "b", update_rule="grpo")
+    ours.train()
+    assert ours.rule is None
+    moved = (params(stock) - params(make(GRPOTrainer, GRPOConfig, tmp_path / "c"))).abs().max()
+    assert moved > 0  # the step did something
+    torch.testing.assert_close(params(ours), params(stock), rtol=0, atol=1e-6)
+
+
+def test_gxpo_mode_matches_the_rule_driven_by_hand(tmp_path, monkeypatch):
+    ours = make(GXPOTrainer, GXPOConfig, tmp_path / "a", update_rule="gxpo", rule_kwargs={"tau": 100.0},
+                max_grad_norm=1.0)
+    start = copy.deepcopy(ours.model)
+    batches, calls = [], []
+    closure_of = ours._closure
+
+    def spy(model, inputs):
+        batches.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in inputs.items()})
+        closure = closure_of(model, inputs)
+        return lambda: calls.append(1) or closure()
+
+    monkeypatch.setattr(ours, "_closure", spy)
+    ours.train()
+    assert ours.rule.last_stats["active"] == 1.0 and len(calls) == 3 and ours.rule.backward_passes == 3
+
+    # by hand: the same batch, TRL's loss (a stock trainer's compute_loss), GXPO over a stock AdamW
+    loss_of = make(GRPOTrainer, GRPOConfig, tmp_path / "b")
+    loss_of.current_gradient_accumulation_steps = 1  # set by TRL's training loop, which this one never runs
+    loss_of.model.train()
+    model = start
+    model.train()
+    base = torch.optim.AdamW(model.parameters(), lr=COMMON["learning_rate"], weight_decay=0.0)
+    rule = GXPO(list(model.parameters()), base=base, tau=100.0, max_grad_norm=1.0)
+
+    def closure():
+        loss = loss_of.compute_loss(model, batches[0])
+        loss.backward()
+        return loss.detach(), {"entropy_mean": loss_of._metrics["train"]["entropy"][-1]}
+
+    rule.step(closure)
+    by_hand = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert (by_hand - params(loss_of)).abs().max() > 1e-4  # the step moved the parameters
+    torch.testing.assert_close(params(ours), by_hand, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
+def test_micro_batches_give_the_whole_batch_step(tmp_path, loss_type):
+    runs = []
+    for m in (1, 3):  # built and trained one after the other: a trainer seeds the global RNG when built
+        runs.append(make(GXPOTrainer, GXPOConfig, tmp_path / f"m{m}", update_rule="sfpo", rule_micro_batches=m,
+                         loss_type=loss_type, rule_kwargs={"tau": 100.0}))
+        runs[-1].train()
+    assert runs[0].rule.last_stats["active"] == 1.0
+    torch.testing.assert_close(params(runs[1]), params(runs[0]), rtol=0, atol=1e-6)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    whole = make(GXPOTrainer, GXPOConfig, tmp_path / "whole", steps=3, update_rule="gxpo",
+                 rule_kwargs={"tau": 100.0})
+    whole.train()
+    first = make(GXPOTrainer, GXPOConfig, tmp_path / "cut", steps=3, update_rule="gxpo", rule_kwargs={"tau": 100.0},
+                 save_strategy="steps", save_steps=2)
+    first.train()
+    resumed = make(GXPOTrainer, GXPOConfig, tmp_path / "cut", steps=3, update_rule="gxpo",
+                   rule_kwargs={"tau": 100.0}, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "out" / "checkpoint-2"))
+    assert resumed.rule.steps == whole.rule.steps == 3
+    assert resumed.rule.gate.state_dict() == whole.rule.gate.state_dict()
+    torch.testing.assert_close(params(resumed), params(whole), rtol=0, atol=1e-6)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
+        GXPOConfig(output_dir="x", update_rule="gxpo", gradient_accumulation_steps=2, use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="update_rule must be one of"):
+        GXPOConfig(output_dir="x", update_rule="ppo", use_cpu=True, report_to=[])
