@@ -113,7 +113,7 @@ class GXPOTrainer(GRPOTrainer):
         return logps
 
     def _chunks(self, inputs):
-        """(chunk, weight): the batch in rule_micro_batches row chunks and each one's share of the loss."""
+        """(chunk, loss weight, token share): the batch in rule_micro_batches row chunks."""
         n = inputs["completion_ids"].size(0)
         bounds = torch.linspace(0, n, self.args.rule_micro_batches + 1).round().long().tolist()
         tokens = inputs["completion_mask"].sum().clamp(min=1)
@@ -122,13 +122,10 @@ class GXPOTrainer(GRPOTrainer):
                 continue
             chunk = {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == n else v)
                      for k, v in inputs.items()}
-            if self.loss_type in PER_SEQUENCE_LOSSES:
-                weight = (hi - lo) / n
-            elif self.loss_type in PER_TOKEN_LOSSES:
-                weight = float(chunk["completion_mask"].sum() / tokens)
-            else:
-                weight = 1.0
-            yield chunk, weight, float(chunk["completion_mask"].sum() / tokens)
+            token_share = float(chunk["completion_mask"].sum() / tokens)
+            weight = ((hi - lo) / n if self.loss_type in PER_SEQUENCE_LOSSES
+                      else token_share if self.loss_type in PER_TOKEN_LOSSES else 1.0)
+            yield chunk, weight, token_share
 
     def _closure(self, model, inputs):
         """TRL's loss and backward over the whole batch, chunk by chunk: (loss, {"entropy_mean"})."""

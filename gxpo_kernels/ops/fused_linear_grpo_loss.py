@@ -83,13 +83,14 @@ class TiledLMHeadGRPOLossFunction(torch.autograd.Function):
         if entropy_N is not None:
             per_row["entropy"] = entropy_N
         stats = torch.stack([per_row[k] for k in STAT_NAMES])
-        coef_N = weight_N.float() * dloss_dlogp_N / cfg.temperature
+        weight_N = weight_N.float()
+        coef_N = weight_N * dloss_dlogp_N / cfg.temperature
         ctx.needs = tuple(ctx.needs_input_grad[:3])
         if any(ctx.needs):
             ctx.save_for_backward(hidden_NH, weight_VH, bias_V, ids_N, coef_N, lse_N)
         ctx.cfg, ctx.filter_eps = cfg, filter_eps
         ctx.mark_non_differentiable(stats)
-        return (weight_N.float() * stats[0]).sum(), stats
+        return (weight_N * stats[0]).sum(), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):

@@ -8,7 +8,7 @@ math then runs on [N] vectors (grpo_loss.token_terms). Backward: every (token ti
 recomputes its logits, forms dlogits = c (onehot - p) in registers (c = w dloss/dlogp / T times
 grad_output, read on the device) and accumulates d_hidden = dlogits @ W and d_weight = dlogits^T @ h
 with fp32 atomic adds. filter_eps > 0 skips a tile whose every p < filter_eps and which holds no target:
-each skipped gradient entry is below |c_n| * filter_eps (bound_of_filtering gives the resulting bound on
+each skipped gradient entry is below |c_n| * filter_eps (docs/algorithm.md gives the resulting bound on
 each gradient)."""
 
 import torch
