@@ -10,7 +10,7 @@ from gxpo_bench.kernels import BOOKKEEPING_BYTES_PER_PARAM, csrc_cuda_bookkeepin
 from gxpo_bench.per_tensor import bookkeeping as per_tensor_bookkeeping
 from gxpo_kernels import backend
 from gxpo_kernels.flat import build_groups
-from gxpo_kernels.optim.rule import BLOCK
+from gxpo_kernels.optim.lookahead import BLOCK
 
 
 @pytest.mark.parametrize("impl", ["ours", "csrc_cuda", "per_tensor"])

@@ -20,7 +20,7 @@ from gxpo_kernels.ops import flat_ops
 from gxpo_kernels.ops.capo import capo_scores, top_rows
 from gxpo_kernels.ops.reference import grpo_loss_reference
 from gxpo_kernels.optim.flat_adamw import FlatAdamW
-from gxpo_kernels.optim.rule import BLOCK
+from gxpo_kernels.optim.lookahead import BLOCK
 
 from . import shapes
 from .per_tensor import bookkeeping as per_tensor_bookkeeping

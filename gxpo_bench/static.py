@@ -249,7 +249,7 @@ def flat_launches(numels=(4096, 1000, 16, 4100)):
     from gxpo_kernels.flat import FlatGroup
     from gxpo_kernels.ops import flat_ops
     from gxpo_kernels.ops.fused_adamw import adamw_step
-    from gxpo_kernels.optim.rule import BLOCK
+    from gxpo_kernels.optim.lookahead import BLOCK
 
     params = [torch.randn(n) for n in numels]
     grads = [torch.randn(n) for n in numels]
@@ -414,10 +414,15 @@ def fused_linear_bytes(N: int, V: int, H: int, dtype_bytes: int = 2) -> dict:
 
 
 def capo_launches(H=1536, V=4096, K=50, n=8):
+    """Both CAPO modes' kernels: the variant's gathered quadratic form, the official prospective Adam terms."""
     from gxpo_kernels.ops.capo import gathered_quadratic
+    from gxpo_kernels.ops.capo_adam import prospective_adam_terms
 
+    rows = torch.randint(0, V, (n, K))
     with captured_launches() as launches:
-        gathered_quadratic(torch.randn(n, H), torch.rand(V, H), torch.randint(0, V, (n, K)))
+        gathered_quadratic(torch.randn(n, H), torch.rand(V, H), rows)
+        prospective_adam_terms(torch.randn(n, H), torch.randn(n, K), rows,
+                               (torch.zeros(V, H), torch.rand(V, H), 0.9, 0.999, 1e-8, 3))
     return launches
 
 

@@ -16,7 +16,7 @@ from trainer.flops import peak_flops, train_flops_per_token
 from trainer.models import load_policy
 from trainer.policy import PolicyRunner
 from trainer.rollout import RolloutBatch
-from trainer.step import LossClosure, base_optimizer, make_update_rule, run_update
+from trainer.step import LossClosure, make_update_rule, run_update
 
 PHASES = ("ref_logprob", "plan", "optimizer", "bookkeeping")
 
@@ -88,7 +88,7 @@ class AlgoBench:
                 shard_policy(runner, torch.bfloat16)
         self.params = [p for p in self.runner.parameters() if p.requires_grad]
         self.rule = make_update_rule(self.cfg, self.params)
-        self.opt_timer = _TimedStep(base_optimizer(self.rule), device)
+        self.opt_timer = _TimedStep(self.rule.base, device)
         self.batch = synthetic_batch(len(tokenizer), *batch_shape, device, distribution=distribution)
         self.adv = torch.randn(batch_shape[0], generator=torch.Generator().manual_seed(1))
         self.adv[:round(zero_adv_frac * batch_shape[0])] = 0.0  # zero-variance groups' completions
@@ -102,7 +102,7 @@ class AlgoBench:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.opt_timer.seconds = 0.0
-        passes_before = getattr(rule, "backward_passes", None)
+        passes_before = rule.backward_passes
         _sync(device)
         t_step = time.perf_counter()
         times = {}
@@ -115,7 +115,7 @@ class AlgoBench:
         closure = LossClosure(self.runner, self.batch, self.adv, self.cfg, ref_logp)
         times["plan"] = time.perf_counter() - t_plan  # the micro-batch (packing) plan, made once per step
         t_update = time.perf_counter()
-        run_update(rule, closure, self.cfg, self.params)
+        run_update(rule, closure)
         _sync(device)
         update = time.perf_counter() - t_update
         step_time = time.perf_counter() - t_step
@@ -126,7 +126,7 @@ class AlgoBench:
         times["unaccounted"] = step_time - sum(times.values())
         real_tokens = float(self.batch.attention_mask.sum())
         row = {"step_s": step_time, "times": times, "passes": len(closure.pass_times),
-               "rule_passes": 1 if passes_before is None else rule.backward_passes - passes_before,
+               "rule_passes": rule.backward_passes - passes_before,
                "tokens_per_s": real_tokens * len(closure.pass_times) / update}
         row.update(closure.stats)
         if self.peak is not None:

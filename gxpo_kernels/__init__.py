@@ -1,8 +1,8 @@
 """Triton kernels and update rules for GXPO, SFPO and GRPO."""
 
 from .loss import fused_linear_grpo_loss, grpo_loss
-from .optim import GXPO, SFPO
+from .optim import GRPO, GXPO, SFPO
 from .optim.flat_adamw import FlatAdamW
 
-__all__ = ["grpo_loss", "fused_linear_grpo_loss", "GXPO", "SFPO", "FlatAdamW"]
+__all__ = ["grpo_loss", "fused_linear_grpo_loss", "GRPO", "GXPO", "SFPO", "FlatAdamW"]
 __version__ = "0.1.0"

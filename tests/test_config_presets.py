@@ -27,7 +27,7 @@ def test_presets_resolve_and_fields_override(tmp_path):
     ("gxpo.optimizer_state", "sometimes"), ("loss.log_ratio_clamp", "0"), ("optim.betas", "0.9"),
     ("optim.betas", "0.9,1.5"), ("optim.weight_decay", "-0.1"), ("optim.max_grad_norm", "0"),
     ("loss.eps_low", "1.5"), ("loss.eps_high", "0"), ("loss.beta", "-1"), ("loss.loss_agg", "mean"),
-    ("loss.max_completion_len", "0"), ("eval.n_samples", "0"),
+    ("loss.max_completion_len", "0"), ("eval.n_samples", "0"), ("capo.mode", "paper"), ("capo.tau_F", "-1"),
 ])
 def test_bad_values_name_their_key(key, value):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

@@ -148,8 +148,9 @@ def test_trains_with_several_benchmarks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(backend, "use_triton", lambda t: t.is_cuda)
     temperatures = []
-    evaluate = train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: temperatures.append(a[-1]) or evaluate(*a, **k))
+    import trainer.evaluate as evaluate_module
+    evaluate = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: temperatures.append(a[-1]) or evaluate(*a, **k))
     a, b = write(tmp_path, "jsonl", ROWS[:2], name="a"), write(tmp_path, "parquet", ROWS, name="b")
     benches = [{"name": "easy", "path": a, "question_field": "problem", "answer_field": "n"},
                {"name": "math", "path": b, "question_field": "problem", "answer_field": "solution",

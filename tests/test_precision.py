@@ -38,7 +38,7 @@ def test_bf16_parameters_under_sgd_are_fine():
 
 def _dtypes_after_run(rule, model) -> dict:
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    base = getattr(rule, "base", rule)
+    base = rule.base
     return {"params": sorted({str(local(p).dtype) for p in model.parameters()}),
             "state": sorted({str(local(v).dtype) for s in base.state.values() for k, v in s.items()
                              if torch.is_tensor(v) and k != "step"})}

@@ -36,7 +36,7 @@ def one_update(algo, loss_agg, skip, adv, pack=True, dtype=torch.float64):
     real_forward = runner.forward
     runner.forward = lambda kind, *a, **k: (calls.append(kind), real_forward(kind, *a, **k))[1]
     closure = LossClosure(runner, batch, torch.tensor(adv, dtype=dtype), cfg)
-    run_update(rule, closure, cfg, params)
+    run_update(rule, closure)
     return [p.detach().clone() for p in params], calls, closure
 
 

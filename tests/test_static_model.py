@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {"_grpo_loss_fwd_kernel", "_grpo_loss_bwd_kernel", "_snapshot_kernel", "_restore_kernel", "_grad_dots_kernel",
-        "_extrapolate_kernel", "_adamw_kernel", "_capo_q_kernel", "_lm_head_fwd_kernel", "_lm_head_bwd_kernel"}
+        "_extrapolate_kernel", "_adamw_kernel", "_capo_q_kernel", "_capo_adam_kernel", "_lm_head_fwd_kernel",
+        "_lm_head_bwd_kernel"}
 LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 

@@ -13,6 +13,7 @@ import torch
 from helpers import rel_err
 
 pytest.importorskip("transformers")
+from trainer import data as data_module  # noqa: E402
 from trainer import train as train_module  # noqa: E402
 from trainer.cli import main as cli_main  # noqa: E402
 from trainer.config import load_config, to_toml  # noqa: E402
@@ -192,8 +193,8 @@ def test_held_out_evaluation_every_n_steps(tmp_path):
     assert ["eval/pass@1" in r for r in rows] == [False, True, True]
     for r in rows[1:]:
         assert 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1 and r["time/eval"] > 0
-    held_out = {p.question for p in train_module.held_out_problems(cfg, log=None)}
-    trained = {p.question for s in range(3) for p in train_module.problems_for_step(cfg, s, None)}
+    held_out = {p.question for p in data_module.held_out_problems(cfg, log=None)}
+    trained = {p.question for s in range(3) for p in data_module.problems_for_step(cfg, s, None)}
     assert held_out and not held_out & trained
     assert (Path(cfg.out) / "tensorboard").is_dir()
 
@@ -266,7 +267,7 @@ def test_plugins_train_two_steps(tmp_path, recipe, algo):
             assert r["xrpo/min_group"] >= 2
         if recipe == "capo":
             assert 0 <= r["capo/rejected_frac"] <= 1 and r["time/token_mask"] > 0
-            assert ("capo/m_F_q99" in r) == (r["step"] > 1)  # the optimizer has moments after step 1
+            assert "capo/m_F_q99" in r  # official mode: an SGD step is modelled before CAPO's moments exist
     assert load_config(Path(cfg.out) / "config.toml").recipe == recipe
 
 
@@ -289,36 +290,55 @@ def test_xrpo_seeds_all_fail_prompts_and_resumes_exactly(tmp_path, monkeypatch):
         assert straight[-1][key] == resumed[-1][key], key
 
 
-def test_capo_masks_tokens_with_a_huge_predicted_kl(tmp_path):
+@pytest.mark.parametrize("mode", ["official", "optimizer_moments"])
+def test_capo_masks_tokens_with_a_huge_predicted_kl(tmp_path, mode):
     """With a learning rate large enough every token's predicted KL passes tau_F: all are masked, and
-    they leave the loss's token count; with a tiny one none is."""
+    they leave the loss's token count; with a tiny one none is. The official mode models an SGD step
+    before its moments are fed (so it masks from the first step) and feeds them only with kept tokens;
+    the variant waits for the optimizer's first step."""
     from trainer.engines import make_engine
     from trainer.models import load_policy
-    from trainer.plugins.capo import capo_token_mask
+    from trainer.plugins.capo import capo_token_mask, make_moments
     from trainer.policy import PolicyRunner
     from trainer.step import LossClosure, make_update_rule
 
-    cfg = tiny_cfg(tmp_path, "grpo", recipe="capo")
+    cfg = tiny_cfg(tmp_path, "grpo", recipe="capo", **{"capo.mode": mode})
     model, tok = load_policy("tiny-random", torch.float32)
     runner = PolicyRunner(model)
     batch = make_engine("hf", runner, tok, cfg.rollout).generate(["user: 1 + 1\nassistant: "] * 2, 4, [0, 1])
     adv = torch.linspace(-1, 1, 8)
     rule = make_update_rule(cfg, list(model.parameters()))
-    masked, stats = capo_token_mask(runner, batch, adv, rule, cfg)
-    assert masked is batch and stats["capo/rejected_frac"] == 0  # no optimizer moments yet: nothing to model
-    rule.zero_grad()
-    LossClosure(runner, batch, adv, cfg)()
-    rule.step()
+    moments = make_moments(cfg, model, "cpu")
+    assert (moments is None) == (mode != "official")
+    if mode == "optimizer_moments":
+        masked, stats = capo_token_mask(runner, batch, adv, rule, cfg)
+        assert masked is batch and stats["capo/rejected_frac"] == 0  # no optimizer moments yet: nothing to model
+        rule.step(LossClosure(runner, batch, adv, cfg))
     kept = {}
     for lr in (1e3, 1e-12):
         rule.param_groups[0]["lr"] = lr
-        masked, stats = capo_token_mask(runner, batch, adv, rule, cfg)
+        masked, stats = capo_token_mask(runner, batch, adv, rule, cfg, moments=moments)
         assert (masked.completion_mask <= batch.completion_mask).all()  # only ever removes tokens
         kept[lr] = LossClosure(runner, masked, adv, cfg).total_tokens
         assert stats["capo/rejected_frac"] == pytest.approx(1 - kept[lr] / batch.completion_mask.sum().item())
+        if moments is not None:  # every token masked at lr 1e3: t advances, nothing fed; then all fed
+            assert moments.t == len(kept) and moments.fed == (lr == 1e-12)
     assert kept[1e3] == 0 and kept[1e-12] == batch.completion_mask.sum().item()
     with pytest.raises(ValueError, match="FSDP"):
-        capo_token_mask(runner, batch, adv, rule, cfg, world=2)
+        capo_token_mask(runner, batch, adv, rule, cfg, world=2, moments=moments)
+
+
+def test_capo_official_moments_ride_in_the_checkpoint(tmp_path):
+    """A resumed CAPO run (official mode: its own moments) equals a straight one."""
+    extra = {"recipe": "capo", "save_every": 1, "capo.tau_F": 1e-12, "capo.tau_H": 0.0, "optim.lr": 1e-2}
+    straight = read_metrics(train_module.train(tiny_cfg(tmp_path / "a", "grpo", steps=3, **extra),
+                                               log=lambda *_: None))
+    assert 0 < straight[-1]["capo/rejected_frac"] < 1
+    train_module.train(tiny_cfg(tmp_path / "b", "grpo", steps=2, **extra), log=lambda *_: None)
+    resumed = read_metrics(train_module.train(tiny_cfg(tmp_path / "b", "grpo", steps=3, resume=True, **extra),
+                                              log=lambda *_: None))
+    for key in ("reward_mean", "loss", "capo/rejected_frac", "capo/m_F_q50", "grad_norm"):
+        assert straight[-1][key] == resumed[-1][key], key
 
 
 def test_checkpointed_and_compiled_blocks_train(tmp_path):

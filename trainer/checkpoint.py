@@ -1,8 +1,8 @@
-"""Checkpoints through torch.distributed.checkpoint (DCP): model, base optimizer, update-rule state
-(gate, counters), scheduler, step and counters, sharded as the model is (a run resumes on another
-number of ranks); plus each rank's RNG state. A save goes to step_N.tmp/ and is renamed to step_N/
-once every rank has written, so a killed save never replaces the last good checkpoint. Loading takes
-the newest checkpoint that reads back whole on every rank."""
+"""Checkpoints through torch.distributed.checkpoint (DCP): model and update rule (its base optimizer,
+gate and counters: rule.sharded_state_dict), scheduler, step and counters, sharded as the model is (a
+run resumes on another number of ranks); plus each rank's RNG state. A save goes to step_N.tmp/ and is
+renamed to step_N/ once every rank has written, so a killed save never replaces the last good
+checkpoint. Loading takes the newest checkpoint that reads back whole on every rank."""
 
 import contextlib
 import random
@@ -13,27 +13,19 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .distributed import SINGLE, Dist
-from .step import base_optimizer
 
 
 def checkpoint_dir(out: str) -> Path:
     return Path(out) / "checkpoints"
 
 
-def _rule_state(rule) -> dict:
-    """The update rule's own state beyond its base optimizer (gate, counters); {} for plain AdamW."""
-    if not hasattr(rule, "base"):
-        return {}
-    return {k: v for k, v in rule.state_dict().items() if k != "base"}
-
-
-def _state(model, rule, scheduler, train_state: dict) -> dict:
-    model_sd, optim_sd = get_state_dict(model, base_optimizer(rule))
-    return {"model": model_sd, "optim": optim_sd, "rule": _rule_state(rule), "scheduler": scheduler.state_dict(),
-            "train": dict(train_state)}
+def _state(model, rule, scheduler, train_state: dict, plugins: dict) -> dict:
+    state = {**rule.sharded_state_dict(model), "scheduler": scheduler.state_dict(), "train": dict(train_state)}
+    if plugins:
+        state["plugins"] = {name: p.state_dict() for name, p in plugins.items()}
+    return state
 
 
 @contextlib.contextmanager
@@ -50,8 +42,9 @@ def _rng_state() -> dict:
 
 
 def save_checkpoint(out: str, step: int, model, rule, scheduler, train_state: dict, dist: Dist = SINGLE,
-                    keep: int = 2) -> Path:
-    """Collective: every rank calls it. train_state is a dict of plain numbers (step is added)."""
+                    keep: int = 2, plugins: dict | None = None) -> Path:
+    """Collective: every rank calls it. train_state is a dict of plain numbers (step is added); plugins
+    {name: object with state_dict / load_state_dict} (e.g. CAPO's moments)."""
     ckpt_dir = checkpoint_dir(out)
     final, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f"step_{step:08d}.tmp"
     if dist.main:
@@ -61,7 +54,7 @@ def save_checkpoint(out: str, step: int, model, rule, scheduler, train_state: di
     dist.barrier()
     torch.save(_rng_state(), tmp / f"rng_rank{dist.rank}.pt")
     with _single_process_quiet():
-        dcp.save(_state(model, rule, scheduler, {**train_state, "step": step}), checkpoint_id=tmp,
+        dcp.save(_state(model, rule, scheduler, {**train_state, "step": step}, plugins), checkpoint_id=tmp,
                  no_dist=dist.world == 1)
     dist.barrier()  # every rank's files are written before the rename makes the checkpoint visible
     if dist.main:
@@ -81,13 +74,13 @@ def complete_checkpoints(out: str) -> list:
 
 
 def load_latest_checkpoint(out: str, model, rule, scheduler, dist: Dist = SINGLE, log=print,
-                           train_template: dict | None = None) -> dict | None:
+                           train_template: dict | None = None, plugins: dict | None = None) -> dict | None:
     """Loads the newest whole checkpoint into model, rule and scheduler and restores this rank's RNG;
     returns its train_state (the keys of train_template, plain values), or None when there is none. A torn
     or corrupt one is reported and skipped."""
     for path in complete_checkpoints(out):
         template = {"step": 0, "wall_time_s": 0.0, "backward_passes": 0, **(train_template or {})}
-        state = _state(model, rule, scheduler, template)
+        state = _state(model, rule, scheduler, template, plugins)
         error = None
         try:
             with _single_process_quiet():
@@ -100,9 +93,9 @@ def load_latest_checkpoint(out: str, model, rule, scheduler, dist: Dist = SINGLE
             if dist.main:
                 log(f"checkpoint {path} is unreadable ({error or 'on another rank'}); trying the previous one")
             continue
-        set_state_dict(model, base_optimizer(rule), model_state_dict=state["model"], optim_state_dict=state["optim"])
-        if state["rule"]:
-            rule.load_state_dict({"base": base_optimizer(rule).state_dict(), **state["rule"]})
+        rule.load_sharded_state_dict(model, state)
+        for name, plugin in (plugins or {}).items():
+            plugin.load_state_dict(state["plugins"][name])
         scheduler.load_state_dict(state["scheduler"])
         if rng is not None:
             restore_rng(rng)

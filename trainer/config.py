@@ -11,8 +11,8 @@ import tomllib
 from gxpo_kernels.ops.reference import LOSS_AGGS
 from gxpo_kernels.optim.gate import GATES
 from gxpo_kernels.optim.gxpo import GATE_STATS
+from gxpo_kernels.optim.lookahead import OPTIMIZER_STATES
 from gxpo_kernels.optim.presets import DEFAULT_GXPO_PRESET, DEFAULT_SFPO_PRESET, GXPO_PRESETS, SFPO_PRESETS, resolve
-from gxpo_kernels.optim.rule import OPTIMIZER_STATES
 
 from .hf_tasks import ANSWER_FROM, is_local, parse_filter
 
@@ -144,9 +144,13 @@ class XRPOConfig:
 @dataclass
 class CAPOConfig:
     enabled: bool | None = None  # None: on under --recipe capo
-    preset: str = "grpo"  # | "dr-grpo": sets tau_F, tau_H to 1e-3, 5e-4 unless given
-    tau_F: float | None = None  # predicted-KL threshold; None: the preset's (1e-4)
-    tau_H: float | None = None  # |predicted objective change| threshold; None: the preset's (0.01)
+    # "official": the authors' computation (own Adam moments, prospective step, untempered, no forced token) |
+    # "optimizer_moments": ours (the real optimizer's moments, sampled token forced in, at the sampling temperature)
+    mode: str = "official"
+    preset: str = "grpo"  # | "dr-grpo": sets tau_F, tau_H to 1e-3, 5e-4 unless given (the published recipes)
+    tau_F: float | None = None  # predicted-KL threshold; None: the preset's (1e-4); 0: no KL check
+    tau_H: float | None = None  # predicted objective-change threshold; None: the preset's (0.01); 0: no check
+    hessian_symmetric_clipping: bool = True  # m_H in (-tau_H, tau_H) (both recipes); false: [0, tau_H)
     top_k: int = 50
     eps: float = 1e-8
     chunk_tokens: int = 1024
@@ -163,6 +167,7 @@ class GRPOLambdaConfig:
 
 RECIPES = ("none", "xrpo", "capo", "grpo-lambda")
 CAPO_PRESETS = {"grpo": (1e-4, 0.01), "dr-grpo": (1e-3, 5e-4)}
+CAPO_MODES = ("official", "optimizer_moments")
 
 
 @dataclass
@@ -414,8 +419,9 @@ def validate(cfg: TrainConfig):
         ("xrpo.bonus_step", cfg.xrpo.bonus_step in ("one_based", "zero_based"), "'one_based' or 'zero_based'"),
         ("xrpo.seed_when", cfg.xrpo.seed_when in ("zero_reward", "below_one"), "'zero_reward' or 'below_one'"),
         ("capo.top_k", cfg.capo.top_k >= 2, ">= 2"),
-        ("capo.tau_F", cfg.capo.tau_F > 0, "> 0"),
-        ("capo.tau_H", cfg.capo.tau_H > 0, "> 0"),
+        ("capo.mode", cfg.capo.mode in CAPO_MODES, f"one of {CAPO_MODES}"),
+        ("capo.tau_F", cfg.capo.tau_F >= 0, ">= 0 (0: no predicted-KL check)"),
+        ("capo.tau_H", cfg.capo.tau_H >= 0, ">= 0 (0: no predicted-objective check)"),
         ("capo.chunk_tokens", cfg.capo.chunk_tokens >= 1, ">= 1"),
         ("grpo_lambda.lam", 0 < cfg.grpo_lambda.lam <= 1, "in (0, 1]"),
         ("grpo_lambda.gamma", 0 < cfg.grpo_lambda.gamma <= 1, "in (0, 1]"),

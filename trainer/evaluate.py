@@ -5,6 +5,9 @@ from math import comb
 
 import torch
 
+from .collect import prompt_text
+from .sampling import row_seed
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     if not 0 <= c <= n or not 1 <= k <= n:
@@ -33,3 +36,21 @@ def evaluate(engine, prompts: list, answers: list, keys: list, reward_fn, n_samp
         "eval/pass@1": sum(c / n_samples for c in per_problem) / len(prompts),
         f"eval/pass@{k}": sum(pass_at_k(n_samples, c, k) for c in per_problem) / len(prompts),
     }
+
+
+EVAL_KEY = 2**31  # keys evaluation samples apart from training samples
+
+
+def evaluate_sets(sets: dict, engine, tokenizer, cfg, step: int, reward_fn, d) -> dict:
+    """pass@1 and pass@k of each held-out set (eval/<name>/...), and their means as eval/pass@1, eval/pass@k."""
+    out = {}
+    for index, (name, problems) in enumerate(sets.items()):
+        prompts = [prompt_text(tokenizer, p.question, cfg.task.system_prompt) for p in problems]
+        keys = [row_seed(cfg.seed, EVAL_KEY + index, step, i) for i in range(len(problems))]
+        scores = evaluate(engine, prompts, [p.answer for p in problems], keys, reward_fn, cfg.eval.n_samples,
+                          cfg.eval.k, d, cfg.eval.temperature)
+        out.update({k.replace("eval/", f"eval/{name}/") if name else k: v for k, v in scores.items()})
+    if "" not in sets:  # benchmarks: their mean
+        for metric in ("pass@1", f"pass@{cfg.eval.k}"):
+            out[f"eval/{metric}"] = sum(out[f"eval/{name}/{metric}"] for name in sets) / len(sets)
+    return out

@@ -6,8 +6,7 @@ import time
 
 import torch
 
-from gxpo_kernels import GXPO, SFPO, FlatAdamW
-from gxpo_kernels.optim.precision import check_master_dtype
+from gxpo_kernels import GRPO, GXPO, SFPO, FlatAdamW
 
 from .distributed import SINGLE, Dist
 from .packing import pack, padding_fractions
@@ -17,8 +16,8 @@ def make_update_rule(cfg, params):
     base_kwargs = {"lr": cfg.optim.lr, "betas": tuple(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay}
     base = FlatAdamW if cfg.optim.name == "flat_adamw" else torch.optim.AdamW
     if cfg.algo == "grpo":
-        check_master_dtype(params, base, cfg.bf16_params)
-        return base(params, **base_kwargs, **({"allow_bf16_params": True} if base is FlatAdamW else {}))
+        return GRPO(params, base=base, max_grad_norm=cfg.optim.max_grad_norm, allow_bf16_params=cfg.bf16_params,
+                    **base_kwargs)
     if cfg.algo == "gxpo":
         g = cfg.gxpo
         return GXPO(params, base=base, preset=g.preset, K=g.K, alpha=g.alpha, tau=g.tau, gate=g.gate,
@@ -41,10 +40,6 @@ def skips_zero_advantages(cfg) -> bool:
     """Completions whose advantage is zero leave every pass when that is exact: no KL term (their loss and
     gradient are then identically 0), and no gate that reads the batch's entropy (which would lose them)."""
     return cfg.loss.skip_zero_advantage and cfg.loss.beta == 0 and not gate_reads_batch_entropy(cfg)
-
-
-def base_optimizer(rule):
-    return getattr(rule, "base", rule)
 
 
 METRIC_KEYS = ("clip_frac_high", "clip_frac_low", "entropy_mean", "ratio_mean")  # grpo_loss's, as the closure calls it
@@ -149,20 +144,10 @@ class LossClosure:
         return torch.tensor(self.last_metrics["loss"]), dict(self.last_metrics)
 
 
-def run_update(rule, closure: LossClosure, cfg, params) -> dict:
-    """One update with the configured rule; returns its stats (grad norm, last_stats, passes)."""
-    if cfg.algo == "grpo":
-        rule.zero_grad(set_to_none=True)
-        closure()
-        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if torch.isfinite(torch.tensor(norm)):
-            rule.step()
-        rule.zero_grad(set_to_none=True)
-        return {"grad_norm": norm, "backward_passes_step": 1}
+def run_update(rule, closure: LossClosure) -> dict:
+    """One update with the configured rule; returns its stats (rule/*, grad norm, passes this step)."""
     rule.step(closure)  # for SFPO the closure's metrics carry entropy_mean, its gate statistic
     stats = {f"rule/{k}": v for k, v in rule.last_stats.items()}
-    stats["grad_norm"] = rule.last_stats.get("g0_norm", float("nan"))
+    stats["grad_norm"] = rule.last_grad_norm
     stats["backward_passes_step"] = len(closure.pass_times)
     return stats

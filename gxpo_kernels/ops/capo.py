@@ -1,12 +1,15 @@
-"""CAPO's per-token curvature scores on the LM head, without the [N, K, H] per-token gradients.
+"""CAPO's per-token curvature scores on the LM head, our variant (`capo.mode = "optimizer_moments"`),
+without the [N, K, H] per-token gradients. The authors' computation is in capo_adam.py.
 
 For token n with final hidden state h (H), sampled token a, advantage A and the top-K rows S of its
-distribution (a forced into S), pi = softmax over S, v = e_a - pi. The LM-head gradient of A log pi_a
-restricted to S is g = A v (x) h; its AdamW-preconditioned step is Delta = g * r[S] with r = 1 /
-(sqrt(v_hat) + eps) the optimizer's per-element preconditioner; u = Delta h. Then
-    m_H = lr <g, Delta> + 0.5 lr^2 A [(v . u)^2 - u^T (diag pi - pi pi^T) u],   m_F = 0.5 lr^2 (v . u)^2.
+distribution at temperature T (a forced into S), pi = softmax(z_S / T), v = e_a - pi. The LM-head
+gradient of A log pi_a restricted to S is g = (A / T) v (x) h; its AdamW-preconditioned step is
+Delta = g * r[S] with r = 1 / (sqrt(v_hat) + eps) the real optimizer's per-element preconditioner;
+u = Delta h. The second-order terms carry the same 1 / T (grad log pi = v (x) h / T):
+    m_H = lr <g, Delta> + 0.5 lr^2 A [(v . u)^2 - u^T (diag pi - pi pi^T) u] / T^2,
+    m_F = 0.5 lr^2 (v . u)^2 / T^2.
 Every term is a function of q[n, k] = sum_j h[n, j]^2 r[S[n, k], j]:
-    <g, Delta> = A^2 sum_k v_k^2 q_k,   u_k = A v_k q_k,
+    <g, Delta> = (A / T)^2 sum_k v_k^2 q_k,   u_k = (A / T) v_k q_k,
 so the kernel computes q (a gathered quadratic form: K rows of r against h^2 per token) and the rest is
 O(K) per token. The reference (capo_reference) materializes g and Delta in float64."""
 
@@ -57,28 +60,33 @@ def gathered_quadratic(hidden_NH: torch.Tensor, precond_VH: torch.Tensor, rows_N
     return q_NK
 
 
-def top_rows(logits_NV: torch.Tensor, actions_N: torch.Tensor, K: int, temperature: float):
-    """(rows [N, K] with the sampled token forced in as the last row when outside the top K, pi over
-    them [N, K] (float32+), one-hot of the sampled token [N, K])."""
+def top_rows(logits_NV: torch.Tensor, actions_N: torch.Tensor, K: int, temperature: float, force_action=True):
+    """(rows [N, K], pi over them [N, K] (float32+), one-hot of the sampled token [N, K]). force_action:
+    the sampled token replaces the last row when outside the top K (otherwise its one-hot is all zero)."""
     K = min(K, logits_NV.shape[1])
     rows = logits_NV.topk(K, dim=1).indices
-    inside = (rows == actions_N[:, None]).any(1)
-    rows[:, -1] = torch.where(inside, rows[:, -1], actions_N)
+    if force_action:
+        inside = (rows == actions_N[:, None]).any(1)
+        rows[:, -1] = torch.where(inside, rows[:, -1], actions_N)
     stats_dtype = torch.float64 if logits_NV.dtype == torch.float64 else torch.float32
     pi = torch.softmax(logits_NV.gather(1, rows).to(stats_dtype) / temperature, dim=1)
     return rows, pi, (rows == actions_N[:, None]).to(stats_dtype)
 
 
-def scores_from_q(q_NK, pi_NK, onehot_NK, adv_N, lr: float):
+def scores_from_terms(g_dot_delta_N, u_NK, pi_NK, v_NK, A_N, lr: float, temperature: float = 1.0):
+    """(m_H [N], m_F [N]) from <g, Delta>, u = Delta h and the distribution over the rows."""
+    vu = (v_NK * u_NK).sum(1) / temperature
+    quad = ((pi_NK * u_NK.square()).sum(1) - (pi_NK * u_NK).sum(1).square()) / temperature**2
+    m_H = lr * g_dot_delta_N + 0.5 * lr**2 * A_N * (vu.square() - quad)
+    return m_H, 0.5 * lr**2 * vu.square()
+
+
+def scores_from_q(q_NK, pi_NK, onehot_NK, adv_N, lr: float, temperature: float = 1.0):
     """(m_H [N], m_F [N]) from the gathered quadratic form."""
     v = onehot_NK - pi_NK
     A = adv_N.to(q_NK.dtype)
-    g_dot_delta = A.square() * (v.square() * q_NK).sum(1)
-    u = A[:, None] * v * q_NK
-    vu = (v * u).sum(1)
-    quad = (pi_NK * u.square()).sum(1) - (pi_NK * u).sum(1).square()
-    m_H = lr * g_dot_delta + 0.5 * lr**2 * A * (vu.square() - quad)
-    return m_H, 0.5 * lr**2 * vu.square()
+    coef = A[:, None] * v / temperature  # g_k = coef_k h
+    return scores_from_terms((coef.square() * q_NK).sum(1), coef * q_NK, pi_NK, v, A, lr, temperature)
 
 
 def capo_scores(hidden_NH, weight_VH, actions_N, adv_N, precond_VH, lr: float, top_k: int = 50,
@@ -94,7 +102,8 @@ def capo_scores(hidden_NH, weight_VH, actions_N, adv_N, precond_VH, lr: float, t
         h = hidden_NH[start:end]
         rows, pi, onehot = top_rows(h @ weight_VH.t(), actions_N[start:end], top_k, temperature)
         q = gathered_quadratic(h, precond_VH, rows)
-        m_H[start:end], m_F[start:end] = scores_from_q(q.to(stats_dtype), pi, onehot, adv_N[start:end], lr)
+        m_H[start:end], m_F[start:end] = scores_from_q(q.to(stats_dtype), pi, onehot, adv_N[start:end], lr,
+                                                       temperature)
     return m_H, m_F
 
 
@@ -105,9 +114,9 @@ def capo_reference(hidden_NH, weight_VH, actions_N, adv_N, precond_VH, lr: float
     rows, pi, onehot = top_rows(h @ weight_VH.double().t(), actions_N, top_k, temperature)
     A = adv_N.double()
     v = onehot - pi
-    g = A[:, None, None] * v[:, :, None] * h[:, None, :]  # [N, K, H]
+    g = A[:, None, None] * v[:, :, None] * h[:, None, :] / temperature  # [N, K, H]
     delta = g * precond_VH.double()[rows]
-    u = torch.einsum("nkh,nh->nk", delta, h)
+    u = torch.einsum("nkh,nh->nk", delta, h) / temperature  # grad log pi . Delta needs the 1/T of its own
     vu = (v * u).sum(1)
     curvature = torch.einsum("nk,nk->n", pi, u.square()) - torch.einsum("nk,nk->n", pi, u).square()
     m_H = lr * (g * delta).sum((1, 2)) + 0.5 * lr**2 * A * (vu.square() - curvature)

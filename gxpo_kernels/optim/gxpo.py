@@ -8,8 +8,8 @@ import torch
 from ..extrapolation import DELTA, EXTRAP_STATS, TINY_G0_NORM
 from ..ops import flat_ops
 from .gate import ZScoreGate
+from .lookahead import LookaheadRule
 from .presets import DEFAULT_GXPO_PRESET, GXPO_PRESETS, resolve
-from .rule import UpdateRule
 
 # trajectory: pre-clip ||g~|| of the corrective pass; g0: pre-clip ||g0||; entropy: the corrective pass's
 # batch token entropy (the closure returns (loss, {"entropy_mean": H}))
@@ -20,7 +20,7 @@ def _cos(dot, a, b):
     return dot / (a * b) if a > 0 and b > 0 else 0.0
 
 
-class GXPO(UpdateRule):
+class GXPO(LookaheadRule):
     """opt = GXPO(model.parameters(), base=torch.optim.AdamW, preset="final", lr=1e-6); opt.step(closure).
 
     preset ("final" or "paper", see presets.py) sets K, alpha, tau, gate, gate_stat, omega, window and

@@ -1,20 +1,11 @@
-"""What GXPO and SFPO share: a base optimizer they drive, closure calls counted as backward
-passes, gradient clipping, the flat theta0 / g0 state, the gate, and optimizer-state snapshots."""
-
-import math
+"""The update-rule interface every rule (GRPO, SFPO, GXPO) implements: step(closure) calls the closure
+as often as the rule needs, drives a base optimizer, counts backward passes, and checkpoints through its
+own state."""
 
 import torch
-import torch.distributed as dist
 
-from ..flat import DTensor, GroupCache, local
-from ..ops import flat_ops
 from .flat_adamw import FlatAdamW
-from .gate import ZScoreGate
 from .precision import check_master_dtype
-
-OPTIMIZER_STATES = ("accumulate", "transactional")
-FALLBACK_CODES = {"none": 0.0, "nonfinite_g0": 1.0, "tiny_g0": 2.0, "nonfinite_g1": 3.0, "nonfinite_gtilde": 4.0}
-BLOCK = 1024
 
 
 def run_closure(closure):
@@ -28,10 +19,14 @@ def run_closure(closure):
 
 class UpdateRule(torch.optim.Optimizer):
     """step(closure) calls the closure as often as the rule needs; the closure computes the loss on
-    the fixed batch and calls backward (gradients are zeroed by the rule before each call)."""
+    the fixed batch and calls backward (gradients are zeroed by the rule before each call).
 
-    def __init__(self, params, base, base_kwargs, *, gate: ZScoreGate, optimizer_state, max_grad_norm, delta,
-                 allow_bf16_params=False):
+    base: a torch.optim.Optimizer class (built here on params with base_kwargs) or instance. The rule
+    shares the base's param_groups, so an LR scheduler on the rule schedules the base. After a step,
+    last_grad_norm is the pre-clip norm of the step's first gradient and last_stats the rule's
+    diagnostics."""
+
+    def __init__(self, params, base, base_kwargs, *, max_grad_norm, allow_bf16_params=False):
         params = list(params)
         if isinstance(base, type) and issubclass(base, FlatAdamW):
             base_kwargs = {**base_kwargs, "allow_bf16_params": allow_bf16_params}
@@ -44,49 +39,25 @@ class UpdateRule(torch.optim.Optimizer):
         else:
             raise ValueError(f"base must be a torch.optim.Optimizer class or instance, got {base!r}")
         check_master_dtype([p for g in self.base.param_groups for p in g["params"]], self.base, allow_bf16_params)
-        if optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(f"unknown optimizer_state {optimizer_state!r}; choose one of {OPTIMIZER_STATES}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        if not delta > 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
         super().__init__([p for g in self.base.param_groups for p in g["params"]], {})
         self.param_groups = self.base.param_groups
         self.defaults = self.base.defaults
-        self.gate = gate
-        self.optimizer_state = optimizer_state
         self.max_grad_norm = max_grad_norm
-        self.delta = delta
         self.backward_passes = 0
         self.steps = 0
         self.last_stats = {}
-        self._cache = GroupCache(BLOCK)
-        if isinstance(self.base, FlatAdamW):  # one set of flat groups: shared tables, no second theta0 / g0
-            self.base._cache = self._cache
+        self.last_grad_norm = float("nan")
 
-    @property
-    def active(self) -> bool:
-        return self.gate.open
-
-    # -- pieces ------------------------------------------------------------------------------------
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _flat_groups(self):
-        return self._cache.get(self._params())
-
-    def _sharded(self):
-        return dist.is_available() and dist.is_initialized() and any(isinstance(p, DTensor) for p in self._params())
-
-    def _all_reduce(self, vec: torch.Tensor, with_max=False) -> torch.Tensor:
-        """Sum a small float64 vector over ranks (FSDP2 local shards); with_max: it starts with the
-        EXTRAP_STATS sums, whose scale_max entry takes the max."""
-        if not self._sharded():
-            return vec
-        rows = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, vec.contiguous())
-        rows = torch.stack(rows)
-        return flat_ops.combine_stats(rows) if with_max else rows.sum(0)
+    def _start_step(self, closure):
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that computes the loss on the batch "
+                             "and calls backward")
+        self.steps += 1
 
     def _closure_pass(self, closure):
         self.base.zero_grad(set_to_none=True)
@@ -94,149 +65,37 @@ class UpdateRule(torch.optim.Optimizer):
         self.backward_passes += 1
         return loss, metrics
 
-    def _check_entropy(self, metrics):
-        """The gate reads the batch token entropy from the closure's metrics: fail on the first pass, before
-        any step, when they do not carry it."""
-        if self.gate.kind != "never" and "entropy_mean" not in metrics:
-            raise ValueError(f"{type(self).__name__}'s gate reads the batch token entropy: return "
-                             "(loss, {'entropy_mean': H}) from the closure (grpo_loss(..., return_entropy=True) "
-                             "gives it), or choose gate='never' or another gate statistic")
-
-    def _grad_dots(self, groups, with_g0=False) -> torch.Tensor:
-        """[||g||^2, <g0, g>] over all ranks, of the current gradients before clipping, on the device."""
-        return self._all_reduce(sum(flat_ops.grad_dots(g, g.local_grads(), with_g0) for g in groups))
-
-    def _grad_norm(self, groups, with_g0=False):
-        """(||g||, <g0, g>): one host read."""
-        dots = self._grad_dots(groups, with_g0).tolist()
-        return math.sqrt(dots[0]), dots[1]
-
-    def _read_with(self, dots: torch.Tensor, extra: torch.Tensor) -> tuple:
-        """(||g||, <g0, g>, extra as floats) in one host read."""
-        values = torch.cat([dots.double(), extra.to(dots.device, torch.float64).reshape(-1)]).tolist()
-        return math.sqrt(values[0]), values[1], values[2:]
-
-    def _n_total(self, groups) -> float:
-        """Coordinates over all ranks; counted (one all-reduce) once per parameter set."""
-        if getattr(self, "_n_total_of", None) is not self._cache.groups:
-            local_n = sum(g.total for g in groups)
-            if self._sharded():
-                vec = torch.tensor([float(local_n)], dtype=torch.float64, device=groups[0].device)
-                local_n = self._all_reduce(vec).item()
-            self._n_total_of, self._n_total_value = self._cache.groups, float(local_n)
-        return self._n_total_value
-
-    def _clip_coef(self, norm: float) -> float:
-        if self.max_grad_norm is None or norm <= self.max_grad_norm:
-            return 1.0
-        return self.max_grad_norm / (norm + 1e-6)
-
-    def _clip(self, norm: float) -> float:
-        """Scale gradients in place so that their norm is at most max_grad_norm; returns the factor."""
-        coef = self._clip_coef(norm)
-        if coef == 1.0:
-            return 1.0
-        grads = [local(p.grad) for p in self._params() if p.grad is not None]
-        torch._foreach_mul_(grads, coef)
-        return coef
-
-    def _base_step(self, norm: float):
-        self._clip(norm)
-        self.base.step()
-
-    def _closed_gate_step(self, closure):
-        """Start a step: check the closure and count it; while the gate is closed, take one plain step
-        and return its loss (None while the gate is open)."""
-        if closure is None:
-            raise ValueError(f"{type(self).__name__}.step needs a closure that computes the loss on the batch "
-                             "and calls backward")
-        self.steps += 1
-        if self.gate.open:
-            return None
-        loss, _, norm = self._plain_step(closure)
-        self.gate.tick_closed()
-        self._finish(loss, "none", active=0.0, g0_norm=norm)
-        return loss
-
-    def _finish(self, loss, reason, **stats):
-        self.last_stats = {"active": stats.pop("active", 0.0), "fallback": FALLBACK_CODES[reason], **stats,
-                           "gate_open": float(self.gate.open), "backward_passes": float(self.backward_passes)}
-        return loss
-
-    def _plain_step(self, closure):
-        """One GRPO step: one pass, clip, base step."""
-        loss, metrics = self._closure_pass(closure)
-        norm, _ = self._grad_norm(self._flat_groups())
-        if math.isfinite(norm):
-            self._base_step(norm)
-        self.base.zero_grad(set_to_none=True)
-        return loss, metrics, norm
-
-    def _fused_base(self) -> bool:
-        """The base optimizer can write the pass-1 snapshot inside its own step (FlatAdamW on Triton)."""
-        return isinstance(self.base, FlatAdamW) and self.base.uses_kernel()
-
-    def _snapshot(self, groups) -> float:
-        """theta0 and g0 into the flat buffers; returns ||g0|| over all ranks. With a fused base the
-        buffers are written later, by _first_step's AdamW pass, and only the norm is read here."""
-        self._had_grad = {id(p) for p in self._params() if p.grad is not None}
-        if self._fused_base():
-            return self._grad_norm(groups)[0]
-        g0_sq = sum(flat_ops.snapshot(g, g.local_grads()) for g in groups)
-        return math.sqrt(self._all_reduce(g0_sq.reshape(1)).item())
-
-    def _first_step(self, groups, g0_norm: float):
-        """theta1: the clipped base step from theta0 (writing the snapshot too when the base is fused)."""
-        if self._fused_base():
-            self.base.step(grad_scale=self._clip_coef(g0_norm), snapshot_groups=groups)
-        else:
-            self._base_step(g0_norm)
-
-    def _restore_theta0_and_step_with_g0(self, groups, g0_norm):
-        """Back to theta0, then one plain step with the cached g0: the fallback for a non-finite pass."""
-        self.base.zero_grad(set_to_none=True)
-        for g in groups:
-            flat_ops.restore(g)
-            for j, p in enumerate(g.params):
-                if id(p) not in self._had_grad:
-                    continue
-                grad = g.view(g.g0, j).clone()
-                if isinstance(p, DTensor):
-                    grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-                p.grad = grad
-        self._base_step(g0_norm)
-        self.base.zero_grad(set_to_none=True)
-
-    def _save_optimizer_state(self):
-        if self.optimizer_state != "transactional":
-            return None
-        return {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-                for p, s in self.base.state.items()}
-
-    def _load_optimizer_state(self, saved):
-        if saved is None:
-            return
-        for p in list(self.base.state):
-            if p not in saved:
-                del self.base.state[p]
-        for p, s in saved.items():
-            live = self.base.state[p]
-            for k, v in s.items():
-                if torch.is_tensor(v) and torch.is_tensor(live.get(k)) and live[k].shape == v.shape:
-                    live[k].copy_(v)
-                else:
-                    live[k] = v
+    def zero_grad(self, set_to_none: bool = True):
+        self.base.zero_grad(set_to_none=set_to_none)
 
     # -- checkpointing -----------------------------------------------------------------------------
+    def own_state_dict(self) -> dict:
+        """The rule's state beyond its base optimizer's (counters; the gate in SFPO / GXPO)."""
+        return {"backward_passes": self.backward_passes, "steps": self.steps}
+
+    def load_own_state_dict(self, state: dict):
+        self.backward_passes = state["backward_passes"]
+        self.steps = state["steps"]
+
     def state_dict(self):
-        return {"base": self.base.state_dict(), "gate": self.gate.state_dict(),
-                "backward_passes": self.backward_passes, "steps": self.steps}
+        return {"base": self.base.state_dict(), **self.own_state_dict()}
 
     def load_state_dict(self, state_dict):
         self.base.load_state_dict(state_dict["base"])
-        self.gate.load_state_dict(state_dict["gate"])
-        self.backward_passes = state_dict["backward_passes"]
-        self.steps = state_dict["steps"]
+        self.load_own_state_dict(state_dict)
 
-    def zero_grad(self, set_to_none: bool = True):
-        self.base.zero_grad(set_to_none=set_to_none)
+    def sharded_state_dict(self, model) -> dict:
+        """{"model", "optim", "rule"} for torch.distributed.checkpoint: model and base-optimizer state keyed
+        by parameter name (sharded as the model is, so a run resumes on another number of ranks), and
+        own_state_dict()."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, self.base)
+        return {"model": model_sd, "optim": optim_sd, "rule": self.own_state_dict()}
+
+    def load_sharded_state_dict(self, model, state: dict):
+        """Loads what sharded_state_dict returned (after dcp.load filled it in) into model and rule."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(model, self.base, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.load_own_state_dict(state["rule"])

@@ -8,11 +8,11 @@ import torch
 from ..extrapolation import DELTA
 from ..ops import flat_ops
 from .gate import ZScoreGate
+from .lookahead import LookaheadRule
 from .presets import DEFAULT_SFPO_PRESET, SFPO_PRESETS, resolve
-from .rule import UpdateRule
 
 
-class SFPO(UpdateRule):
+class SFPO(LookaheadRule):
     """sfpo = SFPO(params, base=torch.optim.AdamW, preset="official", lr=...).
 
     preset "official" (see presets.py) sets K, alpha, tau, gate, omega, window and warmup; any of them

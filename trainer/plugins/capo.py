@@ -1,55 +1,95 @@
 """CAPO (Melo, Abate, Gal 2025, arXiv 2510.00819): curvature-aware token masking on the LM head (the
-token-mask slot), computed without autograd before the update. Each completion token's predicted change of the
-objective (m_H) and predicted KL (m_F) under one AdamW step on its own LM-head gradient (top-K rows)
-come from gxpo_kernels.ops.capo.capo_scores; tokens with m_F >= tau_F or |m_H| >= tau_H leave the loss
-and its token count. Our reading where the paper is silent: the preconditioner is the base optimizer's
-own running second moment of the LM-head weight (bias-corrected, per element, i.e. what AdamW divides
-by). Before the first optimizer step there are no moments and no token is masked; with a frozen LM head
-(LoRA) there never are, so CAPO refuses to run there."""
+token-mask slot), computed without autograd before the update. Each completion token's predicted change of
+the objective (m_H) and predicted KL (m_F) under one optimizer step on its own LM-head gradient (top-K
+rows); tokens whose m_F >= tau_F, or whose m_H is outside (-tau_H, tau_H) (symmetric clipping) or
+[0, tau_H) (one-sided), leave the loss and its token count; a tau of 0 turns its check off.
+
+capo.mode "official" computes what the authors' code computes (github luckeciano/stable-pg-llm,
+GRPOEntropyTrainer, capo_only): untempered logits, no forced sampled token, a prospective Adam step from
+moments CAPO keeps itself (an SGD step while they are empty), fed after each mask with the kept tokens'
+batch-mean gradient per vocabulary row (gxpo_kernels/ops/capo_adam.py). "optimizer_moments", our variant,
+models the step the optimizer will actually take: the real AdamW's second moment of the LM head as the
+preconditioner (nothing masked before its first step), the sampled token forced into the rows, at the
+sampling temperature (gxpo_kernels/ops/capo.py). With a frozen LM head (LoRA) neither can run."""
 
 import dataclasses
 
 import torch
 
 from gxpo_kernels.ops.capo import capo_scores
-
-from ..step import base_optimizer
+from gxpo_kernels.ops.capo_adam import CAPOMoments, capo_official_scores
 
 QUANTILES = (0.5, 0.9, 0.99)
 
 
-def lm_head_preconditioner(rule, head_weight: torch.Tensor, eps: float) -> tuple:
-    """(1 / (sqrt(v_hat) + eps) as [V, H] float32 or None before the first step, the head's learning rate)."""
-    opt = base_optimizer(rule)
-    group = next((g for g in opt.param_groups if any(p is head_weight for p in g["params"])), None)
+def lm_head_preconditioner(rule, head_weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The variant's preconditioner: the real optimizer's 1 / (sqrt(v_hat) + eps) for the LM head as
+    [V, H] float32, or None before its first step."""
+    head_learning_rate(rule, head_weight)  # the head must be trained
+    state = rule.base.state.get(head_weight, {})
+    if "exp_avg_sq" not in state:
+        return None
+    group = next(g for g in rule.base.param_groups if any(p is head_weight for p in g["params"]))
+    v_hat = state["exp_avg_sq"].float() / (1 - group["betas"][1] ** float(state["step"]))
+    return 1 / (v_hat.sqrt() + eps)
+
+
+def keep_tokens(m_H, m_F, tau_H: float, tau_F: float, symmetric: bool) -> torch.Tensor:
+    """The official mask rules (_compute_hessian_token_mask, _compute_fisher_token_mask): a tau of 0 skips
+    its check; m_H must lie in (-tau_H, tau_H), or [0, tau_H) without symmetric clipping."""
+    keep = torch.ones_like(m_H, dtype=torch.bool)
+    if tau_F != 0:
+        keep &= m_F < tau_F
+    if tau_H != 0:
+        keep &= (m_H > -tau_H) if symmetric else (m_H >= 0)
+        keep &= m_H < tau_H
+    return keep
+
+
+def head_learning_rate(rule, head_weight: torch.Tensor) -> float:
+    group = next((g for g in rule.base.param_groups if any(p is head_weight for p in g["params"])), None)
     if group is None:
         raise ValueError("capo models the LM head's optimizer step, but the LM head is not trained here "
                          "(frozen, or LoRA); turn capo off or train the head")
-    state = opt.state.get(head_weight, {})
-    if "exp_avg_sq" not in state:
-        return None, group["lr"]
-    step = float(state["step"])
-    v_hat = state["exp_avg_sq"].float() / (1 - group["betas"][1] ** step)
-    return 1 / (v_hat.sqrt() + eps), group["lr"]
+    return group["lr"]
+
+
+def make_moments(cfg, model, device) -> CAPOMoments | None:
+    """CAPO's own moments for capo.mode = "official" (betas from optim.betas, as the authors take
+    TrainingArguments' adam_beta1 / adam_beta2); None otherwise."""
+    if not cfg.capo.enabled or cfg.capo.mode != "official":
+        return None
+    V, H = model.get_output_embeddings().weight.shape
+    return CAPOMoments(V, H, betas=cfg.optim.betas, eps=cfg.capo.eps, device=device)
 
 
 @torch.no_grad()
-def capo_token_mask(runner, batch, adv, rule, cfg, world: int = 1):
-    """(batch with the rejected tokens out of completion_mask, stats)."""
+def capo_token_mask(runner, batch, adv, rule, cfg, world: int = 1, moments: CAPOMoments | None = None):
+    """(batch with the rejected tokens out of completion_mask, stats). capo.mode "official" needs the run's
+    moments (make_moments), which it feeds."""
     if world > 1:
         raise ValueError("capo under FSDP (several ranks) is not supported yet: it needs the full LM head and "
                          "its optimizer moments on every rank; run it on one GPU")
     c = cfg.capo
     mask_BT = batch.completion_mask
     hidden_BTH, head = runner("completion_hidden", batch)
-    precond_VH, lr = lm_head_preconditioner(rule, head.weight, c.eps)
-    if precond_VH is None:
-        return batch, {"capo/rejected_frac": 0.0}
+    lr = head_learning_rate(rule, head.weight)
     adv_BT = adv[:, None].expand_as(mask_BT) if adv.dim() == 1 else adv
-    m_H, m_F = capo_scores(hidden_BTH[mask_BT], head.weight, batch.completion_ids[mask_BT],
-                           adv_BT.to(hidden_BTH.device)[mask_BT], precond_VH.to(head.weight.dtype), lr,
-                           top_k=c.top_k, temperature=cfg.rollout.temperature, chunk_tokens=c.chunk_tokens)
-    keep = (m_F < c.tau_F) & (m_H.abs() < c.tau_H)
+    hidden_NH, actions_N = hidden_BTH[mask_BT], batch.completion_ids[mask_BT]
+    adv_N = adv_BT.to(hidden_BTH.device)[mask_BT]
+    if c.mode == "official":
+        assert moments is not None, "capo.mode official keeps its own moments: pass make_moments(...)"
+        m_H, m_F, coef_NK, rows_NK = capo_official_scores(hidden_NH, head.weight, actions_N, adv_N, moments, lr,
+                                                          top_k=c.top_k, chunk_tokens=c.chunk_tokens)
+    else:
+        precond_VH = lm_head_preconditioner(rule, head.weight, c.eps)
+        if precond_VH is None:
+            return batch, {"capo/rejected_frac": 0.0}
+        m_H, m_F = capo_scores(hidden_NH, head.weight, actions_N, adv_N, precond_VH.to(head.weight.dtype), lr,
+                               top_k=c.top_k, temperature=cfg.rollout.temperature, chunk_tokens=c.chunk_tokens)
+    keep = keep_tokens(m_H, m_F, c.tau_H, c.tau_F, c.hessian_symmetric_clipping)
+    if c.mode == "official":
+        moments.update(hidden_NH[keep], coef_NK[keep], rows_NK[keep])
     new_mask = mask_BT.clone()
     new_mask[mask_BT] = keep
     stats = {"capo/rejected_frac": 1 - keep.float().mean().item() if keep.numel() else 0.0}

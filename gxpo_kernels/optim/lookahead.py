@@ -1,0 +1,197 @@
+"""What SFPO and GXPO share beyond UpdateRule: the flat theta0 / g0 state, the gate, snapshots and
+restores, optimizer-state transactions and the fallback to one plain step."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..flat import DTensor, GroupCache, local
+from ..ops import flat_ops
+from .flat_adamw import FlatAdamW
+from .gate import ZScoreGate
+from .rule import UpdateRule
+
+OPTIMIZER_STATES = ("accumulate", "transactional")
+FALLBACK_CODES = {"none": 0.0, "nonfinite_g0": 1.0, "tiny_g0": 2.0, "nonfinite_g1": 3.0, "nonfinite_gtilde": 4.0}
+BLOCK = 1024
+
+
+class LookaheadRule(UpdateRule):
+    """The base of SFPO and GXPO: fast steps from a snapshot theta0 / g0 held in flat buffers, a
+    z-score gate that falls back to one plain (GRPO) step per call once it trips, and the base
+    optimizer's moments accumulated or restored around the fast steps (optimizer_state)."""
+
+    def __init__(self, params, base, base_kwargs, *, gate: ZScoreGate, optimizer_state, max_grad_norm, delta,
+                 allow_bf16_params=False):
+        if optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"unknown optimizer_state {optimizer_state!r}; choose one of {OPTIMIZER_STATES}")
+        if not delta > 0:
+            raise ValueError(f"delta must be > 0, got {delta}")
+        super().__init__(params, base, base_kwargs, max_grad_norm=max_grad_norm, allow_bf16_params=allow_bf16_params)
+        self.gate = gate
+        self.optimizer_state = optimizer_state
+        self.delta = delta
+        self._cache = GroupCache(BLOCK)
+        if isinstance(self.base, FlatAdamW):  # one set of flat groups: shared tables, no second theta0 / g0
+            self.base._cache = self._cache
+
+    @property
+    def active(self) -> bool:
+        return self.gate.open
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _flat_groups(self):
+        return self._cache.get(self._params())
+
+    def _sharded(self):
+        return dist.is_available() and dist.is_initialized() and any(isinstance(p, DTensor) for p in self._params())
+
+    def _all_reduce(self, vec: torch.Tensor, with_max=False) -> torch.Tensor:
+        """Sum a small float64 vector over ranks (FSDP2 local shards); with_max: it starts with the
+        EXTRAP_STATS sums, whose scale_max entry takes the max."""
+        if not self._sharded():
+            return vec
+        rows = [torch.empty_like(vec) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, vec.contiguous())
+        rows = torch.stack(rows)
+        return flat_ops.combine_stats(rows) if with_max else rows.sum(0)
+
+    def _check_entropy(self, metrics):
+        """The gate reads the batch token entropy from the closure's metrics: fail on the first pass, before
+        any step, when they do not carry it."""
+        if self.gate.kind != "never" and "entropy_mean" not in metrics:
+            raise ValueError(f"{type(self).__name__}'s gate reads the batch token entropy: return "
+                             "(loss, {'entropy_mean': H}) from the closure (grpo_loss(..., return_entropy=True) "
+                             "gives it), or choose gate='never' or another gate statistic")
+
+    def _grad_dots(self, groups, with_g0=False) -> torch.Tensor:
+        """[||g||^2, <g0, g>] over all ranks, of the current gradients before clipping, on the device."""
+        return self._all_reduce(sum(flat_ops.grad_dots(g, g.local_grads(), with_g0) for g in groups))
+
+    def _grad_norm(self, groups, with_g0=False):
+        """(||g||, <g0, g>): one host read."""
+        dots = self._grad_dots(groups, with_g0).tolist()
+        return math.sqrt(dots[0]), dots[1]
+
+    def _read_with(self, dots: torch.Tensor, extra: torch.Tensor) -> tuple:
+        """(||g||, <g0, g>, extra as floats) in one host read."""
+        values = torch.cat([dots.double(), extra.to(dots.device, torch.float64).reshape(-1)]).tolist()
+        return math.sqrt(values[0]), values[1], values[2:]
+
+    def _n_total(self, groups) -> float:
+        """Coordinates over all ranks; counted (one all-reduce) once per parameter set."""
+        if getattr(self, "_n_total_of", None) is not self._cache.groups:
+            local_n = sum(g.total for g in groups)
+            if self._sharded():
+                vec = torch.tensor([float(local_n)], dtype=torch.float64, device=groups[0].device)
+                local_n = self._all_reduce(vec).item()
+            self._n_total_of, self._n_total_value = self._cache.groups, float(local_n)
+        return self._n_total_value
+
+    def _clip_coef(self, norm: float) -> float:
+        if self.max_grad_norm is None or norm <= self.max_grad_norm:
+            return 1.0
+        return self.max_grad_norm / (norm + 1e-6)
+
+    def _clip(self, norm: float) -> float:
+        """Scale gradients in place so that their norm is at most max_grad_norm; returns the factor."""
+        coef = self._clip_coef(norm)
+        if coef == 1.0:
+            return 1.0
+        grads = [local(p.grad) for p in self._params() if p.grad is not None]
+        torch._foreach_mul_(grads, coef)
+        return coef
+
+    def _base_step(self, norm: float):
+        self._clip(norm)
+        self.base.step()
+
+    def _closed_gate_step(self, closure):
+        """Start a step: check the closure and count it; while the gate is closed, take one plain step
+        and return its loss (None while the gate is open)."""
+        self._start_step(closure)
+        if self.gate.open:
+            return None
+        loss, _, norm = self._plain_step(closure)
+        self.gate.tick_closed()
+        self._finish(loss, "none", active=0.0, g0_norm=norm)
+        return loss
+
+    def _finish(self, loss, reason, **stats):
+        self.last_stats = {"active": stats.pop("active", 0.0), "fallback": FALLBACK_CODES[reason], **stats,
+                           "gate_open": float(self.gate.open), "backward_passes": float(self.backward_passes)}
+        self.last_grad_norm = self.last_stats.get("g0_norm", float("nan"))
+        return loss
+
+    def _plain_step(self, closure):
+        """One GRPO step: one pass, clip, base step."""
+        loss, metrics = self._closure_pass(closure)
+        norm, _ = self._grad_norm(self._flat_groups())
+        if math.isfinite(norm):
+            self._base_step(norm)
+        self.base.zero_grad(set_to_none=True)
+        return loss, metrics, norm
+
+    def _fused_base(self) -> bool:
+        """The base optimizer can write the pass-1 snapshot inside its own step (FlatAdamW on Triton)."""
+        return isinstance(self.base, FlatAdamW) and self.base.uses_kernel()
+
+    def _snapshot(self, groups) -> float:
+        """theta0 and g0 into the flat buffers; returns ||g0|| over all ranks. With a fused base the
+        buffers are written later, by _first_step's AdamW pass, and only the norm is read here."""
+        self._had_grad = {id(p) for p in self._params() if p.grad is not None}
+        if self._fused_base():
+            return self._grad_norm(groups)[0]
+        g0_sq = sum(flat_ops.snapshot(g, g.local_grads()) for g in groups)
+        return math.sqrt(self._all_reduce(g0_sq.reshape(1)).item())
+
+    def _first_step(self, groups, g0_norm: float):
+        """theta1: the clipped base step from theta0 (writing the snapshot too when the base is fused)."""
+        if self._fused_base():
+            self.base.step(grad_scale=self._clip_coef(g0_norm), snapshot_groups=groups)
+        else:
+            self._base_step(g0_norm)
+
+    def _restore_theta0_and_step_with_g0(self, groups, g0_norm):
+        """Back to theta0, then one plain step with the cached g0: the fallback for a non-finite pass."""
+        self.base.zero_grad(set_to_none=True)
+        for g in groups:
+            flat_ops.restore(g)
+            for j, p in enumerate(g.params):
+                if id(p) not in self._had_grad:
+                    continue
+                grad = g.view(g.g0, j).clone()
+                if isinstance(p, DTensor):
+                    grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                p.grad = grad
+        self._base_step(g0_norm)
+        self.base.zero_grad(set_to_none=True)
+
+    def _save_optimizer_state(self):
+        if self.optimizer_state != "transactional":
+            return None
+        return {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                for p, s in self.base.state.items()}
+
+    def _load_optimizer_state(self, saved):
+        if saved is None:
+            return
+        for p in list(self.base.state):
+            if p not in saved:
+                del self.base.state[p]
+        for p, s in saved.items():
+            live = self.base.state[p]
+            for k, v in s.items():
+                if torch.is_tensor(v) and torch.is_tensor(live.get(k)) and live[k].shape == v.shape:
+                    live[k].copy_(v)
+                else:
+                    live[k] = v
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def own_state_dict(self) -> dict:
+        return {**super().own_state_dict(), "gate": self.gate.state_dict()}
+
+    def load_own_state_dict(self, state: dict):
+        super().load_own_state_dict(state)
+        self.gate.load_state_dict(state["gate"])
