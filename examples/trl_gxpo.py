@@ -2,6 +2,7 @@
 
     pip install -e ".[train,trl]"
     python examples/trl_gxpo.py                 # the tiny random model on CPU, seconds
+    python examples/trl_gxpo.py --fused-loss    # and our LM-head-fused loss in place of TRL's
     python examples/trl_gxpo.py --model Qwen/Qwen2.5-0.5B-Instruct --steps 50
 
 TRL samples, scores and computes advantages exactly as it always does; GXPO runs its passes over each
@@ -26,6 +27,7 @@ def main():
     parser.add_argument("--model", default="tiny-random", help="tiny-random or a transformers model id / path")
     parser.add_argument("--rule", default="gxpo", choices=("grpo", "gxpo", "sfpo"))
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--fused-loss", action="store_true", help="our LM-head-fused loss instead of TRL's")
     parser.add_argument("--out", default="runs/trl-gxpo")
     args = parser.parse_args()
 
@@ -45,7 +47,7 @@ def main():
                         max_completion_length=16, learning_rate=1e-4, logging_steps=1, report_to=[], save_steps=2,
                         use_cpu=args.model == "tiny-random", bf16=False,
                         update_rule=args.rule, rule_preset={"gxpo": "final", "sfpo": "official"}.get(args.rule),
-                        rule_micro_batches=2)
+                        rule_micro_batches=2, fused_loss=args.fused_loss, loss_type="bnpo")
     trainer = GRPOTrainer(model=model, reward_funcs=reward_digits, args=config, train_dataset=prompts,
                           processing_class=tokenizer)
     trainer.train()

@@ -11,20 +11,35 @@ batch's old log-probs fixed before the first pass (one no-grad forward), so late
 to the sampling policy. The base optimizer is the one TRL builds (AdamW, its decay groups, its
 schedule); the rule clips (max_grad_norm moves into it). TRL's logs gain `rule/*` (the rule's
 last_stats) and cumulative `backward_passes`; checkpoints and resume go through TRL's own mechanism
-(the optimizer's state_dict is the rule's, gate included). update_rule "grpo" leaves TRL untouched.
+(the optimizer's state_dict is the rule's, gate included). update_rule "grpo" leaves TRL's update untouched.
 Needs one optimizer step per generation batch: gradient_accumulation_steps 1, steps_per_generation 1,
-num_iterations 1 (ValueErrors say so)."""
+num_iterations 1 (ValueErrors say so).
+
+fused_loss=True (any update_rule) replaces TRL's loss by ours, fused with the LM head
+(gxpo_kernels.fused_linear_grpo_loss: on CUDA the tiled Triton kernels, which never hold the
+[tokens x vocab] logits and compute log-probs, entropy, the clipped loss and its gradient in one pass):
+the same loss and gradient as TRL's for loss_type grpo, bnpo, dr_grpo and dapo with token-level
+importance sampling, and TRL's entropy, kl and clip_ratio/{low,high,region}_mean metrics. TRL options the
+fused loss does not implement are ValueErrors (FUSED_LOSS_OFF names them)."""
 
 from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from .loss import fused_linear_grpo_loss
 from .optim import GXPO, SFPO
 
 RULES = ("grpo", "gxpo", "sfpo")
 PER_SEQUENCE_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")  # a micro-batch weighs its share of sequences
 PER_TOKEN_LOSSES = ("bnpo",)  # its share of tokens; dapo / cispo / vespo normalize by the whole batch already
+FUSED_LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                  "dapo": "token-mean"}  # TRL loss_type -> our loss_agg (dapo rescaled to TRL's normalizer)
+# (field, the value the fused loss needs, why): TRL options our loss does not implement
+FUSED_LOSS_OFF = (("importance_sampling_level", "token", "sequence-level ratios"),
+                  ("delta", None, "two-sided clipping"), ("off_policy_mask_threshold", None, "off-policy masks"),
+                  ("top_entropy_quantile", 1.0, "entropy masks"), ("entropy_coef", 0.0, "entropy bonuses"),
+                  ("use_adaptive_entropy", False, "adaptive entropy"))
 
 
 @dataclass
@@ -33,6 +48,7 @@ class GXPOConfig(GRPOConfig):
     rule_preset: str | None = field(default=None, metadata={"help": "gxpo: final | paper; sfpo: official"})
     rule_kwargs: dict = field(default_factory=dict, metadata={"help": "overrides: K, alpha, tau, gate, window, ..."})
     rule_micro_batches: int = field(default=1, metadata={"help": "chunks of the batch per closure pass"})
+    fused_loss: bool = field(default=False, metadata={"help": "our loss fused with the LM head instead of TRL's"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -40,11 +56,27 @@ class GXPOConfig(GRPOConfig):
             raise ValueError(f"update_rule must be one of {RULES}, got {self.update_rule!r}")
         if self.rule_micro_batches < 1:
             raise ValueError(f"rule_micro_batches must be >= 1, got {self.rule_micro_batches}")
+        if self.fused_loss:
+            self._check_fused_loss()
         if self.update_rule != "grpo":
             for name in ("gradient_accumulation_steps", "steps_per_generation", "num_iterations"):
                 if (value := getattr(self, name)) != 1:
                     raise ValueError(f"{name} must be 1 with update_rule={self.update_rule!r}: the rule takes one "
                                      f"step per generation batch and runs its passes over it (got {value})")
+
+
+    def _check_fused_loss(self):
+        if self.loss_type not in FUSED_LOSS_AGG:
+            raise ValueError(f"fused_loss supports loss_type {tuple(FUSED_LOSS_AGG)}, got {self.loss_type!r}")
+        for name, needed, what in FUSED_LOSS_OFF:
+            if getattr(self, name) != needed:
+                raise ValueError(f"fused_loss does not implement {what}: set {name}={needed!r} or fused_loss=False "
+                                 f"(got {getattr(self, name)!r})")
+        if self.beta != 0.0 and self.use_bias_correction_kl:
+            raise ValueError("fused_loss computes the plain k3 KL: set use_bias_correction_kl=False with beta != 0")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            raise ValueError("fused_loss has no vLLM importance-sampling correction: set "
+                             "vllm_importance_sampling_correction=False or fused_loss=False")
 
 
 class RuleOptimizer(torch.optim.Optimizer):
@@ -142,7 +174,68 @@ class GXPOTrainer(GRPOTrainer):
 
         return closure
 
+    def _compute_loss(self, model, inputs):
+        if not self.args.fused_loss:
+            return super()._compute_loss(model, inputs)
+        if self.aux_loss_enabled:
+            raise ValueError("fused_loss has no MoE router aux loss: set router_aux_loss_coef=0 or fused_loss=False")
+        completion_ids = inputs["completion_ids"]
+        L = completion_ids.size(1)
+        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        hidden_BTH = self._final_hidden(model, ids, attention)[:, -L - 1:-1]  # each predicts a completion token
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        loss, metrics = fused_linear_grpo_loss(
+            hidden_BTH, head.weight.to(hidden_BTH.dtype), completion_ids, inputs["advantages"], mask,
+            old_logp_BT=inputs.get("old_per_token_logps"),
+            ref_logp_BT=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None, beta=self.beta,
+            eps_low=self.epsilon_low, eps_high=self.epsilon_high, temperature=self.temperature,
+            loss_agg=FUSED_LOSS_AGG[self.loss_type], max_completion_len=self.max_completion_length,
+            return_entropy=True, lm_head_bias_V=None if head.bias is None else head.bias.to(hidden_BTH.dtype))
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":  # TRL: the token sum over the generation batch's token count per process
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * accumulation / self.args.steps_per_generation
+            loss = loss * mask.sum().clamp(min=1.0) / normalizer
+        else:
+            loss = loss / accumulation
+        self._log_fused_metrics(mode, metrics, mask)
+        return loss
+
+    def _final_hidden(self, model, ids, attention):
+        """The decoder's last hidden state [B, T, H], taken from a forward of the (wrapped) model that projects
+        only one position through the LM head. A hook on the decoder, not output_hidden_states: under
+        reentrant gradient checkpointing those are recorded in the no-grad first forward."""
+        captured = []
+        decoder = self.accelerator.unwrap_model(model).get_decoder()
+        handle = decoder.register_forward_hook(
+            lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+        try:
+            with self.accelerator.autocast():
+                model(input_ids=ids, attention_mask=attention, logits_to_keep=1)
+        finally:
+            handle.remove()
+        assert len(captured) == 1, f"the decoder ran {len(captured)} times in one forward"
+        return captured[0]
+
+    def _log_fused_metrics(self, mode, metrics, mask):
+        """TRL's metric names, each a token mean over all processes."""
+        count = mask.sum().float()
+        names = {"entropy": "entropy_mean", "clip_ratio/low_mean": "clip_frac_low",
+                 "clip_ratio/high_mean": "clip_frac_high", **({"kl": "kl_mean"} if "kl_mean" in metrics else {})}
+        sums = torch.stack([metrics[ours].detach().float() * count for ours in names.values()] + [count])
+        totals = self.accelerator.reduce(sums, reduction="sum")
+        means = dict(zip(names, (totals[:-1] / totals[-1].clamp(min=1.0)).tolist(), strict=True))
+        means["clip_ratio/region_mean"] = means["clip_ratio/low_mean"] + means["clip_ratio/high_mean"]
+        for key, value in means.items():
+            self._metrics[mode][key].append(value)
+
     def log(self, logs, start_time=None):
         if self.rule is not None and self.model.training:
             logs = {**logs, "backward_passes": self.rule.backward_passes}
+            if "grad_norm" in logs:  # TRL's loop saw the gradients after the rule had stepped and cleared them
+                logs["grad_norm"] = self.rule.last_grad_norm
         return super().log(logs, start_time)

@@ -32,3 +32,19 @@ def test_presets_resolve_and_fields_override(tmp_path):
 def test_bad_values_name_their_key(key, value):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(overrides=[(key, value)])
+
+
+@pytest.mark.parametrize("key,value", [("gxpo.alpha", "2"), ("gxpo.K", "1"), ("gxpo.gate", "bogus"),
+                                       ("sfpo.alpha", "-1"), ("optim.betas", "0.9"), ("capo.mode", "paper")])
+def test_cli_rejects_bad_values_in_under_a_second_before_any_model_loads(key, value, monkeypatch):
+    import time
+
+    from trainer import cli
+    from trainer import train as train_module
+
+    monkeypatch.setattr(train_module, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", "tiny-random", f"--{key}", value])
+    assert time.perf_counter() - t0 < 1.0
+    assert str(exit_info.value).startswith("gxpo-train: ") and f"'{key}'" in str(exit_info.value)

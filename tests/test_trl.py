@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import rel_err
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -110,6 +111,71 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert resumed.rule.steps == whole.rule.steps == 3
     assert resumed.rule.gate.state_dict() == whole.rule.gate.state_dict()
     torch.testing.assert_close(params(resumed), params(whole), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_fused_loss_steps_as_stock_trl(tmp_path, loss_type):
+    """Our loss fused with the LM head in place of TRL's: the same parameters after two steps and TRL's
+    metrics; and the same gradient and metrics on a batch whose old log-probs are perturbed (TRL's loop is
+    on-policy here, ratio 1), so that the ratio, both clips and the KL term are live."""
+    kw = dict(steps=2, loss_type=loss_type, epsilon=0.05, max_grad_norm=1.0)
+    stock = make(GRPOTrainer, GRPOConfig, tmp_path / "a", **kw)
+    stock.train()
+    fused = make(GXPOTrainer, GXPOConfig, tmp_path / "b", update_rule="grpo", fused_loss=True, **kw)
+    batches = []
+    compute = fused._compute_loss
+    fused._compute_loss = lambda model, inputs: batches.append(copy.copy(inputs)) or compute(model, inputs)
+    fused.train()
+    # AdamW's first steps divide by sqrt(v) ~ |g|: a 1e-9 gradient difference becomes ~1e-6 on a few weights
+    torch.testing.assert_close(params(fused), params(stock), rtol=0, atol=1e-5)
+    for key in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        theirs, ours = [h[key] for h in stock.state.log_history if key in h], \
+            [h[key] for h in fused.state.log_history if key in h]
+        assert len(ours) == 2 and ours == pytest.approx(theirs, abs=1e-6), key
+
+    batch = dict(batches[-1])
+    noise = torch.randn(batch["completion_ids"].shape, generator=torch.Generator().manual_seed(0))
+    logps = fused._sampling_logps(fused.model, batch)
+    batch["old_per_token_logps"], batch["ref_per_token_logps"] = logps + 0.2 * noise, logps - 0.1 * noise.abs()
+    batch["advantages"] = torch.tensor([1.0, -0.5, 0.7, -1.2])  # the tiny model's groups may all tie
+    grads, metrics = [], []
+    model = fused.model  # not a deep copy: TRL's fused LM head patches forward with a closure over the original
+    for trainer in (stock, fused):
+        model.zero_grad(set_to_none=True)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.beta, trainer.args.use_bias_correction_kl = 0.3, False
+        compute_loss = GRPOTrainer._compute_loss.__get__(trainer) if trainer is stock else compute
+        compute_loss(model, batch).backward()
+        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                for p in model.parameters()]))
+        metrics.append({k: v[-1] for k, v in trainer._metrics["train"].items() if k in
+                        ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")})
+    assert rel_err(grads[1], grads[0]) < 1e-5 and grads[0].abs().max() > 0
+    assert metrics[0]["clip_ratio/low_mean"] > 0 and metrics[0]["clip_ratio/high_mean"] > 0
+    assert metrics[1] == pytest.approx(metrics[0], abs=1e-6)
+
+
+def test_fused_loss_under_gxpo_matches_trls_loss(tmp_path):
+    runs = []
+    for fused in (False, True):  # built and trained one after the other: a trainer seeds the global RNG when built
+        runs.append(make(GXPOTrainer, GXPOConfig, tmp_path / str(fused), update_rule="gxpo", fused_loss=fused,
+                         rule_kwargs={"tau": 100.0}, rule_micro_batches=2, loss_type="bnpo"))
+        runs[-1].train()
+    assert runs[1].rule.last_stats["active"] == 1.0 and runs[1].rule.backward_passes == 3
+    logged = [h["grad_norm"] for h in runs[1].state.log_history if "grad_norm" in h]
+    assert logged == [pytest.approx(runs[1].rule.last_grad_norm)] and logged[0] > 0  # the rule's pre-clip norm
+    torch.testing.assert_close(params(runs[1]), params(runs[0]), rtol=0, atol=1e-5)
+
+
+def test_fused_loss_refuses_what_it_does_not_implement():
+    base = dict(output_dir="x", fused_loss=True, use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="loss_type"):
+        GXPOConfig(**base, loss_type="cispo")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        GXPOConfig(**base, importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        GXPOConfig(**base, beta=0.1)
+    GXPOConfig(**base, beta=0.1, use_bias_correction_kl=False)
 
 
 def test_config_errors_name_the_field():
