@@ -34,19 +34,14 @@ test-gpu: build-ext
 check-cuda: $(STAMP)
 	csrc/check_cuda_compiles.sh $(PY)
 
-DEVICE_TAG = $(shell $(1) -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
-BENCH_ARGS = -q bench --benchmark-columns=median,iqr,rounds
-
-# Writes bench/results/DATE-DEVICE.json (pytest-benchmark) and .md (the table with ratios).
+# One harness, gxpo-bench: each writes bench/results/DATE-DEVICE-KIND.json and .md (the table with ratios).
 bench: $(STAMP)
-	$(eval OUT := bench/results/$(shell date +%F)-$(call DEVICE_TAG,$(PY)))
-	$(PY) -m pytest $(BENCH_ARGS) --benchmark-json=$(OUT).json
-	$(PY) bench/report.py $(OUT).json --title "make bench" > $(OUT).md
+	$(PY) -m gxpo_bench.cli kernels
+	$(PY) -m gxpo_bench.cli step
 
 bench-gpu: build-ext
-	$(eval OUT := bench/results/$(shell date +%F)-$(call DEVICE_TAG,$(SYSPY)))
-	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest $(BENCH_ARGS) --benchmark-json=$(OUT).json
-	$(SYSPY) bench/report.py $(OUT).json --title "make bench-gpu" > $(OUT).md
+	PYTHONPATH=$(CURDIR) $(SYSPY) -m gxpo_bench.cli kernels
+	PYTHONPATH=$(CURDIR) $(SYSPY) -m gxpo_bench.cli step
 
 # The main job: SmolLM2-135M-Instruct, GRPO then GXPO, report under runs/demo/ (CPU: ~4 minutes).
 demo: $(STAMP)

@@ -73,10 +73,11 @@ def test_paper_defaults_and_their_named_variants(monkeypatch):
     from trainer import collect
     from trainer.config import load_config
     from trainer.models import tiny_tokenizer
+    from trainer.plugins import PLUGINS
     from trainer.plugins.xrpo_seeding import all_failed
     from trainer.rollout import RolloutBatch
     from trainer.tasks import Problem
-    from trainer.train import Phases, advantages
+    from trainer.train import Phases
 
     zero_var = [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
     assert alloc.allocate(zero_var, [2, 2, 2], 6, step=0, bonus=0.1) == [6, 0, 0]  # log(1 + 0) = 0: no bonus
@@ -107,7 +108,7 @@ def test_paper_defaults_and_their_named_variants(monkeypatch):
     for choice, expected in (("policy", 1.0), ("sampling", 0.6)):
         cfg = load_config(overrides=[("recipe", "xrpo"), ("rollout.temperature", "0.6"),
                                      ("xrpo.sharpen_temperature", choice)])
-        advantages(cfg, runner, got, None)
+        PLUGINS["xrpo"].advantages(SimpleNamespace(cfg=cfg, runner=runner), got, torch.tensor([1.0, -1.0]))
         assert seen[-1] == expected
 
 
@@ -150,3 +151,16 @@ def test_ragged_groups_match_equal_groups():
     assert stats["zero_variance_groups"] == 1 and torch.equal(c[2:4], torch.zeros(2))
     with pytest.raises(ValueError, match="do not partition"):
         group_normalized_ragged(r, [2, 2])
+
+
+def test_plugins_are_registered_once_in_slot_order():
+    from trainer.config import load_config
+    from trainer.plugins import PLUGINS, Plugin, enabled_plugins, register
+
+    assert [name for name, p in PLUGINS.items() if p.advantages] == ["xrpo", "grpo_lambda"]  # sharpen, then trace
+    assert [name for name, p in PLUGINS.items() if p.token_mask] == ["capo"]
+    on = enabled_plugins(load_config(overrides=[("recipe", "capo"), ("grpo_lambda.enabled", "true")]))
+    assert [p.name for p in on] == ["grpo_lambda", "capo"]
+    assert enabled_plugins(load_config()) == []
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Plugin("capo", enabled=lambda cfg: True))

@@ -30,6 +30,18 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = 0.3  # the share of GPU memory the colocated vLLM engine may take
     vllm_sleep: bool = False  # vLLM sleeps between generates (weights offloaded, KV cache freed)
 
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("engine", self.engine in ("hf", "vllm"), "'hf' or 'vllm'"),
+            ("num_prompts", self.num_prompts >= 1, ">= 1"),
+            ("group_size", self.group_size >= 2, ">= 2 (group-normalized advantages need a group)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
+        ]
+
 
 @dataclass
 class LossConfig:
@@ -45,6 +57,21 @@ class LossConfig:
     max_tokens_per_micro_batch: int = 0  # packed: token budget per micro-batch; 0: the whole batch in one
     micro_batch_size: int = 0  # padded (pack = false): sequences per micro-batch; 0: the whole batch
 
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("eps_low", 0 < self.eps_low < 1, "in (0, 1)"),
+            ("eps_high", 0 < self.eps_high < 1, "in (0, 1)"),
+            ("beta", self.beta >= 0, ">= 0 (0: no KL term, no reference model)"),
+            ("loss_agg", self.loss_agg in LOSS_AGGS, f"one of {LOSS_AGGS}"),
+            ("max_completion_len", self.max_completion_len is None or self.max_completion_len >= 1,
+             ">= 1 or none (rollout.max_new_tokens)"),
+            ("micro_batch_size", self.micro_batch_size >= 0, ">= 0"),
+            ("log_ratio_clamp", self.log_ratio_clamp is None or self.log_ratio_clamp > 0,
+             "> 0 or none (off)"),
+            ("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0, ">= 0"),
+        ]
+
 
 @dataclass
 class OptimConfig:
@@ -54,6 +81,18 @@ class OptimConfig:
     betas: tuple = (0.9, 0.99)
     max_grad_norm: float | None = 1.0
     warmup_steps: int = 0
+
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("lr", self.lr > 0, "> 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             "two values in [0, 1), e.g. 0.9,0.99"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "> 0 or none"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("name", self.name in ("adamw", "flat_adamw"), "'adamw' or 'flat_adamw'"),
+        ]
 
 
 @dataclass
@@ -70,6 +109,19 @@ class GXPOConfig:
     warmup: int | None = None  # first observations that cannot trip the gate
     optimizer_state: str = "accumulate"
 
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("K", self.K >= 2, ">= 2"),
+            ("alpha", 0 < self.alpha <= 1, "in (0, 1]"),
+            ("tau", self.tau > 0, "> 0"),
+            ("gate", self.gate in GATES, f"one of {GATES}"),
+            ("gate_stat", self.gate_stat in GATE_STATS, f"one of {GATE_STATS}"),
+            ("window", self.window >= 1, ">= 1"),
+            ("warmup", self.warmup >= 0, ">= 0"),
+            ("optimizer_state", self.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}"),
+        ]
+
 
 @dataclass
 class SFPOConfig:
@@ -80,6 +132,17 @@ class SFPOConfig:
     gate: str | None = None
     window: int | None = None
     warmup: int | None = None
+
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("K", self.K >= 1, ">= 1"),
+            ("alpha", 0 < self.alpha <= 1, "in (0, 1]"),
+            ("tau", self.tau > 0, "> 0"),
+            ("gate", self.gate in GATES, f"one of {GATES}"),
+            ("window", self.window >= 1, ">= 1"),
+            ("warmup", self.warmup >= 0, ">= 0"),
+        ]
 
 
 @dataclass
@@ -98,6 +161,21 @@ class TaskConfig:
     format_reward: float = 0.0  # bonus for an answer in \\boxed{}; in [0, 1)
     system_prompt: str = "Solve the problem. Put the final answer in \\boxed{}."
 
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("name", self.name in ("arithmetic", "jsonl", "hf"), "'arithmetic', 'jsonl' or 'hf'"),
+            ("path", self.name != "jsonl" or bool(self.path), "set for task.name = 'jsonl'"),
+            ("dataset", self.name != "hf" or bool(self.dataset),
+             "set for task.name = 'hf' (a hub id or local parquet / json / jsonl / csv files)"),
+            ("answer_from", self.answer_from in ANSWER_FROM, f"one of {ANSWER_FROM}"),
+            ("filter", _filter_ok(self.filter), "'field=value1,value2' or empty"),
+            ("on_bad_record", self.on_bad_record in ("skip", "error"), "'skip' or 'error'"),
+            ("reward", self.reward in ("math-verify", "exact"), "'math-verify' or 'exact'"),
+            ("difficulty", self.difficulty >= 0, ">= 0"),
+            ("format_reward", 0 <= self.format_reward < 1, "in [0, 1)"),
+        ]
+
 
 @dataclass
 class EvalConfig:
@@ -113,6 +191,22 @@ class EvalConfig:
     # logged as eval/<name>/pass@1 and pass@k, with eval/pass@1 and pass@k their means.
     benchmarks: list = field(default_factory=list)
 
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        held_out = self.every and not self.benchmarks  # the task's own held-out set is evaluated
+        return [
+            ("every", self.every >= 0, ">= 0"),
+            ("num_problems", self.num_problems >= 1, ">= 1"),
+            ("n_samples", self.n_samples >= 1, ">= 1"),
+            ("temperature", self.temperature is None or self.temperature > 0, "> 0 or none"),
+            ("k", 1 <= self.k <= self.n_samples, "in [1, eval.n_samples]"),
+            ("path", not (held_out and cfg.task.name == "jsonl") or bool(self.path),
+             "set (a held-out JSONL file) when evaluating a jsonl task (or give eval.benchmarks)"),
+            ("path", not (held_out and cfg.task.name == "hf" and is_local(cfg.task.dataset)) or bool(self.path),
+             "set (held-out files) when evaluating an hf task on local files: local files have no splits, so "
+             "task.dataset again would be the training rows (or give eval.benchmarks)"),
+        ]
+
 
 @dataclass
 class LoRAConfig:
@@ -120,6 +214,15 @@ class LoRAConfig:
     alpha: float = 256.0
     dropout: float = 0.0
     target_modules: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated module names
+
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("r", self.r >= 0, ">= 0 (0 turns LoRA off)"),
+            ("alpha", self.alpha > 0, "> 0"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("target_modules", bool(self.target_modules.strip(",").strip()), "a comma-separated module list"),
+        ]
 
 
 @dataclass
@@ -140,6 +243,22 @@ class XRPOConfig:
     bonus_step: str = "one_based"  # T in lambda sqrt(log(1 + T) / n) is the step number from 1 | "zero_based"
     seed_when: str = "zero_reward"  # seed a prompt whose best reward so far is 0 | "below_one": below 1
 
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("n0", not self.allocator or 2 <= self.n0 <= cfg.rollout.group_size,
+             "in [2, rollout.group_size] (the allocator needs a sample std per prompt)"),
+            ("phases", self.phases >= 1, ">= 1"),
+            ("bonus", self.bonus >= 0, ">= 0"),
+            ("max_exemplars", self.max_exemplars >= 1, ">= 1"),
+            ("max_chars", self.max_chars >= 1, ">= 1"),
+            ("loss_context", self.loss_context in ("sampled", "original"), "'sampled' or 'original'"),
+            ("sharpen_k", self.sharpen_k >= 0, ">= 0"),
+            ("sharpen_temperature", self.sharpen_temperature in ("policy", "sampling"), "'policy' or 'sampling'"),
+            ("bonus_step", self.bonus_step in ("one_based", "zero_based"), "'one_based' or 'zero_based'"),
+            ("seed_when", self.seed_when in ("zero_reward", "below_one"), "'zero_reward' or 'below_one'"),
+        ]
+
 
 @dataclass
 class CAPOConfig:
@@ -155,6 +274,16 @@ class CAPOConfig:
     eps: float = 1e-8
     chunk_tokens: int = 1024
 
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("top_k", self.top_k >= 2, ">= 2"),
+            ("mode", self.mode in CAPO_MODES, f"one of {CAPO_MODES}"),
+            ("tau_F", self.tau_F >= 0, ">= 0 (0: no predicted-KL check)"),
+            ("tau_H", self.tau_H >= 0, ">= 0 (0: no predicted-objective check)"),
+            ("chunk_tokens", self.chunk_tokens >= 1, ">= 1"),
+        ]
+
 
 @dataclass
 class GRPOLambdaConfig:
@@ -163,6 +292,14 @@ class GRPOLambdaConfig:
     gamma: float = 1.0
     trace: str = "recent"  # | "both"
     neg_clamp: float | None = -0.1
+
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("lam", 0 < self.lam <= 1, "in (0, 1]"),
+            ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
+            ("trace", self.trace in ("recent", "both"), "'recent' or 'both'"),
+        ]
 
 
 RECIPES = ("none", "xrpo", "capo", "grpo-lambda")
@@ -199,6 +336,18 @@ class TrainConfig:
     xrpo: XRPOConfig = field(default_factory=XRPOConfig)
     capo: CAPOConfig = field(default_factory=CAPOConfig)
     grpo_lambda: GRPOLambdaConfig = field(default_factory=GRPOLambdaConfig)
+
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("algo", self.algo in ALGOS, f"one of {ALGOS}"),
+            ("steps", self.steps >= 1, ">= 1"),
+            ("attn_implementation", self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
+             "'auto', 'sdpa', 'eager' or 'flash_attention_2'"),
+            ("activation_checkpointing", self.activation_checkpointing in ("off", "full", "selective"),
+             "'off', 'full' or 'selective'"),
+            ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+        ]
 
 
 def _coerce(key, value, annotation):
@@ -341,100 +490,13 @@ def _filter_ok(spec: str) -> bool:
 
 
 def validate(cfg: TrainConfig):
-    held_out = cfg.eval.every and not cfg.eval.benchmarks  # the task's own held-out set is evaluated
-    checks = [
-        ("algo", cfg.algo in ALGOS, f"one of {ALGOS}"),
-        ("steps", cfg.steps >= 1, ">= 1"),
-        ("rollout.engine", cfg.rollout.engine in ("hf", "vllm"), "'hf' or 'vllm'"),
-        ("rollout.num_prompts", cfg.rollout.num_prompts >= 1, ">= 1"),
-        ("rollout.group_size", cfg.rollout.group_size >= 2, ">= 2 (group-normalized advantages need a group)"),
-        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens >= 1, ">= 1"),
-        ("rollout.temperature", cfg.rollout.temperature > 0, "> 0"),
-        ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "in (0, 1]"),
-        ("rollout.vllm_gpu_memory_utilization", 0 < cfg.rollout.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
-        ("loss.eps_low", 0 < cfg.loss.eps_low < 1, "in (0, 1)"),
-        ("loss.eps_high", 0 < cfg.loss.eps_high < 1, "in (0, 1)"),
-        ("loss.beta", cfg.loss.beta >= 0, ">= 0 (0: no KL term, no reference model)"),
-        ("loss.loss_agg", cfg.loss.loss_agg in LOSS_AGGS, f"one of {LOSS_AGGS}"),
-        ("loss.max_completion_len", cfg.loss.max_completion_len is None or cfg.loss.max_completion_len >= 1,
-         ">= 1 or none (rollout.max_new_tokens)"),
-        ("loss.micro_batch_size", cfg.loss.micro_batch_size >= 0, ">= 0"),
-        ("loss.log_ratio_clamp", cfg.loss.log_ratio_clamp is None or cfg.loss.log_ratio_clamp > 0,
-         "> 0 or none (off)"),
-        ("loss.max_tokens_per_micro_batch", cfg.loss.max_tokens_per_micro_batch >= 0, ">= 0"),
-        ("optim.lr", cfg.optim.lr > 0, "> 0"),
-        ("optim.betas", len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
-         "two values in [0, 1), e.g. 0.9,0.99"),
-        ("optim.weight_decay", cfg.optim.weight_decay >= 0, ">= 0"),
-        ("optim.max_grad_norm", cfg.optim.max_grad_norm is None or cfg.optim.max_grad_norm > 0, "> 0 or none"),
-        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, ">= 0"),
-        ("gxpo.K", cfg.gxpo.K >= 2, ">= 2"),
-        ("gxpo.alpha", 0 < cfg.gxpo.alpha <= 1, "in (0, 1]"),
-        ("gxpo.tau", cfg.gxpo.tau > 0, "> 0"),
-        ("gxpo.gate", cfg.gxpo.gate in GATES, f"one of {GATES}"),
-        ("gxpo.gate_stat", cfg.gxpo.gate_stat in GATE_STATS, f"one of {GATE_STATS}"),
-        ("gxpo.window", cfg.gxpo.window >= 1, ">= 1"),
-        ("gxpo.warmup", cfg.gxpo.warmup >= 0, ">= 0"),
-        ("gxpo.optimizer_state", cfg.gxpo.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}"),
-        ("sfpo.K", cfg.sfpo.K >= 1, ">= 1"),
-        ("sfpo.alpha", 0 < cfg.sfpo.alpha <= 1, "in (0, 1]"),
-        ("sfpo.tau", cfg.sfpo.tau > 0, "> 0"),
-        ("sfpo.gate", cfg.sfpo.gate in GATES, f"one of {GATES}"),
-        ("sfpo.window", cfg.sfpo.window >= 1, ">= 1"),
-        ("sfpo.warmup", cfg.sfpo.warmup >= 0, ">= 0"),
-        ("optim.name", cfg.optim.name in ("adamw", "flat_adamw"), "'adamw' or 'flat_adamw'"),
-        ("task.name", cfg.task.name in ("arithmetic", "jsonl", "hf"), "'arithmetic', 'jsonl' or 'hf'"),
-        ("task.path", cfg.task.name != "jsonl" or bool(cfg.task.path), "set for task.name = 'jsonl'"),
-        ("task.dataset", cfg.task.name != "hf" or bool(cfg.task.dataset),
-         "set for task.name = 'hf' (a hub id or local parquet / json / jsonl / csv files)"),
-        ("task.answer_from", cfg.task.answer_from in ANSWER_FROM, f"one of {ANSWER_FROM}"),
-        ("task.filter", _filter_ok(cfg.task.filter), "'field=value1,value2' or empty"),
-        ("task.on_bad_record", cfg.task.on_bad_record in ("skip", "error"), "'skip' or 'error'"),
-        ("task.reward", cfg.task.reward in ("math-verify", "exact"), "'math-verify' or 'exact'"),
-        ("task.difficulty", cfg.task.difficulty >= 0, ">= 0"),
-        ("task.format_reward", 0 <= cfg.task.format_reward < 1, "in [0, 1)"),
-        ("eval.every", cfg.eval.every >= 0, ">= 0"),
-        ("eval.num_problems", cfg.eval.num_problems >= 1, ">= 1"),
-        ("eval.n_samples", cfg.eval.n_samples >= 1, ">= 1"),
-        ("eval.temperature", cfg.eval.temperature is None or cfg.eval.temperature > 0, "> 0 or none"),
-        ("eval.k", 1 <= cfg.eval.k <= cfg.eval.n_samples, "in [1, eval.n_samples]"),
-        ("eval.path", not (held_out and cfg.task.name == "jsonl") or bool(cfg.eval.path),
-         "set (a held-out JSONL file) when evaluating a jsonl task (or give eval.benchmarks)"),
-        ("eval.path", not (held_out and cfg.task.name == "hf" and is_local(cfg.task.dataset)) or bool(cfg.eval.path),
-         "set (held-out files) when evaluating an hf task on local files: local files have no splits, so "
-         "task.dataset again would be the training rows (or give eval.benchmarks)"),
-        ("lora.r", cfg.lora.r >= 0, ">= 0 (0 turns LoRA off)"),
-        ("lora.alpha", cfg.lora.alpha > 0, "> 0"),
-        ("lora.dropout", 0 <= cfg.lora.dropout < 1, "in [0, 1)"),
-        ("lora.target_modules", bool(cfg.lora.target_modules.strip(",").strip()), "a comma-separated module list"),
-        ("xrpo.n0", not cfg.xrpo.allocator or 2 <= cfg.xrpo.n0 <= cfg.rollout.group_size,
-         "in [2, rollout.group_size] (the allocator needs a sample std per prompt)"),
-        ("xrpo.phases", cfg.xrpo.phases >= 1, ">= 1"),
-        ("xrpo.bonus", cfg.xrpo.bonus >= 0, ">= 0"),
-        ("xrpo.max_exemplars", cfg.xrpo.max_exemplars >= 1, ">= 1"),
-        ("xrpo.max_chars", cfg.xrpo.max_chars >= 1, ">= 1"),
-        ("xrpo.loss_context", cfg.xrpo.loss_context in ("sampled", "original"), "'sampled' or 'original'"),
-        ("xrpo.sharpen_k", cfg.xrpo.sharpen_k >= 0, ">= 0"),
-        ("xrpo.sharpen_temperature", cfg.xrpo.sharpen_temperature in ("policy", "sampling"), "'policy' or 'sampling'"),
-        ("xrpo.bonus_step", cfg.xrpo.bonus_step in ("one_based", "zero_based"), "'one_based' or 'zero_based'"),
-        ("xrpo.seed_when", cfg.xrpo.seed_when in ("zero_reward", "below_one"), "'zero_reward' or 'below_one'"),
-        ("capo.top_k", cfg.capo.top_k >= 2, ">= 2"),
-        ("capo.mode", cfg.capo.mode in CAPO_MODES, f"one of {CAPO_MODES}"),
-        ("capo.tau_F", cfg.capo.tau_F >= 0, ">= 0 (0: no predicted-KL check)"),
-        ("capo.tau_H", cfg.capo.tau_H >= 0, ">= 0 (0: no predicted-objective check)"),
-        ("capo.chunk_tokens", cfg.capo.chunk_tokens >= 1, ">= 1"),
-        ("grpo_lambda.lam", 0 < cfg.grpo_lambda.lam <= 1, "in (0, 1]"),
-        ("grpo_lambda.gamma", 0 < cfg.grpo_lambda.gamma <= 1, "in (0, 1]"),
-        ("grpo_lambda.trace", cfg.grpo_lambda.trace in ("recent", "both"), "'recent' or 'both'"),
-        ("attn_implementation", cfg.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
-         "'auto', 'sdpa', 'eager' or 'flash_attention_2'"),
-        ("activation_checkpointing", cfg.activation_checkpointing in ("off", "full", "selective"),
-         "'off', 'full' or 'selective'"),
-        ("dtype", cfg.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"config key {key!r} must be {expected}")
+    """Each section checks its own fields (its checks method); the first failure names section.field."""
+    sections = [("", cfg)] + [(f.name + ".", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                              if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    for prefix, section in sections:
+        for name, ok, expected in section.checks(cfg):
+            if not ok:
+                raise ValueError(f"config key '{prefix}{name}' must be {expected}")
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -23,10 +23,8 @@ from .engines import make_engine
 from .evaluate import evaluate_sets
 from .flops import peak_flops, train_flops_per_token
 from .models import apply_liger_patches, apply_lora, load_policy
-from .plugins.capo import capo_token_mask, make_moments
-from .plugins.grpo_lambda import grpo_lambda_advantages
+from .plugins import enabled_plugins
 from .plugins.xrpo_seeding import SolutionCorpus
-from .plugins.xrpo_sharpening import sharpen
 from .policy import PolicyRunner
 from .sampling import row_seed
 from .step import LossClosure, make_update_rule, run_update
@@ -46,23 +44,6 @@ class Phases:
             yield
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-
-def advantages(cfg, runner, got, d):
-    """The advantage slot: group-normalized GRPO, then XRPO sharpening and GRPO-lambda when on."""
-    adv, stats = group_normalized_ragged(got.rewards, got.group_sizes)
-    if cfg.xrpo.sharpening:
-        temperature = 1.0 if cfg.xrpo.sharpen_temperature == "policy" else cfg.rollout.temperature
-        logp_BT = runner.logp(got.batch, temperature)  # one no-grad forward: s(y) under pi_theta (paper)
-        mask = got.batch.completion_mask
-        mean_logp = (torch.where(mask, logp_BT, 0.0).sum(1) / mask.sum(1).clamp(min=1)).cpu()
-        adv, grown = sharpen(adv, mean_logp, got.group_sizes, cfg.xrpo.sharpen_l, cfg.xrpo.sharpen_k)
-        stats["xrpo/sharpened_rows"] = grown
-    if cfg.grpo_lambda.enabled:
-        g = cfg.grpo_lambda
-        adv = grpo_lambda_advantages(adv.to(got.batch.completion_mask.device), got.batch.completion_mask, g.lam,
-                                     g.gamma, g.trace, g.neg_clamp)
-    return adv, stats
 
 
 def corpus_add(corpus, keyed, got, d):
@@ -131,8 +112,8 @@ class Trainer:
         warmup = cfg.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.rule, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.corpus = SolutionCorpus() if cfg.xrpo.seeding else None
-        self.capo_moments = make_moments(cfg, model, device)
-        self.plugin_states = {"capo": self.capo_moments} if self.capo_moments is not None else {}
+        self.plugins = enabled_plugins(cfg)
+        self.plugin_states = {p.name: state for p in self.plugins if p.state and (state := p.state(self)) is not None}
         self.peak = peak_flops(device)
         self.engine = make_engine(cfg.rollout.engine, self.runner, self.tokenizer, cfg.rollout, d,
                                   self.out / "vllm_config", cfg.seed)
@@ -165,20 +146,26 @@ class Trainer:
         return keyed, got
 
     def advantages(self, keyed, got, phases):
+        """Group-normalized GRPO advantages, then each enabled plug-in's advantages hook."""
         with phases("advantages"):
-            adv, adv_stats = advantages(self.cfg, self.runner, got, self.d)
+            adv, adv_stats = group_normalized_ragged(got.rewards, got.group_sizes)
+            for plugin in self.plugins:
+                if plugin.advantages is not None:
+                    adv, stats = plugin.advantages(self, got, adv)
+                    adv_stats.update(stats)
         if self.corpus is not None:
             corpus_add(self.corpus, keyed, got, self.d)
         return adv, adv_stats
 
     def mask(self, got, adv, phases):
-        """The batch the loss sees: CAPO drops tokens from it when on."""
-        if not self.cfg.capo.enabled:
-            return got.batch
-        with phases("token_mask"):
-            batch, capo_stats = capo_token_mask(self.runner, got.batch, adv, self.rule, self.cfg, self.d.world,
-                                                self.capo_moments)
-        got.stats.update(capo_stats)
+        """The batch the loss sees: each enabled plug-in's token-mask hook may drop tokens from it."""
+        hooks = [p.token_mask for p in self.plugins if p.token_mask is not None]
+        batch = got.batch
+        if hooks:
+            with phases("token_mask"):
+                for hook in hooks:
+                    batch, stats = hook(self, batch, adv)
+                    got.stats.update(stats)
         return batch
 
     def update(self, batch, adv, phases):

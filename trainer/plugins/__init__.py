@@ -1,2 +1,38 @@
-"""Trainer plug-ins: published GRPO extensions, each in one of four slots (rollout allocation, prompt
-construction, advantages, token mask) whose default is plain GRPO's behaviour. See trainer/slots.py."""
+"""Trainer plug-ins: published GRPO extensions, each filling slots of the trainer's step whose defaults
+are plain GRPO's. The registered slots are the advantages (after group normalization; the hooks run in
+registration order) and the token mask (before the update); rollout allocation and prompt construction
+(XRPO's allocator and seeding) live in trainer/collect.py. A plug-in is one module defining PLUGIN, its
+entry in the registration at the end of this file, and its config section in trainer/config.py; the
+Trainer calls the hooks of every plug-in its config enables."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Plugin:
+    name: str  # its config section: cfg.<name>
+    enabled: Callable  # cfg -> bool
+    advantages: Callable | None = None  # (trainer, collected, adv) -> (adv, {stat: count})
+    token_mask: Callable | None = None  # (trainer, batch, adv) -> (batch, {stat: value})
+    state: Callable | None = None  # trainer -> an object with state_dict / load_state_dict for checkpoints, or None
+
+
+PLUGINS: dict = {}
+
+
+def register(plugin: Plugin) -> Plugin:
+    if plugin.name in PLUGINS:
+        raise ValueError(f"plug-in {plugin.name!r} is registered twice")
+    PLUGINS[plugin.name] = plugin
+    return plugin
+
+
+def enabled_plugins(cfg) -> list:
+    return [p for p in PLUGINS.values() if p.enabled(cfg)]
+
+
+from . import capo, grpo_lambda, xrpo_sharpening  # noqa: E402
+
+for _module in (xrpo_sharpening, grpo_lambda, capo):  # the order the advantages hooks run in
+    register(_module.PLUGIN)

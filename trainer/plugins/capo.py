@@ -19,6 +19,8 @@ import torch
 from gxpo_kernels.ops.capo import capo_scores
 from gxpo_kernels.ops.capo_adam import CAPOMoments, capo_official_scores
 
+from . import Plugin
+
 QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -98,3 +100,13 @@ def capo_token_mask(runner, batch, adv, rule, cfg, world: int = 1, moments: CAPO
             qs = torch.quantile(values.double().cpu(), torch.tensor(QUANTILES, dtype=torch.float64))
             stats.update({f"capo/{name}_q{int(100 * q)}": v for q, v in zip(QUANTILES, qs.tolist(), strict=True)})
     return dataclasses.replace(batch, completion_mask=new_mask), stats
+
+
+def mask_tokens(trainer, batch, adv):
+    """The token-mask slot."""
+    return capo_token_mask(trainer.runner, batch, adv, trainer.rule, trainer.cfg, trainer.d.world,
+                           trainer.plugin_states.get("capo"))
+
+
+PLUGIN = Plugin("capo", enabled=lambda cfg: cfg.capo.enabled, token_mask=mask_tokens,
+                state=lambda trainer: make_moments(trainer.cfg, trainer.model, trainer.device))

@@ -10,6 +10,8 @@ clamped at `neg_clamp` (-0.1 in the paper) before the trace is applied. Padding 
 
 import torch
 
+from . import Plugin
+
 TRACES = ("recent", "both")
 
 
@@ -33,3 +35,12 @@ def grpo_lambda_advantages(adv_B: torch.Tensor, mask_BT: torch.Tensor, lam: floa
     """[B, T] per-token advantages for grpo_loss from sequence advantages [B]."""
     adv_B = adv_B.clamp(min=neg_clamp) if neg_clamp is not None else adv_B
     return (trace_weights(mask_BT, lam, gamma, trace) * adv_B.double()[:, None]).to(adv_B.dtype)
+
+
+def trace_advantages(trainer, got, adv):
+    """The advantages slot: [B] sequence advantages become [B, T] per-token ones."""
+    g, mask = trainer.cfg.grpo_lambda, got.batch.completion_mask
+    return grpo_lambda_advantages(adv.to(mask.device), mask, g.lam, g.gamma, g.trace, g.neg_clamp), {}
+
+
+PLUGIN = Plugin("grpo_lambda", enabled=lambda cfg: cfg.grpo_lambda.enabled, advantages=trace_advantages)
