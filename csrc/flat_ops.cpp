@@ -207,7 +207,7 @@ void extrapolate_all(std::vector<at::Tensor>& params, const GradList& grads, con
 template <typename T>
 std::vector<double> extrapolate_impl(std::vector<at::Tensor>& params, const GradList& grads, const at::Tensor& theta0,
                                      const at::Tensor& g0, const std::vector<int64_t>& offsets, int64_t K,
-                                     double alpha, double delta, double g1_scale, double scale_hi) {
+                                     double g1_scale, double alpha, double delta, double scale_hi) {
   std::vector<double> out(kNumStats, 0.0);
   out[kMaxStat] = 1.0;
   const T* theta0_ptr = theta0.data_ptr<T>();
@@ -255,12 +255,13 @@ std::vector<double> grad_dots(std::vector<at::Tensor> params, GradList grads, at
                         [&] { return grad_dots_impl<scalar_t>(grads, g0, offsets, with_g0); });
 }
 
+// The scalars in gxpo_kernels.extrapolation.kernel_scalars' order, as every backend takes them.
 std::vector<double> extrapolate(std::vector<at::Tensor> params, GradList grads, at::Tensor theta0, at::Tensor g0,
-                                std::vector<int64_t> offsets, int64_t K, double alpha, double delta,
-                                double g1_scale, double scale_hi) {
+                                std::vector<int64_t> offsets, int64_t K, double g1_scale, double alpha, double delta,
+                                double scale_hi) {
   check_inputs(params, grads, theta0, offsets);
   return DISPATCH_FLOAT(theta0.scalar_type(), "extrapolate", [&] {
-    return extrapolate_impl<scalar_t>(params, grads, theta0, g0, offsets, K, alpha, delta, g1_scale, scale_hi);
+    return extrapolate_impl<scalar_t>(params, grads, theta0, g0, offsets, K, g1_scale, alpha, delta, scale_hi);
   });
 }
 

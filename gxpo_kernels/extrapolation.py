@@ -13,6 +13,12 @@ def scale_cap(K: int) -> float:
     return K / 2 + 1
 
 
+def kernel_scalars(K: int, alpha: float, delta: float, g1_scale: float = 1.0) -> tuple:
+    """(g1_scale, alpha, delta, scale cap): the scalar arguments every backend's extrapolation (Triton, C++,
+    CUDA) takes, in this order."""
+    return float(g1_scale), float(alpha), float(delta), scale_cap(K)
+
+
 # Sums (and one max) reduced over all coordinates; every path writes them in this order.
 EXTRAP_STATS = ("g0_sq", "g1_sq", "g0_g1", "n_active", "r_sum", "r_sq", "n_clipped", "scale_sum", "scale_max",
                 "d_sq", "scaled_d_sq")

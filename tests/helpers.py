@@ -1,4 +1,12 @@
+import os
+
 import torch
+
+
+def uninterpreted_env(**extra) -> dict:
+    """This process's environment for a subprocess that runs as a user runs it: without TRITON_INTERPRET
+    (which the suite sets for its own kernels), plus extra."""
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
 
 
 def rel_err(out, ref):

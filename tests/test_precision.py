@@ -1,13 +1,13 @@
 """fp32 master parameters: bf16 compute never means bf16 storage under AdamW, unless asked for."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import uninterpreted_env
 
 pytest.importorskip("transformers")
 from test_trainer import fake_reward_and_cpu_paths, tiny_cfg  # noqa: E402, F401
@@ -99,7 +99,7 @@ def test_parameter_and_optimizer_state_dtypes_on_each_rank(tmp_path, ranks):
     config.write_text(to_toml(cfg))
     script = tmp_path / "launch.py"
     script.write_text(DTYPE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = uninterpreted_env()
     env.update(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", OMP_NUM_THREADS="1", GXPO_TEST_DTYPES=str(tmp_path / "dtypes"))
     launcher = [sys.executable]
     if ranks > 1:

@@ -3,12 +3,12 @@ configurations, no spills, and the targets the static model holds the kernels to
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import uninterpreted_env
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {"_grpo_loss_fwd_kernel", "_grpo_loss_bwd_kernel", "_snapshot_kernel", "_restore_kernel", "_grad_dots_kernel",
@@ -20,7 +20,7 @@ LIGER = importlib.util.find_spec("liger_kernel") is not None
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "static.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = uninterpreted_env()
     env.update(PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1")
     cmd = [sys.executable, "-m", "gxpo_bench.cli", "static", "--json", str(out), *([] if LIGER else ["--no-liger"])]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)

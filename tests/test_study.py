@@ -1,11 +1,11 @@
 """gxpo-bench study: the analysis on hand-made curves, and the --fast study end to end on the tiny model."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers import uninterpreted_env
 
 from gxpo_bench import cli, study
 
@@ -46,7 +46,7 @@ def test_curve_leaves_out_eval_and_checkpoint_time():
 
 def _study_cli(args):
     """As a user runs it: its own process (gxpo-bench drops TRITON_INTERPRET, this process keeps it)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = uninterpreted_env()
     done = subprocess.run([sys.executable, "-m", "gxpo_bench.cli", *args], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, uninterpreted_env
 
 pytest.importorskip("transformers")
 from trainer import data as data_module  # noqa: E402
@@ -131,7 +131,7 @@ def test_killed_run_resumes_exactly(tmp_path, sig):
     Either way --resume continues from the newest whole checkpoint, and the steps after it equal an
     uninterrupted run's."""
     steps, run = 6, tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = uninterpreted_env()
     env["PYTHONPATH"] = str(ROOT)
     script = ("import sys; from trainer import train as t; from test_trainer import length_reward;"
               "t.make_reward = lambda kind, format_weight=0.0: length_reward;"

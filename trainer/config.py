@@ -9,10 +9,15 @@ from dataclasses import dataclass, field
 import tomllib
 
 from gxpo_kernels.ops.reference import LOSS_AGGS
-from gxpo_kernels.optim.gate import GATES
-from gxpo_kernels.optim.gxpo import GATE_STATS
 from gxpo_kernels.optim.lookahead import OPTIMIZER_STATES
-from gxpo_kernels.optim.presets import DEFAULT_GXPO_PRESET, DEFAULT_SFPO_PRESET, GXPO_PRESETS, SFPO_PRESETS, resolve
+from gxpo_kernels.optim.presets import (
+    DEFAULT_GXPO_PRESET,
+    DEFAULT_SFPO_PRESET,
+    GXPO_PRESETS,
+    SFPO_PRESETS,
+    hyperparameter_checks,
+    resolve,
+)
 
 from .hf_tasks import ANSWER_FROM, is_local, parse_filter
 
@@ -111,16 +116,8 @@ class GXPOConfig:
 
     def checks(self, cfg) -> list:
         """(field, holds, what it must be) for each field; cfg is the whole config."""
-        return [
-            ("K", self.K >= 2, ">= 2"),
-            ("alpha", 0 < self.alpha <= 1, "in (0, 1]"),
-            ("tau", self.tau > 0, "> 0"),
-            ("gate", self.gate in GATES, f"one of {GATES}"),
-            ("gate_stat", self.gate_stat in GATE_STATS, f"one of {GATE_STATS}"),
-            ("window", self.window >= 1, ">= 1"),
-            ("warmup", self.warmup >= 0, ">= 0"),
-            ("optimizer_state", self.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}"),
-        ]
+        return [*hyperparameter_checks("GXPO", vars(self)),
+                ("optimizer_state", self.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}")]
 
 
 @dataclass
@@ -135,14 +132,7 @@ class SFPOConfig:
 
     def checks(self, cfg) -> list:
         """(field, holds, what it must be) for each field; cfg is the whole config."""
-        return [
-            ("K", self.K >= 1, ">= 1"),
-            ("alpha", 0 < self.alpha <= 1, "in (0, 1]"),
-            ("tau", self.tau > 0, "> 0"),
-            ("gate", self.gate in GATES, f"one of {GATES}"),
-            ("window", self.window >= 1, ">= 1"),
-            ("warmup", self.warmup >= 0, ">= 0"),
-        ]
+        return hyperparameter_checks("SFPO", vars(self))
 
 
 @dataclass

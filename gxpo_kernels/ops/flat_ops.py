@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from ..extrapolation import DELTA, EXTRAP_STATS, MAX_STAT, scale_cap
+from ..extrapolation import DELTA, EXTRAP_STATS, MAX_STAT, kernel_scalars
 from ..flat import FlatGroup, aligned
 from .flat_reference import extrapolate_reference
 from .flat_tiles import (
@@ -274,7 +274,7 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
     path = backend.flat_path(group.theta0)
     if path == "cpp":
         sums = backend._C.extrapolate(group.local_params(), grads, group.theta0, group.g0, group.offsets, K,
-                                      float(alpha), float(delta), float(g1_scale), scale_cap(K))
+                                      *kernel_scalars(K, alpha, delta, g1_scale))
         return torch.tensor(sums, dtype=torch.float64)
     if path == "torch":
         rows = []
@@ -289,7 +289,7 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
     grad_table, grads_aligned = _table(group, grads)
     params = group.pointer_table(group.local_params())
     _launch(path, group, _extrapolate_kernel, "extrapolate_cuda", (params, grad_table),
-            (group.theta0, group.g0, partial, float(g1_scale), float(alpha), float(delta), scale_cap(K)),
+            (group.theta0, group.g0, partial, *kernel_scalars(K, alpha, delta, g1_scale)),
             group.params_aligned and grads_aligned, maxnreg=72, K=K)  # at 64 it spills: 7 programs per SM
     return combine_stats(partial.double())
 

@@ -9,11 +9,9 @@ from ..extrapolation import DELTA, EXTRAP_STATS, TINY_G0_NORM
 from ..ops import flat_ops
 from .gate import ZScoreGate
 from .lookahead import LookaheadRule
-from .presets import DEFAULT_GXPO_PRESET, GXPO_PRESETS, resolve
+from .presets import DEFAULT_GXPO_PRESET, GATE_STATS, GXPO_PRESETS, check_hyperparameters, resolve
 
-# trajectory: pre-clip ||g~|| of the corrective pass; g0: pre-clip ||g0||; entropy: the corrective pass's
-# batch token entropy (the closure returns (loss, {"entropy_mean": H}))
-GATE_STATS = ("trajectory", "g0", "entropy")
+__all__ = ["GXPO", "GATE_STATS"]
 
 
 def _cos(dot, a, b):
@@ -44,13 +42,8 @@ class GXPO(LookaheadRule):
                  allow_bf16_params=False, **base_kwargs):
         h = resolve(GXPO_PRESETS, preset, "GXPO", K=K, alpha=alpha, tau=tau, gate=gate, gate_stat=gate_stat,
                     omega=omega, window=window, warmup=warmup)
+        check_hyperparameters("GXPO", h)
         K, alpha, gate_stat = h["K"], h["alpha"], h["gate_stat"]
-        if not (isinstance(K, int) and K >= 2):
-            raise ValueError(f"K must be an int >= 2, got {K!r}")
-        if not 0 < alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        if gate_stat not in GATE_STATS:
-            raise ValueError(f"unknown gate_stat {gate_stat!r}; choose one of {GATE_STATS}")
         gate_obj = ZScoreGate(h["gate"], h["tau"], h["omega"], h["window"], patience, fallback, fallback_window,
                               h["warmup"])
         super().__init__(params, base, base_kwargs, gate=gate_obj, optimizer_state=optimizer_state,

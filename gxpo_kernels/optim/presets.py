@@ -29,6 +29,10 @@ SFPO_PRESETS = {
 }
 DEFAULT_GXPO_PRESET = "final"
 DEFAULT_SFPO_PRESET = "official"
+# trajectory: pre-clip ||g~|| of the corrective pass; g0: pre-clip ||g0||; entropy: the corrective pass's
+# batch token entropy (the closure returns (loss, {"entropy_mean": H}))
+GATE_STATS = ("trajectory", "g0", "entropy")
+MIN_K = {"GXPO": 2, "SFPO": 1}
 
 
 def resolve(presets: dict, preset: str, what: str, **given) -> dict:
@@ -38,3 +42,25 @@ def resolve(presets: dict, preset: str, what: str, **given) -> dict:
     unknown = set(given) - set(presets[preset])
     assert not unknown, f"fields without a preset value: {unknown}"
     return {k: (v if given.get(k) is None else given[k]) for k, v in presets[preset].items()}
+
+
+def hyperparameter_checks(rule: str, h: dict) -> list:
+    """(field, holds, what it must be) for GXPO's or SFPO's hyperparameters h (gate_stat for GXPO only):
+    the one home of their ranges, read by the rules' constructors and by the trainer's config."""
+    from .gate import GATES
+
+    checks = [("K", isinstance(h["K"], int) and h["K"] >= MIN_K[rule], f"an int >= {MIN_K[rule]}"),
+              ("alpha", 0 < h["alpha"] <= 1, "in (0, 1]"),
+              ("tau", h["tau"] > 0, "> 0"),
+              ("gate", h["gate"] in GATES, f"one of {GATES}"),
+              ("window", isinstance(h["window"], int) and h["window"] >= 1, "an int >= 1"),
+              ("warmup", isinstance(h["warmup"], int) and h["warmup"] >= 0, "an int >= 0")]
+    if rule == "GXPO":
+        checks.append(("gate_stat", h["gate_stat"] in GATE_STATS, f"one of {GATE_STATS}"))
+    return checks
+
+
+def check_hyperparameters(rule: str, h: dict):
+    for name, ok, expected in hyperparameter_checks(rule, h):
+        if not ok:
+            raise ValueError(f"{name} must be {expected}, got {h[name]!r}")

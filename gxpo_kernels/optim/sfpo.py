@@ -9,7 +9,7 @@ from ..extrapolation import DELTA
 from ..ops import flat_ops
 from .gate import ZScoreGate
 from .lookahead import LookaheadRule
-from .presets import DEFAULT_SFPO_PRESET, SFPO_PRESETS, resolve
+from .presets import DEFAULT_SFPO_PRESET, SFPO_PRESETS, check_hyperparameters, resolve
 
 
 class SFPO(LookaheadRule):
@@ -29,11 +29,8 @@ class SFPO(LookaheadRule):
                  **base_kwargs):
         h = resolve(SFPO_PRESETS, preset, "SFPO", K=K, alpha=alpha, tau=tau, gate=gate, omega=omega, window=window,
                     warmup=warmup)
+        check_hyperparameters("SFPO", h)
         K, alpha = h["K"], h["alpha"]
-        if not (isinstance(K, int) and K >= 1):
-            raise ValueError(f"K must be an int >= 1, got {K!r}")
-        if not 0 < alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         gate_obj = ZScoreGate(h["gate"], h["tau"], h["omega"], h["window"], patience, fallback, fallback_window,
                               h["warmup"])
         super().__init__(params, base, base_kwargs, gate=gate_obj, optimizer_state=optimizer_state,

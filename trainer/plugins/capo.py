@@ -27,11 +27,10 @@ QUANTILES = (0.5, 0.9, 0.99)
 def lm_head_preconditioner(rule, head_weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """The variant's preconditioner: the real optimizer's 1 / (sqrt(v_hat) + eps) for the LM head as
     [V, H] float32, or None before its first step."""
-    head_learning_rate(rule, head_weight)  # the head must be trained
+    group = head_group(rule, head_weight)
     state = rule.base.state.get(head_weight, {})
     if "exp_avg_sq" not in state:
         return None
-    group = next(g for g in rule.base.param_groups if any(p is head_weight for p in g["params"]))
     v_hat = state["exp_avg_sq"].float() / (1 - group["betas"][1] ** float(state["step"]))
     return 1 / (v_hat.sqrt() + eps)
 
@@ -48,12 +47,13 @@ def keep_tokens(m_H, m_F, tau_H: float, tau_F: float, symmetric: bool) -> torch.
     return keep
 
 
-def head_learning_rate(rule, head_weight: torch.Tensor) -> float:
+def head_group(rule, head_weight: torch.Tensor) -> dict:
+    """The base optimizer's param group holding the LM head (CAPO models its step)."""
     group = next((g for g in rule.base.param_groups if any(p is head_weight for p in g["params"])), None)
     if group is None:
         raise ValueError("capo models the LM head's optimizer step, but the LM head is not trained here "
                          "(frozen, or LoRA); turn capo off or train the head")
-    return group["lr"]
+    return group
 
 
 def make_moments(cfg, model, device) -> CAPOMoments | None:
@@ -75,7 +75,7 @@ def capo_token_mask(runner, batch, adv, rule, cfg, world: int = 1, moments: CAPO
     c = cfg.capo
     mask_BT = batch.completion_mask
     hidden_BTH, head = runner("completion_hidden", batch)
-    lr = head_learning_rate(rule, head.weight)
+    lr = head_group(rule, head.weight)["lr"]
     adv_BT = adv[:, None].expand_as(mask_BT) if adv.dim() == 1 else adv
     hidden_NH, actions_N = hidden_BTH[mask_BT], batch.completion_ids[mask_BT]
     adv_N = adv_BT.to(hidden_BTH.device)[mask_BT]
