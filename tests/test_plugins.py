@@ -163,4 +163,9 @@ def test_plugins_are_registered_once_in_slot_order():
     assert [p.name for p in on] == ["grpo_lambda", "capo"]
     assert enabled_plugins(load_config()) == []
     with pytest.raises(ValueError, match="registered twice"):
-        register(Plugin("capo", enabled=lambda cfg: True))
+        register(Plugin("capo", "capo", enabled=lambda cfg: True))
+    from trainer.config import RECIPES, TrainConfig
+
+    sections = TrainConfig()
+    for plugin in PLUGINS.values():  # each has its config section (checks, resolve) and its --recipe
+        assert plugin.recipe in RECIPES and callable(getattr(sections, plugin.name).resolve)

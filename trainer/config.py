@@ -20,6 +20,10 @@ from gxpo_kernels.optim.presets import (
 )
 
 from .hf_tasks import ANSWER_FROM, is_local, parse_filter
+from .plugins import PLUGINS
+from .plugins.capo import CAPOConfig
+from .plugins.grpo_lambda import GRPOLambdaConfig
+from .plugins.xrpo import XRPOConfig
 
 ALGOS = ("grpo", "sfpo", "gxpo")
 
@@ -215,86 +219,7 @@ class LoRAConfig:
         ]
 
 
-@dataclass
-class XRPOConfig:
-    allocator: bool | None = None  # None: on under --recipe xrpo
-    seeding: bool | None = None
-    sharpening: bool | None = None
-    n0: int = 2  # first-phase rollouts per prompt (the rest of the group_size budget is allocated)
-    phases: int = 3
-    bonus: float = 0.1  # exploration bonus lambda
-    max_exemplars: int = 2
-    max_chars: int = 800  # exemplar solutions are cut here
-    loss_context: str = "sampled"  # | "original": the loss sees the prompt without the exemplars
-    sharpen_l: float = 2.5
-    sharpen_k: float = 0.5
-    # Where the paper's text and earlier versions of this code differ (README, XRPO); defaults follow the paper.
-    sharpen_temperature: str = "policy"  # s(y) under pi_theta (T = 1) | "sampling": at rollout.temperature
-    bonus_step: str = "one_based"  # T in lambda sqrt(log(1 + T) / n) is the step number from 1 | "zero_based"
-    seed_when: str = "zero_reward"  # seed a prompt whose best reward so far is 0 | "below_one": below 1
-
-    def checks(self, cfg) -> list:
-        """(field, holds, what it must be) for each field; cfg is the whole config."""
-        return [
-            ("n0", not self.allocator or 2 <= self.n0 <= cfg.rollout.group_size,
-             "in [2, rollout.group_size] (the allocator needs a sample std per prompt)"),
-            ("phases", self.phases >= 1, ">= 1"),
-            ("bonus", self.bonus >= 0, ">= 0"),
-            ("max_exemplars", self.max_exemplars >= 1, ">= 1"),
-            ("max_chars", self.max_chars >= 1, ">= 1"),
-            ("loss_context", self.loss_context in ("sampled", "original"), "'sampled' or 'original'"),
-            ("sharpen_k", self.sharpen_k >= 0, ">= 0"),
-            ("sharpen_temperature", self.sharpen_temperature in ("policy", "sampling"), "'policy' or 'sampling'"),
-            ("bonus_step", self.bonus_step in ("one_based", "zero_based"), "'one_based' or 'zero_based'"),
-            ("seed_when", self.seed_when in ("zero_reward", "below_one"), "'zero_reward' or 'below_one'"),
-        ]
-
-
-@dataclass
-class CAPOConfig:
-    enabled: bool | None = None  # None: on under --recipe capo
-    # "official": the authors' computation (own Adam moments, prospective step, untempered, no forced token) |
-    # "optimizer_moments": ours (the real optimizer's moments, sampled token forced in, at the sampling temperature)
-    mode: str = "official"
-    preset: str = "grpo"  # | "dr-grpo": sets tau_F, tau_H to 1e-3, 5e-4 unless given (the published recipes)
-    tau_F: float | None = None  # predicted-KL threshold; None: the preset's (1e-4); 0: no KL check
-    tau_H: float | None = None  # predicted objective-change threshold; None: the preset's (0.01); 0: no check
-    hessian_symmetric_clipping: bool = True  # m_H in (-tau_H, tau_H) (both recipes); false: [0, tau_H)
-    top_k: int = 50
-    eps: float = 1e-8
-    chunk_tokens: int = 1024
-
-    def checks(self, cfg) -> list:
-        """(field, holds, what it must be) for each field; cfg is the whole config."""
-        return [
-            ("top_k", self.top_k >= 2, ">= 2"),
-            ("mode", self.mode in CAPO_MODES, f"one of {CAPO_MODES}"),
-            ("tau_F", self.tau_F >= 0, ">= 0 (0: no predicted-KL check)"),
-            ("tau_H", self.tau_H >= 0, ">= 0 (0: no predicted-objective check)"),
-            ("chunk_tokens", self.chunk_tokens >= 1, ">= 1"),
-        ]
-
-
-@dataclass
-class GRPOLambdaConfig:
-    enabled: bool | None = None  # None: on under --recipe grpo-lambda
-    lam: float = 0.99
-    gamma: float = 1.0
-    trace: str = "recent"  # | "both"
-    neg_clamp: float | None = -0.1
-
-    def checks(self, cfg) -> list:
-        """(field, holds, what it must be) for each field; cfg is the whole config."""
-        return [
-            ("lam", 0 < self.lam <= 1, "in (0, 1]"),
-            ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
-            ("trace", self.trace in ("recent", "both"), "'recent' or 'both'"),
-        ]
-
-
-RECIPES = ("none", "xrpo", "capo", "grpo-lambda")
-CAPO_PRESETS = {"grpo": (1e-4, 0.01), "dr-grpo": (1e-3, 5e-4)}
-CAPO_MODES = ("official", "optimizer_moments")
+RECIPES = ("none",) + tuple(p.recipe for p in PLUGINS.values())
 
 
 @dataclass
@@ -455,20 +380,9 @@ def resolve_presets(cfg: TrainConfig):
 
 
 def resolve_recipe(cfg: TrainConfig):
-    """Flags left unset (None) follow --recipe; CAPO's thresholds follow its preset."""
-    x = cfg.xrpo
-    for name in ("allocator", "seeding", "sharpening"):
-        if getattr(x, name) is None:
-            setattr(x, name, cfg.recipe == "xrpo")
-    if cfg.capo.enabled is None:
-        cfg.capo.enabled = cfg.recipe == "capo"
-    if cfg.grpo_lambda.enabled is None:
-        cfg.grpo_lambda.enabled = cfg.recipe == "grpo-lambda"
-    if cfg.capo.preset not in CAPO_PRESETS:
-        raise ValueError(f"config key 'capo.preset' must be one of {tuple(CAPO_PRESETS)}")
-    tau_F, tau_H = CAPO_PRESETS[cfg.capo.preset]
-    cfg.capo.tau_F = tau_F if cfg.capo.tau_F is None else cfg.capo.tau_F
-    cfg.capo.tau_H = tau_H if cfg.capo.tau_H is None else cfg.capo.tau_H
+    """Each plug-in's flags left unset (None) follow --recipe (its section's resolve)."""
+    for plugin in PLUGINS.values():
+        getattr(cfg, plugin.name).resolve(cfg.recipe == plugin.recipe)
 
 
 def _filter_ok(spec: str) -> bool:

@@ -1,9 +1,10 @@
 """Trainer plug-ins: published GRPO extensions, each filling slots of the trainer's step whose defaults
 are plain GRPO's. The registered slots are the advantages (after group normalization; the hooks run in
 registration order) and the token mask (before the update); rollout allocation and prompt construction
-(XRPO's allocator and seeding) live in trainer/collect.py. A plug-in is one module defining PLUGIN, its
-entry in the registration at the end of this file, and its config section in trainer/config.py; the
-Trainer calls the hooks of every plug-in its config enables."""
+(XRPO's allocator and seeding) live in trainer/collect.py. A plug-in is one module defining its config
+section and PLUGIN, plus its entry in the registration at the end of this file and its field in
+trainer/config.py's TrainConfig; --recipe <its recipe> switches it on, and the Trainer calls the hooks of
+every plug-in its config enables."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Plugin:
-    name: str  # its config section: cfg.<name>
+    name: str  # its config section: cfg.<name> (a dataclass with checks(cfg) and resolve(recipe_on))
+    recipe: str  # the --recipe that switches it on
     enabled: Callable  # cfg -> bool
     advantages: Callable | None = None  # (trainer, collected, adv) -> (adv, {stat: count})
     token_mask: Callable | None = None  # (trainer, batch, adv) -> (batch, {stat: value})
@@ -32,7 +34,7 @@ def enabled_plugins(cfg) -> list:
     return [p for p in PLUGINS.values() if p.enabled(cfg)]
 
 
-from . import capo, grpo_lambda, xrpo_sharpening  # noqa: E402
+from . import capo, grpo_lambda, xrpo  # noqa: E402
 
-for _module in (xrpo_sharpening, grpo_lambda, capo):  # the order the advantages hooks run in
+for _module in (xrpo, grpo_lambda, capo):  # the order the advantages hooks run in
     register(_module.PLUGIN)

@@ -13,6 +13,7 @@ preconditioner (nothing masked before its first step), the sampled token forced 
 sampling temperature (gxpo_kernels/ops/capo.py). With a frozen LM head (LoRA) neither can run."""
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,43 @@ from gxpo_kernels.ops.capo_adam import CAPOMoments, capo_official_scores
 from . import Plugin
 
 QUANTILES = (0.5, 0.9, 0.99)
+CAPO_PRESETS = {"grpo": (1e-4, 0.01), "dr-grpo": (1e-3, 5e-4)}  # (tau_F, tau_H) of the two published recipes
+CAPO_MODES = ("official", "optimizer_moments")
+
+
+@dataclass
+class CAPOConfig:
+    enabled: bool | None = None  # None: on under --recipe capo
+    # "official": the authors' computation (own Adam moments, prospective step, untempered, no forced token) |
+    # "optimizer_moments": ours (the real optimizer's moments, sampled token forced in, at the sampling temperature)
+    mode: str = "official"
+    preset: str = "grpo"  # | "dr-grpo": sets tau_F, tau_H to 1e-3, 5e-4 unless given (the published recipes)
+    tau_F: float | None = None  # predicted-KL threshold; None: the preset's (1e-4); 0: no KL check
+    tau_H: float | None = None  # predicted objective-change threshold; None: the preset's (0.01); 0: no check
+    hessian_symmetric_clipping: bool = True  # m_H in (-tau_H, tau_H) (both recipes); false: [0, tau_H)
+    top_k: int = 50
+    eps: float = 1e-8
+    chunk_tokens: int = 1024
+
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("top_k", self.top_k >= 2, ">= 2"),
+            ("mode", self.mode in CAPO_MODES, f"one of {CAPO_MODES}"),
+            ("tau_F", self.tau_F >= 0, ">= 0 (0: no predicted-KL check)"),
+            ("tau_H", self.tau_H >= 0, ">= 0 (0: no predicted-objective check)"),
+            ("chunk_tokens", self.chunk_tokens >= 1, ">= 1"),
+        ]
+
+    def resolve(self, recipe_on: bool):
+        """On under --recipe capo unless set; thresholds left unset take the preset's."""
+        if self.enabled is None:
+            self.enabled = recipe_on
+        if self.preset not in CAPO_PRESETS:
+            raise ValueError(f"config key 'capo.preset' must be one of {tuple(CAPO_PRESETS)}")
+        tau_F, tau_H = CAPO_PRESETS[self.preset]
+        self.tau_F = tau_F if self.tau_F is None else self.tau_F
+        self.tau_H = tau_H if self.tau_H is None else self.tau_H
 
 
 def lm_head_preconditioner(rule, head_weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -108,5 +146,5 @@ def mask_tokens(trainer, batch, adv):
                            trainer.plugin_states.get("capo"))
 
 
-PLUGIN = Plugin("capo", enabled=lambda cfg: cfg.capo.enabled, token_mask=mask_tokens,
+PLUGIN = Plugin("capo", "capo", enabled=lambda cfg: cfg.capo.enabled, token_mask=mask_tokens,
                 state=lambda trainer: make_moments(trainer.cfg, trainer.model, trainer.device))

@@ -8,11 +8,34 @@ our reading): the larger of the backward trace and the forward trace (gamma * la
 first and the last tokens get full credit and the middle the least. Negative sequence advantages are
 clamped at `neg_clamp` (-0.1 in the paper) before the trace is applied. Padding gets 0."""
 
+from dataclasses import dataclass
+
 import torch
 
 from . import Plugin
 
 TRACES = ("recent", "both")
+
+
+@dataclass
+class GRPOLambdaConfig:
+    enabled: bool | None = None  # None: on under --recipe grpo-lambda
+    lam: float = 0.99
+    gamma: float = 1.0
+    trace: str = "recent"  # | "both"
+    neg_clamp: float | None = -0.1
+
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        return [
+            ("lam", 0 < self.lam <= 1, "in (0, 1]"),
+            ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
+            ("trace", self.trace in ("recent", "both"), "'recent' or 'both'"),
+        ]
+
+    def resolve(self, recipe_on: bool):
+        if self.enabled is None:
+            self.enabled = recipe_on
 
 
 def trace_weights(mask_BT: torch.Tensor, lam: float, gamma: float, trace: str) -> torch.Tensor:
@@ -43,4 +66,4 @@ def trace_advantages(trainer, got, adv):
     return grpo_lambda_advantages(adv.to(mask.device), mask, g.lam, g.gamma, g.trace, g.neg_clamp), {}
 
 
-PLUGIN = Plugin("grpo_lambda", enabled=lambda cfg: cfg.grpo_lambda.enabled, advantages=trace_advantages)
+PLUGIN = Plugin("grpo_lambda", "grpo-lambda", enabled=lambda cfg: cfg.grpo_lambda.enabled, advantages=trace_advantages)

@@ -5,8 +5,6 @@ so correct but unlikely completions get up to k * A_i more; non-positive advanta
 
 import torch
 
-from . import Plugin
-
 
 def sharpen(adv_B: torch.Tensor, mean_logp_B: torch.Tensor, group_sizes: list, l: float = 2.5,
             k: float = 0.5) -> tuple:
@@ -24,17 +22,3 @@ def sharpen(adv_B: torch.Tensor, mean_logp_B: torch.Tensor, group_sizes: list, l
         start += n
     return out, int((out > adv_B).sum())
 
-
-def sharpen_advantages(trainer, got, adv_B):
-    """The advantages slot: s(y) from one no-grad forward of the current policy, at temperature 1 (pi_theta,
-    the paper) or the sampling temperature (xrpo.sharpen_temperature)."""
-    cfg = trainer.cfg
-    temperature = 1.0 if cfg.xrpo.sharpen_temperature == "policy" else cfg.rollout.temperature
-    logp_BT = trainer.runner.logp(got.batch, temperature)
-    mask = got.batch.completion_mask
-    mean_logp = (torch.where(mask, logp_BT, 0.0).sum(1) / mask.sum(1).clamp(min=1)).cpu()
-    adv_B, grown = sharpen(adv_B, mean_logp, got.group_sizes, cfg.xrpo.sharpen_l, cfg.xrpo.sharpen_k)
-    return adv_B, {"xrpo/sharpened_rows": grown}
-
-
-PLUGIN = Plugin("xrpo", enabled=lambda cfg: cfg.xrpo.sharpening, advantages=sharpen_advantages)
