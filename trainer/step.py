@@ -1,5 +1,5 @@
 """One training step's update: the loss closure over the rollout batch (fused LM-head GRPO loss,
-micro-batched, normalized over all ranks) and the update rule (grpo: the base optimizer; sfpo; gxpo)
+micro-batched, normalized over all ranks) and the update rule (GRPO, SFPO or GXPO)
 that calls it."""
 
 import time
