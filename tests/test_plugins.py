@@ -83,7 +83,7 @@ def test_paper_defaults_and_their_named_variants(monkeypatch):
     assert alloc.allocate(zero_var, [2, 2, 2], 6, step=0, bonus=0.1) == [6, 0, 0]  # log(1 + 0) = 0: no bonus
     assert alloc.allocate(zero_var, [2, 2, 2], 6, step=1, bonus=0.1) == [2, 2, 2]
     clocks = []
-    monkeypatch.setattr(collect.xrpo_allocator, "allocate", lambda r, n, b, clock, bonus: clocks.append(clock) or
+    monkeypatch.setattr(alloc, "allocate", lambda r, n, b, clock, bonus: clocks.append(clock) or
                         [b] + [0] * (len(r) - 1))
 
     class Engine:  # every completion the same two tokens
@@ -96,7 +96,8 @@ def test_paper_defaults_and_their_named_variants(monkeypatch):
         cfg = load_config(overrides=[("recipe", "xrpo"), ("rollout.group_size", "4"), ("xrpo.bonus_step", bonus_step),
                                      ("xrpo.phases", "1"), ("xrpo.sharpening", "false"), ("xrpo.seeding", "false")])
         clocks.clear()
-        got = collect.collect(Engine(), tiny_tokenizer(), cfg, keyed, 3, lambda t, g: 1.0, Phases(), None)
+        got = collect.collect(Engine(), tiny_tokenizer(), cfg, keyed, 3, lambda t, g: 1.0, Phases(), None,
+                              PLUGINS["xrpo"].rollouts)
         assert clocks == [expected] and got.group_sizes == [6, 2]
     assert all_failed([0.0, 0.0]) and not all_failed([0.0, 0.5]) and all_failed([0.0, 0.5], "below_one")
     assert not all_failed([]) and not all_failed([1.0, 0.0], "below_one")

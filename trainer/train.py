@@ -113,6 +113,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.rule, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.corpus = SolutionCorpus() if cfg.xrpo.seeding else None
         self.plugins = enabled_plugins(cfg)
+        rollout_hooks = [p.rollouts for p in self.plugins if p.rollouts is not None]
+        if len(rollout_hooks) > 1:
+            raise ValueError(f"plug-ins {[p.name for p in self.plugins if p.rollouts]} each take over the rollouts; "
+                             "enable one of them")
+        self.rollouts = rollout_hooks[0] if rollout_hooks else None
         self.plugin_states = {p.name: state for p in self.plugins if p.state and (state := p.state(self)) is not None}
         self.peak = peak_flops(device)
         self.engine = make_engine(cfg.rollout.engine, self.runner, self.tokenizer, cfg.rollout, d,
@@ -142,7 +147,8 @@ class Trainer:
         cfg, d = self.cfg, self.d
         problems = problems_for_step(cfg, step, self.dataset)
         keyed = d.shard([(p, row_seed(cfg.seed, step, i)) for i, p in enumerate(problems)])
-        got = collect(self.engine, self.tokenizer, cfg, keyed, step, self.reward_fn, phases, self.corpus)
+        got = collect(self.engine, self.tokenizer, cfg, keyed, step, self.reward_fn, phases, self.corpus,
+                      self.rollouts)
         return keyed, got
 
     def advantages(self, keyed, got, phases):

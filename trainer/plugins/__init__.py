@@ -1,10 +1,9 @@
 """Trainer plug-ins: published GRPO extensions, each filling slots of the trainer's step whose defaults
-are plain GRPO's. The registered slots are the advantages (after group normalization; the hooks run in
-registration order) and the token mask (before the update); rollout allocation and prompt construction
-(XRPO's allocator and seeding) live in trainer/collect.py. A plug-in is one module defining its config
-section and PLUGIN, plus its entry in the registration at the end of this file and its field in
-trainer/config.py's TrainConfig; --recipe <its recipe> switches it on, and the Trainer calls the hooks of
-every plug-in its config enables."""
+are plain GRPO's: the rollouts (allocation and prompt construction; one plug-in at most), the advantages
+(after group normalization; the hooks run in registration order) and the token mask (before the update).
+A plug-in is one module defining its config section and PLUGIN, plus its entry in the registration at the
+end of this file and its field in trainer/config.py's TrainConfig; --recipe <its recipe> switches it on,
+and the Trainer calls the hooks of every plug-in its config enables."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ class Plugin:
     advantages: Callable | None = None  # (trainer, collected, adv) -> (adv, {stat: count})
     token_mask: Callable | None = None  # (trainer, batch, adv) -> (batch, {stat: value})
     state: Callable | None = None  # trainer -> an object with state_dict / load_state_dict for checkpoints, or None
+    rollouts: Callable | None = None  # takes over trainer/collect.py's collect (its arguments); one plug-in at most
 
 
 PLUGINS: dict = {}

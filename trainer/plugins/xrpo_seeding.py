@@ -46,14 +46,6 @@ class SolutionCorpus:
         self.solutions = dict(state["solutions"])
 
 
-def seeded_messages(system_prompt: str, question: str, exemplars: list) -> list:
-    """Chat messages: the system prompt, each exemplar as a user/assistant turn, then the question."""
-    messages = [{"role": "system", "content": system_prompt}]
-    for q, s in exemplars:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": s}]
-    return messages + [{"role": "user", "content": question}]
-
-
 def all_failed(rewards: list, seed_when: str = "zero_reward") -> bool:
     """A prompt to seed: rollouts so far and none rewarded (the paper: best reward 0); "below_one": none
     fully correct (differs under partial or format rewards)."""
