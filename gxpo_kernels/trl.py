@@ -110,6 +110,8 @@ class GXPOTrainer(GRPOTrainer):
         self.rule = None
         if not isinstance(self.args, GXPOConfig):
             raise ValueError(f"GXPOTrainer needs a GXPOConfig for args, got {type(self.args).__name__}")
+        if self.args.fused_loss and self.aux_loss_enabled:  # known once the model is
+            raise ValueError("fused_loss has no MoE router aux loss: set router_aux_loss_coef=0 or fused_loss=False")
 
     def create_optimizer(self, model=None):
         base = super().create_optimizer(*([model] if model is not None else []))
@@ -177,8 +179,6 @@ class GXPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         if not self.args.fused_loss:
             return super()._compute_loss(model, inputs)
-        if self.aux_loss_enabled:
-            raise ValueError("fused_loss has no MoE router aux loss: set router_aux_loss_coef=0 or fused_loss=False")
         completion_ids = inputs["completion_ids"]
         L = completion_ids.size(1)
         mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]

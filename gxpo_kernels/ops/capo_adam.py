@@ -112,21 +112,20 @@ class CAPOMoments:
     def update(self, hidden_NH, coef_NK, rows_NK):
         """One Adam step of the moments: each row touched by some (n, k) gets the mean of those g_k =
         coef[n, k] h[n]; rows not touched keep their moments; t advances either way."""
-        V, H = self.exp_avg.shape
-        K = rows_NK.shape[1]
-        sums_VH = torch.zeros(V, H, dtype=torch.float32, device=self.exp_avg.device)
+        N, K = rows_NK.shape
+        H = self.exp_avg.shape[1]
+        touched, slot_NK = torch.unique(rows_NK, return_inverse=True)  # sums over the touched rows only
+        sums_UH = torch.zeros(touched.numel(), H, dtype=torch.float32, device=self.exp_avg.device)
         step = _chunk(K, H)
-        for start in range(0, hidden_NH.shape[0], step):
-            end = min(start + step, hidden_NH.shape[0])
+        for start in range(0, N, step):
+            end = min(start + step, N)
             g = coef_NK[start:end].float()[:, :, None] * hidden_NH[start:end].float()[:, None, :]
-            sums_VH.index_add_(0, rows_NK[start:end].reshape(-1), g.reshape(-1, H))
-        counts_V = torch.bincount(rows_NK.reshape(-1), minlength=V)
-        touched = counts_V > 0
-        mean = sums_VH[touched] / counts_V[touched, None]
+            sums_UH.index_add_(0, slot_NK[start:end].reshape(-1), g.reshape(-1, H))
+        mean = sums_UH / torch.bincount(slot_NK.reshape(-1), minlength=touched.numel())[:, None]
         self.exp_avg[touched] = self.beta1 * self.exp_avg[touched] + (1 - self.beta1) * mean
         self.exp_avg_sq[touched] = self.beta2 * self.exp_avg_sq[touched] + (1 - self.beta2) * mean.square()
         self.t += 1
-        self.fed = self.fed or bool(touched.any())
+        self.fed = self.fed or touched.numel() > 0
 
     def state_dict(self) -> dict:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "t": self.t, "fed": int(self.fed)}
