@@ -268,18 +268,21 @@ std::vector<double> extrapolate(std::vector<at::Tensor> params, GradList grads, 
 }  // namespace
 
 #ifdef WITH_CUDA
-// csrc/flat_ops_cuda.cu: the Triton kernels' launch layout (block map + pointer tables), fp32 partials.
+// csrc/flat_ops_cuda.cu: the Triton kernels' launch layout (block map, programs of blocks_per_program full
+// blocks then one per tail block, pointer tables), one row of fp32 partials per program.
 void snapshot_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets,
                    at::Tensor block_tensor, at::Tensor block_start, at::Tensor theta0, at::Tensor g0,
-                   at::Tensor partial, int64_t block);
+                   at::Tensor partial, int64_t block, int64_t num_full, int64_t blocks_per_program, bool aligned);
 void restore_cuda(at::Tensor param_ptrs, at::Tensor numels, at::Tensor offsets, at::Tensor block_tensor,
-                  at::Tensor block_start, at::Tensor theta0, int64_t block);
+                  at::Tensor block_start, at::Tensor theta0, int64_t block, int64_t num_full,
+                  int64_t blocks_per_program, bool aligned);
 void grad_dots_cuda(at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets, at::Tensor block_tensor,
-                    at::Tensor block_start, at::Tensor g0, at::Tensor partial, bool with_g0, int64_t block);
+                    at::Tensor block_start, at::Tensor g0, at::Tensor partial, bool with_g0, int64_t block,
+                    int64_t num_full, int64_t blocks_per_program, bool aligned);
 void extrapolate_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets,
                       at::Tensor block_tensor, at::Tensor block_start, at::Tensor theta0, at::Tensor g0,
                       at::Tensor partial, double g1_scale, double alpha, double delta, double scale_hi, int64_t K,
-                      int64_t block);
+                      int64_t block, int64_t num_full, int64_t blocks_per_program, bool aligned);
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -288,9 +291,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_dots", &grad_dots, "[sum(g^2), sum(g0 * g)]");
   m.def("extrapolate", &extrapolate, "GXPO extrapolation in place; returns the EXTRAP_STATS sums");
 #ifdef WITH_CUDA
-  m.def("snapshot_cuda", &snapshot_cuda, "snapshot over a block map; per-block sum(g0^2) into partial");
+  m.def("snapshot_cuda", &snapshot_cuda, "snapshot over a block map; per-program sum(g0^2) into partial");
   m.def("restore_cuda", &restore_cuda, "params <- theta0 over a block map");
-  m.def("grad_dots_cuda", &grad_dots_cuda, "per-block [sum(g^2), sum(g0 * g)] into partial");
-  m.def("extrapolate_cuda", &extrapolate_cuda, "GXPO extrapolation in place; per-block EXTRAP_STATS into partial");
+  m.def("grad_dots_cuda", &grad_dots_cuda, "per-program [sum(g^2), sum(g0 * g)] into partial");
+  m.def("extrapolate_cuda", &extrapolate_cuda, "GXPO extrapolation in place; per-program EXTRAP_STATS into partial");
 #endif
 }

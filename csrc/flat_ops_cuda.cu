@@ -1,7 +1,10 @@
 // CUDA versions of the update rules' flat-buffer ops, launched exactly like the Triton kernels in
-// gxpo_kernels/ops/flat_ops.py: one CUDA block per entry of the group's block map (block -> tensor
-// index, start), int64 tables of parameter / gradient data pointers (a gradient pointer of 0 means
-// g = 0), fp32 math, and one row of fp32 partial sums per block that the caller reduces in float64.
+// gxpo_kernels/ops/flat_ops.py and gxpo_kernels/ops/flat_tiles.py: programs of 128 threads over the group's
+// block map (block -> tensor index, start; full blocks first), the first cdiv(num_full, blocks_per_program)
+// programs walking that many full blocks each with 16-byte accesses (when every tensor is 16-byte aligned),
+// every later program one tail block with scalar accesses; int64 tables of parameter / gradient data
+// pointers (a gradient pointer of 0 means g = 0); fp32 math with the statistics in registers, reduced once
+// per program into one row of fp32 partial sums that the caller reduces in float64.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,25 +17,46 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;  // flat_tiles.ROWS x NUM_WARPS: one row of a tile per thread
+constexpr int kWarps = kThreads / 32;
+constexpr int kAccessBytes = 16;
 
-struct BlockMap {
+template <typename T>
+constexpr int kPack = kAccessBytes / sizeof(T);  // elements of one 128-bit access
+
+struct FlatMap {
   const int64_t* numels;
   const int64_t* offsets;
   const int64_t* block_tensor;
   const int64_t* block_start;
-  int64_t block;
+  int64_t block, num_full, blocks_per_program;
+  bool aligned;  // every tensor of the launch starts on a 16-byte boundary
 };
+
+struct Span {
+  int64_t first, end;  // blocks [first, end) of the map
+  bool full;           // full blocks (no masks); else one tensor's tail block
+};
+
+__device__ Span program_span(const FlatMap& map) {
+  const int64_t full_programs = (map.num_full + map.blocks_per_program - 1) / map.blocks_per_program;
+  const int64_t pid = blockIdx.x;
+  if (pid < full_programs) {
+    const int64_t first = pid * map.blocks_per_program;
+    return {first, min(first + map.blocks_per_program, map.num_full), true};
+  }
+  const int64_t blk = map.num_full + pid - full_programs;
+  return {blk, blk + 1, false};
+}
 
 struct Range {
   int64_t tensor, begin, end, offset;  // elements [begin, end) of tensor `tensor`, at `offset` in the flat buffers
 };
 
-__device__ Range block_range(const BlockMap& map) {
-  const int64_t t = map.block_tensor[blockIdx.x];
-  const int64_t begin = map.block_start[blockIdx.x];
-  const int64_t end = min(begin + map.block, map.numels[t]);
-  return {t, begin, end, map.offsets[t]};
+__device__ Range block_range(const FlatMap& map, int64_t blk) {
+  const int64_t t = map.block_tensor[blk];
+  const int64_t begin = map.block_start[blk];
+  return {t, begin, min(begin + map.block, map.numels[t]), map.offsets[t]};
 }
 
 template <typename T>
@@ -40,131 +64,262 @@ __device__ T* pointer_at(const int64_t* table, int64_t t) {
   return reinterpret_cast<T*>(table[t]);
 }
 
-// Reduces N per-thread values over the block (slot max_slot by max, the others by sum) and thread 0
-// writes them to out[0..N).
+// P consecutive elements, moved as one access (128 bits when P = kPack<T>).
+template <typename T, int P>
+struct alignas(sizeof(T) * P) Pack {
+  T v[P];
+};
+
+// The pointers come from int64 tables, so the compiler cannot see they are global: told here, it emits
+// LDG / STG instead of generic LD / ST.
+template <typename T, int P>
+__device__ Pack<T, P> load(const T* ptr) {
+  __builtin_assume(__isGlobal(ptr));
+  return *reinterpret_cast<const Pack<T, P>*>(ptr);
+}
+
+template <typename T, int P>
+__device__ void store(T* ptr, const Pack<T, P>& x) {
+  __builtin_assume(__isGlobal(ptr));
+  *reinterpret_cast<Pack<T, P>*>(ptr) = x;
+}
+
+template <typename T, int P>
+__device__ Pack<T, P> zeros() {
+  Pack<T, P> x;
+  for (int e = 0; e < P; ++e) x.v[e] = T(0.f);
+  return x;
+}
+
+// Calls body.run<P>(j) for this thread's elements j of [begin, end): packs of kPack<T> when vectorized (full
+// blocks of aligned tensors; the block is a multiple of kPack<T>), else one by one.
+template <typename T, typename Body>
+__device__ void for_each(const Range& r, bool vectorized, Body& body) {
+  if (vectorized) {
+    constexpr int P = kPack<T>;
+    for (int64_t j = r.begin + threadIdx.x * P; j < r.end; j += kThreads * P) body.template run<P>(j);
+  } else {
+    for (int64_t j = r.begin + threadIdx.x; j < r.end; j += kThreads) body.template run<1>(j);
+  }
+}
+
+// Reduces N per-thread values over the program (slot max_slot by max, the others by sum) with warp shuffles
+// and one barrier; out[0..N) gets them.
 template <int N>
-__device__ void block_reduce(float (&vals)[N], float* out, int max_slot = -1) {
-  __shared__ float smem[N][kThreads];
-  for (int k = 0; k < N; ++k) smem[k][threadIdx.x] = vals[k];
+__device__ void program_reduce(float (&vals)[N], float* out, int max_slot = -1) {
+  __shared__ float per_warp[N][kWarps];
+  for (int k = 0; k < N; ++k) {
+    for (int lanes = 16; lanes > 0; lanes /= 2) {
+      const float other = __shfl_xor_sync(0xffffffffu, vals[k], lanes);
+      vals[k] = k == max_slot ? fmaxf(vals[k], other) : vals[k] + other;
+    }
+  }
+  if (threadIdx.x % 32 == 0) {
+    for (int k = 0; k < N; ++k) per_warp[k][threadIdx.x / 32] = vals[k];
+  }
   __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      for (int k = 0; k < N; ++k) {
-        const float other = smem[k][threadIdx.x + stride];
-        smem[k][threadIdx.x] = k == max_slot ? fmaxf(smem[k][threadIdx.x], other) : smem[k][threadIdx.x] + other;
-      }
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    for (int k = 0; k < N; ++k) out[k] = smem[k][0];
+  if (threadIdx.x < N) {
+    const int k = threadIdx.x;
+    float acc = per_warp[k][0];
+    for (int w = 1; w < kWarps; ++w) acc = k == max_slot ? fmaxf(acc, per_warp[k][w]) : acc + per_warp[k][w];
+    out[k] = acc;
   }
 }
 
 template <typename T>
-__global__ void snapshot_kernel(const int64_t* param_ptrs, const int64_t* grad_ptrs, BlockMap map, T* theta0, T* g0,
+struct SnapshotBody {
+  const T* p;
+  const T* g;
+  T* theta0;
+  T* g0;
+  float sum_sq = 0.f;
+  template <int P>
+  __device__ void run(int64_t j) {
+    store<T, P>(theta0 + j, load<T, P>(p + j));
+    const Pack<T, P> gj = g ? load<T, P>(g + j) : zeros<T, P>();
+    store<T, P>(g0 + j, gj);
+    for (int e = 0; e < P; ++e) sum_sq += static_cast<float>(gj.v[e]) * static_cast<float>(gj.v[e]);
+  }
+};
+
+template <typename T>
+__global__ void snapshot_kernel(const int64_t* param_ptrs, const int64_t* grad_ptrs, FlatMap map, T* theta0, T* g0,
                                 float* partial) {
-  const Range r = block_range(map);
-  const T* p = pointer_at<T>(param_ptrs, r.tensor);
-  const T* g = pointer_at<T>(grad_ptrs, r.tensor);
+  const Span span = program_span(map);
   float vals[1] = {0.f};
-  for (int64_t j = r.begin + threadIdx.x; j < r.end; j += kThreads) {
-    theta0[r.offset + j] = p[j];
-    const T gj = g ? g[j] : T(0.f);
-    g0[r.offset + j] = gj;
-    const float gf = static_cast<float>(gj);
-    vals[0] += gf * gf;
+  for (int64_t blk = span.first; blk < span.end; ++blk) {
+    const Range r = block_range(map, blk);
+    SnapshotBody<T> body{pointer_at<T>(param_ptrs, r.tensor), pointer_at<T>(grad_ptrs, r.tensor),
+                         theta0 + r.offset, g0 + r.offset};
+    for_each<T>(r, span.full && map.aligned, body);
+    vals[0] += body.sum_sq;
   }
-  block_reduce<1>(vals, partial + blockIdx.x);
+  program_reduce<1>(vals, partial + blockIdx.x);
 }
 
 template <typename T>
-__global__ void restore_kernel(const int64_t* param_ptrs, BlockMap map, const T* theta0) {
-  const Range r = block_range(map);
-  T* p = pointer_at<T>(param_ptrs, r.tensor);
-  for (int64_t j = r.begin + threadIdx.x; j < r.end; j += kThreads) p[j] = theta0[r.offset + j];
+struct RestoreBody {
+  T* p;
+  const T* theta0;
+  template <int P>
+  __device__ void run(int64_t j) {
+    store<T, P>(p + j, load<T, P>(theta0 + j));
+  }
+};
+
+template <typename T>
+__global__ void restore_kernel(const int64_t* param_ptrs, FlatMap map, const T* theta0) {
+  const Span span = program_span(map);
+  for (int64_t blk = span.first; blk < span.end; ++blk) {
+    const Range r = block_range(map, blk);
+    RestoreBody<T> body{pointer_at<T>(param_ptrs, r.tensor), theta0 + r.offset};
+    for_each<T>(r, span.full && map.aligned, body);
+  }
 }
 
 template <typename T>
-__global__ void grad_dots_kernel(const int64_t* grad_ptrs, BlockMap map, const T* g0, float* partial, bool with_g0) {
-  const Range r = block_range(map);
-  const T* g = pointer_at<T>(grad_ptrs, r.tensor);
-  float vals[2] = {0.f, 0.f};
-  if (g) {
-    for (int64_t j = r.begin + threadIdx.x; j < r.end; j += kThreads) {
-      const float gf = static_cast<float>(g[j]);
-      vals[0] += gf * gf;
-      if (with_g0) vals[1] += static_cast<float>(g0[r.offset + j]) * gf;
+struct GradDotsBody {
+  const T* g;
+  const T* g0;
+  bool with_g0;
+  float gg = 0.f, g0g = 0.f;
+  template <int P>
+  __device__ void run(int64_t j) {
+    const Pack<T, P> gj = load<T, P>(g + j);
+    const Pack<T, P> g0j = with_g0 ? load<T, P>(g0 + j) : zeros<T, P>();
+    for (int e = 0; e < P; ++e) {
+      const float gf = static_cast<float>(gj.v[e]);
+      gg += gf * gf;
+      g0g += static_cast<float>(g0j.v[e]) * gf;
     }
   }
-  block_reduce<2>(vals, partial + 2 * blockIdx.x);
+};
+
+template <typename T>
+__global__ void grad_dots_kernel(const int64_t* grad_ptrs, FlatMap map, const T* g0, float* partial, bool with_g0) {
+  const Span span = program_span(map);
+  float vals[2] = {0.f, 0.f};
+  for (int64_t blk = span.first; blk < span.end; ++blk) {
+    const Range r = block_range(map, blk);
+    const T* g = pointer_at<T>(grad_ptrs, r.tensor);
+    if (!g) continue;
+    GradDotsBody<T> body{g, g0 + r.offset, with_g0};
+    for_each<T>(r, span.full && map.aligned, body);
+    vals[0] += body.gg;
+    vals[1] += body.g0g;
+  }
+  program_reduce<2>(vals, partial + 2 * blockIdx.x);
 }
 
-// Slots: EXTRAP_STATS in gxpo_kernels/extrapolation.py (kMaxStat reduced by max), via extrapolation.h.
+struct ExtrapolationArgs {
+  float g1_scale, alpha, delta, scale_hi;
+  int K;
+};
+
+// One coordinate of docs/algorithm.md step 3: the new parameter value, its EXTRAP_STATS (slots from
+// extrapolation.h) added into vals.
+__device__ float extrapolate_one(float g0, float g1, float theta0, float theta2, const ExtrapolationArgs& x,
+                                 float (&vals)[kNumStats]) {
+  const float abs_g0 = fabsf(g0);
+  const bool active = abs_g0 > x.delta;
+  float r = g1 / ((g0 >= 0.f ? 1.f : -1.f) * fmaxf(abs_g0, x.delta));
+  const bool clipped = active && (!isfinite(r) || r < float(kRMin) || r > float(kRMax));
+  if (isnan(r)) r = 1.f;
+  r = fminf(fmaxf(r, float(kRMin)), float(kRMax));
+  if (!active) r = 1.f;
+  float s_k = 1.f;
+  for (int k = 1; k < x.K; ++k) s_k = s_k * r + 1.f;
+  const float s_2 = 1.f + r;
+  float scale = fabsf(s_2) > x.delta ? s_k / s_2 : 1.f;
+  if (!isfinite(scale)) scale = 1.f;
+  scale = fminf(fmaxf(scale, 1.f), x.scale_hi);
+  if (!active) scale = 1.f;
+  const float d = theta2 - theta0;
+  vals[0] += g0 * g0;
+  vals[1] += g1 * g1;
+  vals[2] += g0 * g1;
+  if (active) {
+    vals[3] += 1.f;
+    vals[4] += r;
+    vals[5] += r * r;
+    vals[7] += scale;
+  }
+  vals[6] += clipped ? 1.f : 0.f;
+  vals[kMaxStat] = fmaxf(vals[kMaxStat], scale);
+  vals[9] += d * d;
+  vals[10] += scale * scale * d * d;
+  return theta0 + x.alpha * scale * d;
+}
+
 template <typename T>
-__global__ void extrapolate_kernel(const int64_t* param_ptrs, const int64_t* grad_ptrs, BlockMap map,
-                                   const T* theta0, const T* g0, float* partial, float g1_scale, float alpha,
-                                   float delta, float scale_hi, int K) {
-  const Range range = block_range(map);
-  T* p = pointer_at<T>(param_ptrs, range.tensor);
-  const T* g = pointer_at<T>(grad_ptrs, range.tensor);
+struct ExtrapolateBody {
+  T* p;
+  const T* g;
+  const T* theta0;
+  const T* g0;
+  const ExtrapolationArgs& x;
+  float (&vals)[kNumStats];
+  template <int P>
+  __device__ void run(int64_t j) {
+    Pack<T, P> theta = load<T, P>(p + j);
+    const Pack<T, P> t0 = load<T, P>(theta0 + j);
+    const Pack<T, P> a = load<T, P>(g0 + j);
+    const Pack<T, P> b = g ? load<T, P>(g + j) : zeros<T, P>();
+    for (int e = 0; e < P; ++e) {
+      theta.v[e] = static_cast<T>(extrapolate_one(static_cast<float>(a.v[e]), static_cast<float>(b.v[e]) * x.g1_scale,
+                                                  static_cast<float>(t0.v[e]), static_cast<float>(theta.v[e]), x,
+                                                  vals));
+    }
+    store<T, P>(p + j, theta);
+  }
+};
+
+template <typename T>
+__global__ void extrapolate_kernel(const int64_t* param_ptrs, const int64_t* grad_ptrs, FlatMap map,
+                                   const T* theta0, const T* g0, float* partial, ExtrapolationArgs x) {
+  const Span span = program_span(map);
   float vals[kNumStats] = {};
   vals[kMaxStat] = 1.f;
-  for (int64_t j = range.begin + threadIdx.x; j < range.end; j += kThreads) {
-    const float a = static_cast<float>(g0[range.offset + j]);
-    const float b = g ? static_cast<float>(g[j]) * g1_scale : 0.f;
-    const float abs_a = fabsf(a);
-    const bool active = abs_a > delta;
-    float r = b / ((a >= 0.f ? 1.f : -1.f) * fmaxf(abs_a, delta));
-    const bool clipped = active && (!isfinite(r) || r < float(kRMin) || r > float(kRMax));
-    if (isnan(r)) r = 1.f;
-    r = fminf(fmaxf(r, float(kRMin)), float(kRMax));
-    if (!active) r = 1.f;
-    float s_k = 1.f;
-    for (int k = 1; k < K; ++k) s_k = s_k * r + 1.f;
-    const float s_2 = 1.f + r;
-    float scale = fabsf(s_2) > delta ? s_k / s_2 : 1.f;
-    if (!isfinite(scale)) scale = 1.f;
-    scale = fminf(fmaxf(scale, 1.f), scale_hi);
-    if (!active) scale = 1.f;
-    const float theta0_j = static_cast<float>(theta0[range.offset + j]);
-    const float d = static_cast<float>(p[j]) - theta0_j;
-    p[j] = static_cast<T>(theta0_j + alpha * scale * d);
-    vals[0] += a * a;
-    vals[1] += b * b;
-    vals[2] += a * b;
-    if (active) {
-      vals[3] += 1.f;
-      vals[4] += r;
-      vals[5] += r * r;
-      vals[7] += scale;
-    }
-    vals[6] += clipped ? 1.f : 0.f;
-    vals[8] = fmaxf(vals[8], scale);
-    vals[9] += d * d;
-    vals[10] += scale * scale * d * d;
+  for (int64_t blk = span.first; blk < span.end; ++blk) {
+    const Range r = block_range(map, blk);
+    ExtrapolateBody<T> body{pointer_at<T>(param_ptrs, r.tensor), pointer_at<T>(grad_ptrs, r.tensor),
+                            theta0 + r.offset, g0 + r.offset, x, vals};
+    for_each<T>(r, span.full && map.aligned, body);
   }
-  block_reduce<kNumStats>(vals, partial + kNumStats * blockIdx.x, kMaxStat);
+  program_reduce<kNumStats>(vals, partial + kNumStats * blockIdx.x, kMaxStat);
 }
 
-BlockMap block_map(const at::Tensor& numels, const at::Tensor& offsets, const at::Tensor& block_tensor,
-                   const at::Tensor& block_start, int64_t block) {
+FlatMap flat_map(const at::Tensor& numels, const at::Tensor& offsets, const at::Tensor& block_tensor,
+                 const at::Tensor& block_start, int64_t block, int64_t num_full, int64_t blocks_per_program,
+                 bool aligned) {
   for (const auto* t : {&numels, &offsets, &block_tensor, &block_start}) {
     TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kLong && t->is_contiguous(), "block map tables must be "
                 "contiguous int64 CUDA tensors");
   }
+  TORCH_CHECK(blocks_per_program >= 1 && 0 <= num_full && num_full <= block_tensor.numel(),
+              "bad program layout: num_full ", num_full, " of ", block_tensor.numel(), " blocks, ",
+              blocks_per_program, " blocks per program");
   return {numels.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), block_tensor.data_ptr<int64_t>(),
-          block_start.data_ptr<int64_t>(), block};
+          block_start.data_ptr<int64_t>(), block, num_full, blocks_per_program, aligned};
+}
+
+// flat_tiles.num_programs: the full-block programs, then one per tail block.
+int64_t num_programs(const FlatMap& map, int64_t num_blocks) {
+  return (map.num_full + map.blocks_per_program - 1) / map.blocks_per_program + num_blocks - map.num_full;
+}
+
+template <typename T>
+void check_block(const FlatMap& map) {
+  TORCH_CHECK(map.block % kPack<T> == 0, "block ", map.block, " is not a multiple of ", kPack<T>, " elements");
 }
 
 void check_flat(const at::Tensor& flat) {
   TORCH_CHECK(flat.is_cuda() && flat.is_contiguous(), "flat buffer must be a contiguous CUDA tensor");
 }
 
-void check_launch(const at::Tensor& flat, const at::Tensor& partial, int64_t row, const at::Tensor& block_tensor) {
-  check_flat(flat);
+void check_partial(const at::Tensor& partial, int64_t row, int64_t programs) {
   TORCH_CHECK(partial.is_cuda() && partial.scalar_type() == at::kFloat && partial.is_contiguous() &&
-                  partial.numel() == row * block_tensor.numel(), "partial must be float32 [num_blocks, ", row, "]");
+                  partial.numel() == row * programs, "partial must be float32 [num_programs, ", row, "]");
 }
 
 // fp32 math: float32, bfloat16 and float16 buffers (float64 stays on the torch path).
@@ -177,12 +332,16 @@ void check_launch(const at::Tensor& flat, const at::Tensor& partial, int64_t row
 
 void snapshot_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets,
                    at::Tensor block_tensor, at::Tensor block_start, at::Tensor theta0, at::Tensor g0,
-                   at::Tensor partial, int64_t block) {
-  check_launch(theta0, partial, 1, block_tensor);
+                   at::Tensor partial, int64_t block, int64_t num_full, int64_t blocks_per_program, bool aligned) {
+  check_flat(theta0);
+  const FlatMap map = flat_map(numels, offsets, block_tensor, block_start, block, num_full, blocks_per_program,
+                               aligned);
+  const int64_t programs = num_programs(map, block_tensor.numel());
+  check_partial(partial, 1, programs);
   const c10::cuda::CUDAGuard guard(theta0.device());
-  const BlockMap map = block_map(numels, offsets, block_tensor, block_start, block);
   DISPATCH_KERNEL_DTYPES(theta0.scalar_type(), "snapshot_cuda", [&] {
-    snapshot_kernel<scalar_t><<<block_tensor.numel(), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    check_block<scalar_t>(map);
+    snapshot_kernel<scalar_t><<<programs, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         param_ptrs.data_ptr<int64_t>(), grad_ptrs.data_ptr<int64_t>(), map, theta0.data_ptr<scalar_t>(),
         g0.data_ptr<scalar_t>(), partial.data_ptr<float>());
   });
@@ -190,24 +349,33 @@ void snapshot_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor numel
 }
 
 void restore_cuda(at::Tensor param_ptrs, at::Tensor numels, at::Tensor offsets, at::Tensor block_tensor,
-                  at::Tensor block_start, at::Tensor theta0, int64_t block) {
+                  at::Tensor block_start, at::Tensor theta0, int64_t block, int64_t num_full,
+                  int64_t blocks_per_program, bool aligned) {
   check_flat(theta0);
+  const FlatMap map = flat_map(numels, offsets, block_tensor, block_start, block, num_full, blocks_per_program,
+                               aligned);
   const c10::cuda::CUDAGuard guard(theta0.device());
-  const BlockMap map = block_map(numels, offsets, block_tensor, block_start, block);
   DISPATCH_KERNEL_DTYPES(theta0.scalar_type(), "restore_cuda", [&] {
-    restore_kernel<scalar_t><<<block_tensor.numel(), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        param_ptrs.data_ptr<int64_t>(), map, theta0.data_ptr<scalar_t>());
+    check_block<scalar_t>(map);
+    restore_kernel<scalar_t><<<num_programs(map, block_tensor.numel()), kThreads, 0,
+                               c10::cuda::getCurrentCUDAStream()>>>(param_ptrs.data_ptr<int64_t>(), map,
+                                                                    theta0.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void grad_dots_cuda(at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets, at::Tensor block_tensor,
-                    at::Tensor block_start, at::Tensor g0, at::Tensor partial, bool with_g0, int64_t block) {
-  check_launch(g0, partial, 2, block_tensor);
+                    at::Tensor block_start, at::Tensor g0, at::Tensor partial, bool with_g0, int64_t block,
+                    int64_t num_full, int64_t blocks_per_program, bool aligned) {
+  check_flat(g0);
+  const FlatMap map = flat_map(numels, offsets, block_tensor, block_start, block, num_full, blocks_per_program,
+                               aligned);
+  const int64_t programs = num_programs(map, block_tensor.numel());
+  check_partial(partial, 2, programs);
   const c10::cuda::CUDAGuard guard(g0.device());
-  const BlockMap map = block_map(numels, offsets, block_tensor, block_start, block);
   DISPATCH_KERNEL_DTYPES(g0.scalar_type(), "grad_dots_cuda", [&] {
-    grad_dots_kernel<scalar_t><<<block_tensor.numel(), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    check_block<scalar_t>(map);
+    grad_dots_kernel<scalar_t><<<programs, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad_ptrs.data_ptr<int64_t>(), map, g0.data_ptr<scalar_t>(), partial.data_ptr<float>(), with_g0);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -216,16 +384,20 @@ void grad_dots_cuda(at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets,
 void extrapolate_cuda(at::Tensor param_ptrs, at::Tensor grad_ptrs, at::Tensor numels, at::Tensor offsets,
                       at::Tensor block_tensor, at::Tensor block_start, at::Tensor theta0, at::Tensor g0,
                       at::Tensor partial, double g1_scale, double alpha, double delta, double scale_hi, int64_t K,
-                      int64_t block) {
-  check_launch(theta0, partial, kNumStats, block_tensor);
+                      int64_t block, int64_t num_full, int64_t blocks_per_program, bool aligned) {
+  check_flat(theta0);
   TORCH_CHECK(K >= 2, "K must be >= 2");
+  const FlatMap map = flat_map(numels, offsets, block_tensor, block_start, block, num_full, blocks_per_program,
+                               aligned);
+  const int64_t programs = num_programs(map, block_tensor.numel());
+  check_partial(partial, kNumStats, programs);
+  const ExtrapolationArgs x{float(g1_scale), float(alpha), float(delta), float(scale_hi), int(K)};
   const c10::cuda::CUDAGuard guard(theta0.device());
-  const BlockMap map = block_map(numels, offsets, block_tensor, block_start, block);
   DISPATCH_KERNEL_DTYPES(theta0.scalar_type(), "extrapolate_cuda", [&] {
-    extrapolate_kernel<scalar_t><<<block_tensor.numel(), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    check_block<scalar_t>(map);
+    extrapolate_kernel<scalar_t><<<programs, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         param_ptrs.data_ptr<int64_t>(), grad_ptrs.data_ptr<int64_t>(), map, theta0.data_ptr<scalar_t>(),
-        g0.data_ptr<scalar_t>(), partial.data_ptr<float>(), float(g1_scale), float(alpha), float(delta),
-        float(scale_hi), int(K));
+        g0.data_ptr<scalar_t>(), partial.data_ptr<float>(), x);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -64,6 +64,11 @@ def loop_summary(body) -> dict:
             "mufu": ops["MUFU"], "barriers": ops["BAR"], "tensor_core": ops["HGMMA"] + ops["HMMA"]}
 
 
+def access_widths(loop: dict) -> set:
+    """The bit widths of a loop_summary's global loads and stores."""
+    return set(loop["ldg_bits"]) | set(loop["stg_bits"])
+
+
 def ptxas_usage(log: str) -> dict:
     """Registers, spill bytes and stack from `ptxas -v`."""
     out = {}
@@ -88,9 +93,9 @@ def ctas_per_sm(threads: int, regs: int, smem_bytes: int) -> tuple:
 
 def ttgir_accesses(ttgir: str) -> dict:
     """Tensor loads and stores of a program per basic block of its control flow:
-    {block: {"accesses": [(kind, bytes, in_loop, branch)], "next": [blocks]}}; in_loop: inside an scf.for;
-    branch: ((if number, "then" | "else"), ...) of the enclosing scf.if regions. Early returns show up as
-    cf.cond_br between blocks."""
+    {block: {"accesses": [(kind, bytes, loops, branch)], "next": [blocks]}}; loops: the trip counts of the
+    enclosing scf.for loops, outermost first (None where the bounds are run-time values); branch: ((if number,
+    "then" | "else"), ...) of the enclosing scf.if regions. Early returns show up as cf.cond_br between blocks."""
     blocks, cur, stack, n_ifs, body_depth = {}, "^entry", [], 0, None
     blocks[cur] = {"accesses": [], "next": []}
     for raw in ttgir.splitlines():
@@ -112,16 +117,40 @@ def ttgir_accesses(ttgir: str) -> dict:
             branch = tuple((f[1], f[2]) for f in stack if f[0] == "if")
             numel = math.prod(int(d) for d in m.group(2).rstrip("x").split("x"))
             blocks[cur]["accesses"].append((m.group(1), numel * _DTYPE_BYTES.get(m.group(3), 4),
-                                            any(f[0] == "for" for f in stack), branch))
+                                            tuple(f[1] for f in stack if f[0] == "for"), branch))
         if line.endswith("{"):
             if "scf.if" in line:
                 stack.append(("if", n_ifs, "then"))
                 n_ifs += 1
             else:
-                stack.append(("for",) if "scf.for" in line else ("block",))
+                stack.append(("for", constant_trips(line)) if "scf.for" in line else ("block",))
             if "tt.func" in line:
                 body_depth = len(stack)
     return blocks
+
+
+_CONSTANT = r"%c(\d+)_i(?:32|64)(?:_\d+)?"
+_FOR_BOUNDS = re.compile(rf"scf\.for %\S+ = {_CONSTANT} to {_CONSTANT} step {_CONSTANT}\b")
+
+
+def constant_trips(line: str):
+    """(hi - lo) / step of an scf.for whose bounds are constants, else None. Fractional: the masked lanes
+    of a last, partial iteration move no bytes."""
+    m = _FOR_BOUNDS.search(line)
+    if not m:
+        return None
+    lo, hi, step = (int(g) for g in m.groups())
+    return max(0, hi - lo) / step
+
+
+def tile_loop_trips(ttgir: str) -> float:
+    """Trips of a tile loop: a constant-bounds innermost loop inside a run-time loop (a kernel's walk of a
+    block's tiles inside its walk of blocks), so one iteration of the innermost loop handles block / trips
+    elements; 1 where the innermost loops are the run-time ones."""
+    accesses = [a for block in ttgir_accesses(ttgir).values() for a in block["accesses"]]
+    trips = {loops[-1] for _, _, loops, _ in accesses if len(loops) >= 2 and loops[-1] is not None}
+    assert len(trips) <= 1, f"tile loops with different trip counts: {trips}"
+    return next(iter(trips), 1)
 
 
 def _branch_costs(accesses, loop_trips) -> list:
@@ -131,16 +160,17 @@ def _branch_costs(accesses, loop_trips) -> list:
     for choice in range(2 ** len(ifs)):
         sides = {i: ("then", "else")[(choice >> k) & 1] for k, i in enumerate(ifs)}
         total = {"load": 0, "store": 0}
-        for kind, nbytes, in_loop, branch in accesses:
+        for kind, nbytes, loops, branch in accesses:
             if all(sides[i] == side for i, side in branch):
-                total[kind] += nbytes * (loop_trips if in_loop else 1)
+                total[kind] += nbytes * math.prod(loop_trips if trips is None else trips for trips in loops)
         out.append(total)
     return out
 
 
 def program_bytes(ttgir: str, loop_trips: float) -> dict:
     """{"max": {"load", "store"}, "min": {...}}: the bytes one program moves down its costliest path (an
-    unmasked row) and its cheapest (a masked one); loop accesses count loop_trips times."""
+    unmasked row) and its cheapest (a masked one); accesses in a loop count its constant trip count, or
+    loop_trips times where its bounds are run-time values."""
     blocks = ttgir_accesses(ttgir)
     pick = {"max": max, "min": min}
 

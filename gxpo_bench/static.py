@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import sass
+from . import sass, static_csrc
 
 HBM_BYTES_PER_S = 3.0e12  # the roofline the report divides by (H100 SXM HBM3, nominal 3.35 TB/s)
 WARP_ISSUE_PER_S = 132 * 4 * 1.755e9  # SMs x schedulers x boost clock: one warp instruction per scheduler per clock
@@ -118,7 +118,8 @@ def _tool(name):
 
 def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
     """Compile one captured launch for sm_90 and read what the chip would run. block: the elements one
-    program handles per hot-loop iteration (or in all, for a kernel without a loop)."""
+    program handles per hot-loop iteration (or in all, for a kernel without a loop); a tile loop inside it
+    (sass.tile_loop_trips) handles a share."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     kernel = launch.fn.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
@@ -134,11 +135,16 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
     threads = kernel.metadata.num_warps * 32
     ctas, limiter = sass.ctas_per_sm(threads, usage.get("regs", 0), kernel.metadata.shared)
     loops = [sass.loop_summary(body) for body in sass.innermost_memory_loops(instrs)]
-    per_elem = [round(n * threads / block, 2) for n in ([loop["instrs"] for loop in loops] or [len(instrs)])]
+    loop_elems = block / sass.tile_loop_trips(kernel.asm["ttgir"]) if loops else block
+    per_elem = [round(n * threads / loop_elems, 2) for n in ([loop["instrs"] for loop in loops] or [len(instrs)])]
     program = sass.program_bytes(kernel.asm["ttgir"], loop_trips)
     bytes_per_elem = sum(program["max"].values()) / (block * loop_trips)
-    # the hottest loop's instruction issue at the ideal rate, as a share of its bytes' time at the roofline
-    issue_s = max(per_elem) / 32 / WARP_ISSUE_PER_S
+    # the hottest loop's instruction issue at the ideal rate, as a share of its bytes' time at the roofline;
+    # of loops that differ in access width only the widest count: a masked tail (scalar, predicated accesses)
+    # runs once per tensor, the vectorized full-block loop everywhere else
+    widest = [max(sass.access_widths(loop), default=0) for loop in loops]
+    hot = [n for n, w in zip(per_elem, widest, strict=False) if w == max(widest, default=0)] or per_elem
+    issue_s = max(hot) / 32 / WARP_ISSUE_PER_S
     issue_vs_memory = issue_s / (bytes_per_elem / HBM_BYTES_PER_S) if bytes_per_elem else None
     tensor_core = sum(op.split(".")[0] in ("HGMMA", "HMMA") for _, op, _ in instrs)
     if tensor_core:  # a matmul tile loop: judged by its tensor-core use, not by issue against streamed bytes
@@ -152,7 +158,8 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
             "stg_bits": sass.widths(instrs, "STG"), "barriers": sum(op.split(".")[0] == "BAR" for _, op, _ in instrs),
             "tensor_core_instrs": tensor_core,
             "tensor_core_in_loops": sum(loop["tensor_core"] for loop in loops),
-            "hot_loops": loops, "hot_loop_instrs_per_elem": per_elem, "bytes_per_elem": bytes_per_elem,
+            "hot_loops": loops, "hot_loop_elems": loop_elems, "hot_loop_instrs_per_elem": per_elem,
+            "bytes_per_elem": bytes_per_elem,
             "issue_vs_memory": issue_vs_memory,
             "program_bytes": program["max"], "masked_program_bytes": program["min"]}
 
@@ -443,7 +450,8 @@ def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True, H=1536) -> d
             "kernels": kernels, "loss_calls": calls, "flat_bytes_per_param": per_param,
             "fused_linear": fused_linear_bytes(N, V, H),
             "gxpo_bookkeeping_bytes_per_param": bookkeeping,
-            "gxpo_bookkeeping_ms_at_roofline": {k: v * params / HBM_BYTES_PER_S * 1e3 for k, v in bookkeeping.items()}}
+            "gxpo_bookkeeping_ms_at_roofline": {k: v * params / HBM_BYTES_PER_S * 1e3 for k, v in bookkeeping.items()},
+            "csrc_kernels": static_csrc.report()}
 
 
 def _fused_linear_markdown(fl: dict) -> list:
@@ -467,7 +475,8 @@ def to_markdown(report: dict, command: str) -> str:
     out = [f"# Static sm_90 model (`{command}`)", "",
            "A model of an H100 from kernels compiled for sm_90 on a CPU machine: not a GPU timing. Issue / memory "
            "time: the hottest loop's instructions at one warp instruction per scheduler per clock, over its bytes at "
-           "the roofline (above 100% a kernel would be issue-bound). "
+           "the roofline (above 100% a kernel would be issue-bound); a flat kernel's loop over a tensor's masked tail "
+           "(scalar accesses, once per tensor) is listed but not the hot loop. "
            f"Loss calls at N = {sh['N']} tokens, V = {sh['V']}, bf16 logits; roofline "
            f"{sh['hbm_bytes_per_s'] / 1e12:g} TB/s.",
            "", "## Kernels", "",
@@ -498,4 +507,5 @@ def to_markdown(report: dict, command: str) -> str:
     out += ["", f"Per GXPO active step: {bk['unfused']:g} B/param with separate flat kernels, "
             f"{bk['fused_flat_adamw']:g} B/param fused into FlatAdamW; at {sh['params']:.3g} parameters "
             f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline."]
+    out += static_csrc.to_markdown(report.get("csrc_kernels", []))
     return "\n".join(out) + "\n"

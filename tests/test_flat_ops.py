@@ -168,16 +168,20 @@ def test_interpolate_is_sfpos_partial_move(ops_path, alpha):
 
 @pytest.mark.parametrize("unaligned", [False, True])
 def test_many_blocks_per_program_and_unaligned_tensors(ops_path, unaligned):
+    check_many_blocks_per_program(unaligned, "cpu")
+
+
+def check_many_blocks_per_program(unaligned, device):
     """More full blocks than one program walks (so several full-block programs), tails that are not a
     multiple of 4, and (unaligned) tensors that start 4 bytes past a 16-byte boundary."""
     sizes = [64 * (flat_tiles.BLOCKS_PER_PROGRAM + 21) + 5, 3, 64 * 20, 66]
     g = torch.Generator().manual_seed(31)
     if unaligned:
-        storage = [torch.randn(n + 1, generator=g) for n in sizes]
+        storage = [torch.randn(n + 1, generator=g).to(device) for n in sizes]
         params = [s[1:] for s in storage]
     else:
-        params = [torch.randn(n, generator=g) for n in sizes]
-    g0 = [torch.randn(n, generator=g) for n in sizes]
+        params = [torch.randn(n, generator=g).to(device) for n in sizes]
+    g0 = [torch.randn(n, generator=g).to(device) for n in sizes]
     group = FlatGroup(params, 64)
     assert group.params_aligned != unaligned and flat_tiles.num_programs(group) > 3
     assert all(o % 4 == 0 for o in group.offsets)
@@ -188,9 +192,9 @@ def test_many_blocks_per_program_and_unaligned_tensors(ops_path, unaligned):
     assert all(torch.equal(group.view(group.theta0, i), p) for i, p in enumerate(params))
     theta0 = [p.clone() for p in params]
     for i, p in enumerate(params):
-        p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(40 + i)))
+        p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(40 + i)).to(device))
     theta2 = [p.clone() for p in params]
-    grads = g1_like(g0, 32, special=False)
+    grads = [x.to(device) for x in g1_like([x.cpu() for x in g0], 32, special=False)]
     dots = flat_ops.grad_dots(group, grads, with_g0=True)
     assert rel_err(dots[1], sum((a.double() * b.double()).sum() for a, b in zip(g0, grads, strict=True))) < 1e-6
     grads[0][7] = float("inf")  # one clipped ratio, so the check's n_clipped > 0 holds

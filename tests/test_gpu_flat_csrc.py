@@ -4,7 +4,7 @@
 import pytest
 import torch
 from helpers import rel_err
-from test_flat_ops import check_extrapolated, g1_like
+from test_flat_ops import check_extrapolated, check_many_blocks_per_program, g1_like
 
 from gxpo_kernels import backend
 from gxpo_kernels.flat import FlatGroup
@@ -82,3 +82,10 @@ def test_extrapolate(impl, dtype, tol, K, alpha, g1_scale):
     stats = flat_ops.extrapolate(group, grads, K=K, alpha=alpha, delta=1e-8, g1_scale=g1_scale)
     check_extrapolated(params, theta0, theta2, g0, grads, stats, K=K, alpha=alpha, g1_scale=g1_scale, tol=tol,
                        stats_tol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("unaligned", [False, True])
+def test_many_blocks_per_program_and_unaligned_tensors(impl, unaligned):
+    """Several full-block programs of 16 blocks, tails off the 128-bit packs, and tensors 4 bytes past a
+    16-byte boundary (the scalar path of full blocks)."""
+    check_many_blocks_per_program(unaligned, "cuda")

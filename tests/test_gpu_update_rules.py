@@ -44,3 +44,29 @@ def test_extrapolate_on_cuda_matches_reference(dtype, tol):
     for p, t0, t2, a, b in zip(params, theta0, theta2, g0, g1, strict=True):
         ref, _ = extrapolate_reference(t0.double(), t2.double(), a.double(), b.double(), K=5, alpha=0.5)
         assert rel_err(p, ref) < tol
+
+
+@pytest.mark.parametrize("base", [torch.optim.AdamW, "flat_adamw"])
+def test_steady_state_active_steps_upload_nothing_on_cuda(monkeypatch, base):
+    """With CUDA's caching allocator handing backward the same gradient buffers step after step, every pointer
+    table of an active GXPO step comes from its group's cache: no host-to-device upload at all."""
+    from gxpo_kernels import FlatAdamW, flat
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8)).cuda()
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 8, device="cuda")
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss, {"entropy_mean": 1.0}
+
+    opt = GXPO(model.parameters(), base=FlatAdamW if base == "flat_adamw" else base, lr=1e-3, gate="never")
+    for _ in range(2):
+        opt.step(closure)
+    uploads, upload = [], flat.upload
+    monkeypatch.setattr(flat, "upload", lambda *a, **k: uploads.append(1) or upload(*a, **k))
+    for _ in range(3):
+        opt.step(closure)
+    assert opt.last_stats["active"] == 1.0
+    assert uploads == []

@@ -1,9 +1,9 @@
 """Flat-buffer ops of the update rules: one Triton launch per (device, dtype) group.
 
 Every kernel walks the group's block map (block -> tensor index, start) and its int64 pointer
-tables, reads the flat theta0 / g0 state at the tensor's offset, and writes per-block partial sums
+tables, reads the flat theta0 / g0 state at the tensor's offset, and writes per-program partial sums
 that torch reduces (deterministic, no atomics). A gradient pointer of 0 means "no grad": g = 0.
-On CUDA, csrc/flat_ops_cuda.cu has the same kernels with the same launch layout (GXPO_FLAT_CUDA=csrc).
+On CUDA, csrc/flat_ops_cuda.cu has the same kernels with the same programs (GXPO_FLAT_CUDA=csrc).
 On CPU without the interpreter the C++ extension (csrc/flat_ops.cpp) runs the same math; the
 torch path (the per-tensor reference) is the fallback when neither is there.
 """
@@ -17,7 +17,7 @@ from ..extrapolation import DELTA, EXTRAP_STATS, MAX_STAT, kernel_scalars
 from ..flat import FlatGroup, aligned
 from .flat_reference import extrapolate_reference
 from .flat_tiles import (
-    MAX_REGISTERS,
+    BLOCKS_PER_PROGRAM,
     add_stats,
     address,
     block_at,
@@ -146,7 +146,7 @@ def _extrapolate_block(blk, acc, param_ptrs, grad_ptrs, numels, offsets, block_t
     p = address(param_ptrs, t, DTYPE, ALIGNED)
     g_addr = tl.load(grad_ptrs + t)
     g_ptr = address(grad_ptrs, t, DTYPE, ALIGNED)
-    for k in tl.static_range(BLOCK // (ROWS * G)):
+    for k in range(BLOCK // (ROWS * G)):  # not unrolled: two tiles' live values would take 72 registers
         idx = tile_index(start, k, ROWS, G)
         theta2 = load(p, idx, numel, MASKED).to(tl.float32)
         theta0 = load(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
@@ -178,19 +178,15 @@ def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, bl
     store_stats(partial_ptr, pid, acc)
 
 
-def _partial_rows(path, group) -> int:
-    """Rows of per-program (Triton) or per-block (csrc CUDA) partial sums."""
-    return group.num_blocks if path == "cuda_csrc" else num_programs(group)
-
-
-def _launch(path, group, kernel, csrc_name, head, tail, aligned, maxnreg=MAX_REGISTERS, **constexprs):
-    """kernel over the group's programs, or on path "cuda_csrc" its twin backend._C.<csrc_name> over the
-    group's blocks, which takes the constexprs' values positionally after its arguments, then the block size."""
+def _launch(path, group, kernel, csrc_name, head, tail, aligned, **constexprs):
+    """kernel over the group's programs, or on path "cuda_csrc" its twin backend._C.<csrc_name> over the same
+    programs, which takes the constexprs' values positionally after its arguments, then the layout."""
     if path == "cuda_csrc":
-        getattr(backend._C, csrc_name)(*head, *map_tables(group), *tail, *constexprs.values(), group.block)
+        getattr(backend._C, csrc_name)(*head, *map_tables(group), *tail, *constexprs.values(), group.block,
+                                       group.num_full, BLOCKS_PER_PROGRAM, aligned)
     else:
         kernel[(num_programs(group),)](*head, *map_tables(group), group.num_full, *tail, **constexprs,
-                                       **launch_args(group, aligned, maxnreg))
+                                       **launch_args(group, aligned))
 
 
 def _table(group, tensors):
@@ -216,7 +212,7 @@ def snapshot(group: FlatGroup, grads) -> torch.Tensor:
                 group.view(group.g0, i).copy_(g)
                 total += g.double().square().sum()
         return total
-    partial = backend.empty(_partial_rows(path, group), dtype=torch.float32, device=group.device)
+    partial = backend.empty(num_programs(group), dtype=torch.float32, device=group.device)
     grad_table, grads_aligned = _table(group, grads)
     _launch(path, group, _snapshot_kernel, "snapshot_cuda", (group.pointer_table(group.local_params()), grad_table),
             (group.theta0, group.g0, partial), group.params_aligned and grads_aligned)
@@ -255,7 +251,7 @@ def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
                 if with_g0:
                     out[1] += (group.view(group.g0, i).double() * g.double()).sum()
         return out
-    partial = backend.empty(_partial_rows(path, group), 2, dtype=torch.float32, device=group.device)
+    partial = backend.empty(num_programs(group), 2, dtype=torch.float32, device=group.device)
     grad_table, grads_aligned = _table(group, grads)
     _launch(path, group, _grad_dots_kernel, "grad_dots_cuda", (grad_table,), (group.g0, partial), grads_aligned,
             WITH_G0=with_g0)
@@ -285,12 +281,12 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
             p.copy_(theta_tilde)
             rows.append(stats.double())
         return combine_stats(torch.stack(rows))
-    partial = backend.empty(_partial_rows(path, group), n_stats, dtype=torch.float32, device=group.device)
+    partial = backend.empty(num_programs(group), n_stats, dtype=torch.float32, device=group.device)
     grad_table, grads_aligned = _table(group, grads)
     params = group.pointer_table(group.local_params())
     _launch(path, group, _extrapolate_kernel, "extrapolate_cuda", (params, grad_table),
             (group.theta0, group.g0, partial, *kernel_scalars(K, alpha, delta, g1_scale)),
-            group.params_aligned and grads_aligned, maxnreg=72, K=K)  # at 64 it spills: 7 programs per SM
+            group.params_aligned and grads_aligned, K=K)
     return combine_stats(partial.double())
 
 

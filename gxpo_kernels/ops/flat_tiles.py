@@ -148,9 +148,9 @@ def num_programs(group: FlatGroup) -> int:
     return triton.cdiv(group.num_full, BLOCKS_PER_PROGRAM) + group.num_blocks - group.num_full
 
 
-def launch_args(group, aligned: bool, maxnreg: int | None = MAX_REGISTERS):
+def launch_args(group, aligned: bool):
     G = ALIGN_BYTES // group.theta0.element_size()
     rows = min(ROWS, group.block // G)
     assert group.block % (rows * G) == 0, f"block {group.block} is not a multiple of {rows * G} elements"
     return {"DTYPE": TL_DTYPES[group.dtype], "BLOCK": group.block, "ROWS": rows, "G": G, "BPP": BLOCKS_PER_PROGRAM,
-            "ALIGNED": aligned, "num_warps": NUM_WARPS, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
+            "ALIGNED": aligned, "num_warps": NUM_WARPS, "num_stages": 1, "maxnreg": MAX_REGISTERS}
