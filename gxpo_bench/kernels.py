@@ -15,12 +15,11 @@ from functools import partial
 import torch
 
 from gxpo_kernels import backend, fused_linear_grpo_loss, grpo_loss
-from gxpo_kernels.flat import build_groups
+from gxpo_kernels.flat import BLOCK, build_groups
 from gxpo_kernels.ops import flat_ops
 from gxpo_kernels.ops.capo import capo_scores, top_rows
 from gxpo_kernels.ops.reference import grpo_loss_reference
 from gxpo_kernels.optim.flat_adamw import FlatAdamW
-from gxpo_kernels.optim.lookahead import BLOCK
 
 from . import shapes
 from .per_tensor import bookkeeping as per_tensor_bookkeeping

@@ -253,10 +253,9 @@ def run_loss_call(impl: str, call: str, V: int, rows: int = ROWS):
 
 def flat_launches(numels=(4096, 1000, 16, 4100)):
     """Every flat-op and fused-AdamW launch of one GXPO active step (unfused and fused), on a small group."""
-    from gxpo_kernels.flat import FlatGroup
+    from gxpo_kernels.flat import BLOCK, FlatGroup
     from gxpo_kernels.ops import flat_ops
     from gxpo_kernels.ops.fused_adamw import adamw_step
-    from gxpo_kernels.optim.lookahead import BLOCK
 
     params = [torch.randn(n) for n in numels]
     grads = [torch.randn(n) for n in numels]

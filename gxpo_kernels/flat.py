@@ -21,6 +21,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 ALIGN_BYTES = 16
+BLOCK = 1024  # elements per block of a group's block map; the rules and a FlatAdamW base share their groups
 DEVICE_TABLES_KEPT = 16  # pointer and hyperparameter tables per group (params, 3 passes' grads, moments, ...)
 
 

@@ -5,8 +5,8 @@ import torch
 from helpers import rel_err
 
 from gxpo_kernels import backend
-from gxpo_kernels.flat import build_groups
-from gxpo_kernels.optim.flat_adamw import BLOCK, FlatAdamW
+from gxpo_kernels.flat import BLOCK, build_groups
+from gxpo_kernels.optim.flat_adamw import FlatAdamW
 
 SHAPES = [(3, 5), (1030,), (7,), (2, 1025)]  # around and across the 1024-element blocks
 

@@ -7,12 +7,10 @@ import math
 import torch
 
 from .. import backend
-from ..flat import GroupCache, local
+from ..flat import BLOCK, GroupCache, local
 from ..ops.flat_ops import combine_stats
 from ..ops.fused_adamw import adamw_step
 from .precision import check_master_dtype
-
-BLOCK = 1024
 
 
 class FlatAdamW(torch.optim.AdamW):

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..flat import DTensor, GroupCache, local
+from ..flat import BLOCK, DTensor, GroupCache, local
 from ..ops import flat_ops
 from .flat_adamw import FlatAdamW
 from .gate import ZScoreGate
@@ -14,7 +14,6 @@ from .rule import UpdateRule
 
 OPTIMIZER_STATES = ("accumulate", "transactional")
 FALLBACK_CODES = {"none": 0.0, "nonfinite_g0": 1.0, "tiny_g0": 2.0, "nonfinite_g1": 3.0, "nonfinite_gtilde": 4.0}
-BLOCK = 1024
 
 
 class LookaheadRule(UpdateRule):
