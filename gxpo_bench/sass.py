@@ -2,6 +2,7 @@
 spills, global access widths, innermost loops, occupancy, and the bytes each program moves."""
 
 import math
+import os
 import re
 from collections import Counter
 
@@ -11,6 +12,13 @@ REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "i1": 1}
+
+
+def tool(name: str) -> str:
+    """Path of one of the NVIDIA tools Triton bundles (cuobjdump, nvdisasm, ptxas)."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def sass_instructions(sass: str) -> list:

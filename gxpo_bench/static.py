@@ -110,12 +110,6 @@ def sm90_target():
         driver._active = previous
 
 
-def _tool(name):
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
 def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
     """Compile one captured launch for sm_90 and read what the chip would run. block: the elements one
     program handles per hot-loop iteration (or in all, for a kernel without a loop); a tile loop inside it
@@ -129,7 +123,7 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
         open(cubin, "wb").write(kernel.asm["cubin"])
         log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "r.cubin")],
                              capture_output=True, text=True)
-        dump = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+        dump = subprocess.run([sass.tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     usage = sass.ptxas_usage(log.stdout + log.stderr)
     instrs = sass.sass_instructions(dump)
     threads = kernel.metadata.num_warps * 32

@@ -42,9 +42,7 @@ def report() -> list:
         subprocess.run(["bash", str(ROOT / "csrc" / "check_cuda_compiles.sh"), sys.executable, tmp], check=True,
                        capture_output=True, text=True)
         log = (Path(tmp) / "ptxas.log").read_text()
-        from .static import _tool
-
-        dump = subprocess.run([_tool("cuobjdump"), "-sass", str(Path(tmp) / "flat_ops_cuda.o")], check=True,
+        dump = subprocess.run([sass.tool("cuobjdump"), "-sass", str(Path(tmp) / "flat_ops_cuda.o")], check=True,
                               capture_output=True, text=True).stdout
     ptxas = {name: "\n".join(lines)
              for name, lines in _per_function(log, re.compile(r"Compiling entry function '(\w+)'")).items()}

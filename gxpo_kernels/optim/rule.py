@@ -39,10 +39,11 @@ class UpdateRule(torch.optim.Optimizer):
             self.base = base(params, **base_kwargs)
         else:
             raise ValueError(f"base must be a torch.optim.Optimizer class or instance, got {base!r}")
-        check_master_dtype([p for g in self.base.param_groups for p in g["params"]], self.base, allow_bf16_params)
+        base_params = [p for g in self.base.param_groups for p in g["params"]]
+        check_master_dtype(base_params, self.base, allow_bf16_params)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        super().__init__([p for g in self.base.param_groups for p in g["params"]], {})
+        super().__init__(base_params, {})
         self.param_groups = self.base.param_groups
         self.defaults = self.base.defaults
         self.max_grad_norm = max_grad_norm
