@@ -7,7 +7,7 @@ SYSPY  ?= python3
 HAS_GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 INTERP  = $(if $(filter 1,$(HAS_GPU)),,TRITON_INTERPRET=1)
 
-.PHONY: install test test-gpu build-ext check-cuda bench bench-gpu demo lint clean
+.PHONY: install test test-gpu gpu-check wheelhouse static-triton36 build-ext check-cuda bench bench-gpu demo lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,28 @@ build-ext:
 
 test-gpu: build-ext
 	PYTHONPATH=$(CURDIR) $(SYSPY) -m pytest -q -m gpu tests
+
+# The first GPU run, one command (< 8 minutes on one H100/H200, no registry): the gpu tests, then every LM-head
+# impl, TRL's and Liger's fused heads, a copy and a GEMM timed with CUDA events next to the time model
+# (bench/results/DATE-gpu-check.md). Wheels from `make wheelhouse` are installed first when present.
+GPU_CHECK_TIMEOUT ?= 420
+gpu-check: build-ext
+	if [ -d wheelhouse ]; then $(SYSPY) -m pip install -q --no-index --no-deps --find-links wheelhouse wheelhouse/*.whl || true; fi
+	PYTHONPATH=$(CURDIR) timeout 240 $(SYSPY) -m pytest -q -m gpu tests || echo "gpu-check: some gpu tests failed (above)"
+	PYTHONPATH=$(CURDIR) timeout $(GPU_CHECK_TIMEOUT) $(SYSPY) -m gxpo_bench.gpu_check
+
+# Where a registry is reachable: the pure-Python wheels a bare GPU machine lacks, for gpu-check's offline install.
+wheelhouse: $(STAMP)
+	$(PY) -m pip download -q --no-deps -d wheelhouse liger-kernel==0.8.5 trl==1.16.0 math-verify latex2sympy2_extended
+
+# The static sm_90 model under Triton 3.6 (the GPU machines' version), in a venv of its own.
+TRITON36_VENV ?= .venv-triton36
+static-triton36:
+	test -x $(TRITON36_VENV)/bin/python || python3 -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -c "import torch" 2>/dev/null || $(TRITON36_VENV)/bin/pip install -q torch==2.13.0
+	$(TRITON36_VENV)/bin/pip install -q --no-deps triton==3.6.0 liger-kernel==0.8.5 packaging numpy
+	$(TRITON36_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	TRITON_DEFAULT_FP_FUSION=1 $(TRITON36_VENV)/bin/python -m gxpo_bench.cli static --json bench/results/$$(date +%F)-static-sm90-triton3.6.json
 
 # Compile-only check of the CUDA source where there is nvcc but no GPU (CPU torch is enough).
 check-cuda: $(STAMP)

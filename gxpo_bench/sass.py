@@ -49,7 +49,8 @@ def widths(instrs, kind: str) -> dict:
                        reverse=True))
 
 
-GLOBAL_ACCESS = ("LDG", "STG", "LDGSTS", "RED", "ATOMG", "UTMALDG")  # loads, stores, async copies, atomics
+GLOBAL_ACCESS = ("LDG", "STG", "LDGSTS", "RED", "REDG", "ATOMG", "UTMALDG")  # loads, stores, async copies, atomics
+ATOMICS = ("RED", "REDG", "ATOMG", "ATOM")  # sm_90 spells a global reduction REDG
 
 
 def innermost_memory_loops(instrs) -> list:
@@ -69,7 +70,8 @@ def innermost_memory_loops(instrs) -> list:
 def loop_summary(body) -> dict:
     ops = Counter(op.split(".")[0] for _, op, _ in body)
     return {"instrs": len(body), "ldg_bits": widths(body, "LDG"), "stg_bits": widths(body, "STG"),
-            "mufu": ops["MUFU"], "barriers": ops["BAR"], "tensor_core": ops["HGMMA"] + ops["HMMA"]}
+            "mufu": ops["MUFU"], "barriers": ops["BAR"], "tensor_core": ops["HGMMA"] + ops["HMMA"],
+            "atomics": sum(ops[a] for a in ATOMICS), "async_copies": ops["LDGSTS"] + ops["UTMALDG"]}
 
 
 def access_widths(loop: dict) -> set:
@@ -120,7 +122,7 @@ def ttgir_accesses(ttgir: str) -> dict:
             continue
         if re.search(r"\bcf\.(cond_)?br\b", line):
             blocks[cur]["next"] += [b.split("(")[0] for b in re.findall(r"\^bb\d+", line)]
-        m = re.search(r"\btt\.(load|store)\b.*tensor<((?:\d+x)+)!tt\.ptr<(\w+)>", line)
+        m = re.search(r"\btt\.(load|store|atomic_rmw)\b.*tensor<((?:\d+x)+)!tt\.ptr<(\w+)>", line)
         if m:
             branch = tuple((f[1], f[2]) for f in stack if f[0] == "if")
             numel = math.prod(int(d) for d in m.group(2).rstrip("x").split("x"))
@@ -162,12 +164,12 @@ def tile_loop_trips(ttgir: str) -> float:
 
 
 def _branch_costs(accesses, loop_trips) -> list:
-    """{"load", "store"} bytes of each combination of scf.if sides within one basic block."""
+    """{"load", "store", "atomic_rmw"} bytes of each combination of scf.if sides within one basic block."""
     ifs = sorted({i for *_, branch in accesses for i, _ in branch})
     out = []
     for choice in range(2 ** len(ifs)):
         sides = {i: ("then", "else")[(choice >> k) & 1] for k, i in enumerate(ifs)}
-        total = {"load": 0, "store": 0}
+        total = {"load": 0, "store": 0, "atomic_rmw": 0}
         for kind, nbytes, loops, branch in accesses:
             if all(sides[i] == side for i, side in branch):
                 total[kind] += nbytes * math.prod(loop_trips if trips is None else trips for trips in loops)
@@ -176,16 +178,25 @@ def _branch_costs(accesses, loop_trips) -> list:
 
 
 def program_bytes(ttgir: str, loop_trips: float) -> dict:
-    """{"max": {"load", "store"}, "min": {...}}: the bytes one program moves down its costliest path (an
-    unmasked row) and its cheapest (a masked one); accesses in a loop count its constant trip count, or
-    loop_trips times where its bounds are run-time values."""
+    """{"max": {"load", "store"}, "min": {...}, "atomic": bytes}: the bytes one program moves down its costliest
+    path (an unmasked row) and its cheapest (a masked one), and the bytes its atomics add at L2 down the
+    costliest; accesses in a loop count its constant trip count, or loop_trips times where its bounds are
+    run-time values."""
     blocks = ttgir_accesses(ttgir)
     pick = {"max": max, "min": min}
 
     def walk(name, how, seen=()):
         own = pick[how](_branch_costs(blocks[name]["accesses"], loop_trips), key=lambda t: sum(t.values()))
         nexts = [walk(b, how, seen + (name,)) for b in blocks[name]["next"] if b in blocks and b not in seen]
-        tail = pick[how](nexts, key=lambda t: sum(t.values()), default={"load": 0, "store": 0})
+        tail = pick[how](nexts, key=lambda t: sum(t.values()), default={"load": 0, "store": 0, "atomic_rmw": 0})
         return {k: own[k] + tail[k] for k in own}
 
-    return {how: walk("^entry", how) for how in pick}
+    out = {how: walk("^entry", how) for how in pick}
+    atomic = out["max"]["atomic_rmw"]
+    return {**{how: {k: out[how][k] for k in ("load", "store")} for how in pick}, "atomic": atomic}
+
+
+def int32_tensor_products(ttgir: str) -> list:
+    """The TTGIR's multiplications of int32 tensors: an address offset formed this way wraps past 2^31."""
+    return [line.strip() for line in ttgir.splitlines()
+            if "arith.muli" in line and re.search(r":\s*tensor<(?:\d+x)+i32", line)]

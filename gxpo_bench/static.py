@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import sass, static_csrc
+from gxpo_kernels.devices import H100_SXM
+from gxpo_kernels.ops.lm_head_cost import memory_pass
+
+from . import sass, static_csrc, time_report
 
 HBM_BYTES_PER_S = 3.0e12  # the roofline the report divides by (H100 SXM HBM3, nominal 3.35 TB/s)
 WARP_ISSUE_PER_S = 132 * 4 * 1.755e9  # SMs x schedulers x boost clock: one warp instruction per scheduler per clock
@@ -151,6 +154,8 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
             "ctas_per_sm": ctas, "occupancy_limiter": limiter, "ldg_bits": sass.widths(instrs, "LDG"),
             "stg_bits": sass.widths(instrs, "STG"), "barriers": sum(op.split(".")[0] == "BAR" for _, op, _ in instrs),
             "tensor_core_instrs": tensor_core,
+            "atomic_instrs": sum(op.split(".")[0] in sass.ATOMICS for _, op, _ in instrs),
+            "atomic_bytes_per_program": program["atomic"],
             "tensor_core_in_loops": sum(loop["tensor_core"] for loop in loops),
             "hot_loops": loops, "hot_loop_elems": loop_elems, "hot_loop_instrs_per_elem": per_elem,
             "bytes_per_elem": bytes_per_elem,
@@ -444,7 +449,7 @@ def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True, H=1536) -> d
             "fused_linear": fused_linear_bytes(N, V, H),
             "gxpo_bookkeeping_bytes_per_param": bookkeeping,
             "gxpo_bookkeeping_ms_at_roofline": {k: v * params / HBM_BYTES_PER_S * 1e3 for k, v in bookkeeping.items()},
-            "csrc_kernels": static_csrc.report()}
+            "csrc_kernels": static_csrc.report(), "time_model": time_report.report()}
 
 
 def _fused_linear_markdown(fl: dict) -> list:
@@ -474,23 +479,26 @@ def to_markdown(report: dict, command: str) -> str:
            f"{sh['hbm_bytes_per_s'] / 1e12:g} TB/s.",
            "", "## Kernels", "",
            "| impl | kernel | config | regs | spill B | CTAs/SM | LDG bits | STG bits | barriers | tensor-core "
-           "instrs (in loops) | hot-loop instrs/elem | B/elem | issue / memory time |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "instrs (in loops) | atomic instrs (B/program) | hot-loop instrs/elem | B/elem | issue / memory time |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     hist = lambda h: " ".join(f"{n}x{w}" for w, n in h.items()) or "-"  # noqa: E731
     for k in report["kernels"]:
         out.append(f"| {k['impl']} | {k['kernel']} | {k['config']} | {k['regs']} | {k['spill_bytes']} | "
                    f"{k['ctas_per_sm']} ({k['occupancy_limiter']}) | {hist(k['ldg_bits'])} | {hist(k['stg_bits'])} | "
                    f"{k['barriers']} | {k['tensor_core_instrs']} ({k['tensor_core_in_loops']}) | "
+                   f"{k['atomic_instrs']} ({k['atomic_bytes_per_program']:g}) | "
                    f"{', '.join(map(str, k['hot_loop_instrs_per_elem']))} | "
                    f"{k['bytes_per_elem']:g} | {_pct(k['issue_vs_memory'])} |")
     out += ["", "## Loss calls: bytes of one forward+backward", "",
-            "| impl | call | GB | vs Liger | kernels GB | torch ops GB | torch ops | ms at roofline |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| impl | call | GB | vs Liger | kernels GB | torch ops GB | torch ops | ms at roofline | modelled ms "
+            "(H100 SXM, HBM at the fit efficiency) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for c in report["loss_calls"]:
         vs = f"{c['vs_liger']:.2f}x" if c["vs_liger"] else "-"
         ops = ", ".join(f"{k} x{v}" for k, v in c["torch_ops"].items()) or "-"
         out.append(f"| {c['impl']} | {c['call']} | {c['gb']:.1f} | {vs} | {c['kernel_gb']:.1f} | "
-                   f"{c['torch_op_gb']:.1f} | {ops} | {c['gb'] * 1e9 / sh['hbm_bytes_per_s'] * 1e3:.2f} |")
+                   f"{c['torch_op_gb']:.1f} | {ops} | {c['gb'] * 1e9 / sh['hbm_bytes_per_s'] * 1e3:.2f} | "
+                   f"{memory_pass(H100_SXM, '', c['gb'] * 1e9).seconds * 1e3:.2f} |")
     out += ["", "Calls: " + "; ".join(f"`{k}`: {v}" for k, v in LOSS_CALLS.items()) + ".", "",
             *_fused_linear_markdown(report["fused_linear"]),
             "## GXPO bookkeeping, bytes per parameter (fp32 state)", "",
@@ -501,4 +509,5 @@ def to_markdown(report: dict, command: str) -> str:
             f"{bk['fused_flat_adamw']:g} B/param fused into FlatAdamW; at {sh['params']:.3g} parameters "
             f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline."]
     out += static_csrc.to_markdown(report.get("csrc_kernels", []))
+    out += [""] + time_report.to_markdown(report["time_model"])
     return "\n".join(out) + "\n"

@@ -2,10 +2,12 @@
 
 import torch
 
-from . import backend
+from . import backend, devices
 from .loss_inputs import extend_positions, make_config, prepare_token_inputs, summarize
+from .ops import lm_head_cost
 from .ops.fused_linear_grpo_loss import FusedLinearGRPOLossFunction, TiledLMHeadGRPOLossFunction
 from .ops.grpo_loss import GRPOLossFunction
+from .ops.lm_head_grpo_loss import tile_config
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -73,6 +75,7 @@ def fused_linear_grpo_loss(
     eps_low=0.2, eps_high=0.2, dual_clip_c=None, temperature=1.0,
     loss_agg="token-mean", max_completion_len=None, return_entropy=False,
     lm_head_bias_V=None, chunk_tokens=None, log_ratio_clamp=None, impl="auto", filter_eps=0.0,
+    deterministic=False,
 ):
     """grpo_loss(hidden_BTH @ lm_head_weight_VH.T + lm_head_bias_V, ...) without the [N, V] logits.
 
@@ -84,7 +87,11 @@ def fused_linear_grpo_loss(
       gradient coefficient; docs/algorithm.md). Needs CUDA (or Triton's interpreter, fp32).
     - "chunked": chunk_tokens tokens at a time through a logits buffer of [chunk_tokens, V] (default:
       about the size of the hidden states); runs anywhere (torch ops on CPU).
-    - "auto": tiled where Triton runs and chunk_tokens is not given, chunked otherwise.
+    - "auto": on CUDA the faster by the time model (ops/lm_head_cost.py, the GPU's profile) at this shape
+      and dtype, chunk size included: the chunked path at the reference shapes (its GEMMs run in cuBLAS);
+      under the interpreter tiled; chunked elsewhere or when chunk_tokens is given.
+    fp32 inputs follow torch.get_float32_matmul_precision() ("high" / "medium": tf32 tensor cores).
+    deterministic=True: bitwise-reproducible gradients run to run (no atomics: the chunked path).
     """
     _check_floating("hidden_BTH", hidden_BTH, 3)
     _check_floating("lm_head_weight_VH", lm_head_weight_VH, 2)
@@ -101,7 +108,7 @@ def fused_linear_grpo_loss(
                              f"{hidden_BTH.device}; they must match")
     if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and chunk_tokens > 0):
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
-    impl = _fused_impl(impl, hidden_BTH, chunk_tokens, filter_eps)
+    impl, chunk_tokens = _fused_impl(impl, hidden_BTH, lm_head_weight_VH, chunk_tokens, filter_eps, deterministic)
     cfg = make_config(beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
                       temperature=temperature, loss_agg=loss_agg, max_completion_len=max_completion_len,
                       return_entropy=return_entropy, ref_logp_BT=ref_logp_BT, log_ratio_clamp=log_ratio_clamp)
@@ -136,19 +143,46 @@ def fused_linear_grpo_loss(
 FUSED_IMPLS = ("auto", "tiled", "chunked")
 
 
-def _fused_impl(impl, hidden, chunk_tokens, filter_eps) -> str:
+def _fused_impl(impl, hidden, weight, chunk_tokens, filter_eps, deterministic) -> tuple:
+    """(impl, chunk_tokens) the call runs with."""
     if impl not in FUSED_IMPLS:
         raise ValueError(f"impl must be one of {FUSED_IMPLS}, got {impl!r}")
     if not (isinstance(filter_eps, (int, float)) and 0 <= filter_eps < 1):
         raise ValueError(f"filter_eps must be in [0, 1) (0: exact, no filtering), got {filter_eps!r}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
     triton_ok = backend.use_triton(hidden)
     if impl == "auto":
-        impl = "tiled" if triton_ok and chunk_tokens is None else "chunked"
+        impl = "chunked"
+        if triton_ok and chunk_tokens is None and not (deterministic and hidden.is_cuda):
+            impl = "tiled" if not hidden.is_cuda else _modelled_impl(hidden, weight)
     if impl == "tiled" and not triton_ok:
         raise ValueError(f"impl='tiled' needs Triton on this tensor (CUDA, or CPU float32 under TRITON_INTERPRET=1), "
                          f"got {hidden.dtype} on {hidden.device}; use impl='chunked'")
     if impl == "tiled" and chunk_tokens is not None:
         raise ValueError("chunk_tokens applies to impl='chunked' only; the tiled kernels need no chunking")
+    if impl == "tiled" and deterministic and hidden.is_cuda:
+        raise ValueError("deterministic=True needs impl='chunked' or 'auto': the tiled backward adds its gradients "
+                         "with atomics, in no fixed order")
     if filter_eps and impl != "tiled":
         raise ValueError(f"filter_eps applies to impl='tiled' only (impl is {impl!r})")
-    return impl
+    if impl == "chunked" and chunk_tokens is None and hidden.is_cuda:
+        N, H = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
+        chunk_tokens = lm_head_cost.best_chunked(_profile(hidden), N, weight.shape[0], H,
+                                                 _matmul_dtype(hidden)).chunk_tokens
+    return impl, chunk_tokens
+
+
+def _profile(x):
+    return devices.profile_for(torch.cuda.get_device_name(x.device))
+
+
+def _matmul_dtype(x):
+    return lm_head_cost.matmul_dtype(x.dtype, torch.get_float32_matmul_precision())
+
+
+def _modelled_impl(hidden, weight) -> str:
+    N, H = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
+    V = weight.shape[0]
+    return lm_head_cost.choose(_profile(hidden), N, V, H, _matmul_dtype(hidden),
+                               tile_config(N, V, H, hidden.device)).impl

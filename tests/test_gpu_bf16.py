@@ -7,16 +7,12 @@ with errors measured as norms over the whole tensor.
 import pytest
 import torch
 from helpers import loss_batch
+from precision_checks import SETTINGS, assert_within_twice_torch, err, fused_linear_vs_torch
 
-from gxpo_kernels import fused_linear_grpo_loss, grpo_loss
+from gxpo_kernels import grpo_loss
 from gxpo_kernels.ops.reference import grpo_loss_reference
 
 pytestmark = pytest.mark.gpu
-SETTINGS = {"beta": 0.04, "eps_low": 0.2, "eps_high": 0.28, "temperature": 0.9, "return_entropy": True}
-
-
-def err(x, ref):
-    return (x.detach().double() - ref.detach().double()).norm().item()
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
@@ -48,18 +44,7 @@ def test_fused_linear_bf16_within_twice_torch_error(impl):
     hidden = torch.randn(B, T, H, device="cuda", generator=g).bfloat16()
     weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5).bfloat16()
     args = (batch["ids"], batch["adv"], batch["mask"], batch["old"], batch["ref"])
-
-    def run(fn, dtype):
-        h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
-        fn(h, w).backward()
-        return h.grad, w.grad
-
-    ours = run(lambda h, w: fused_linear_grpo_loss(h, w, *args, **SETTINGS, impl=impl)[0], torch.bfloat16)
-    materialized = lambda h, w: grpo_loss_reference(h @ w.t(), *args, **SETTINGS)[0]  # noqa: E731
-    torch_bf16 = run(materialized, torch.bfloat16)
-    ref = run(materialized, torch.float64)
-    for o, t, r in zip(ours, torch_bf16, ref, strict=True):
-        assert err(o, r) <= 2 * err(t, r) + 1e-6
+    assert_within_twice_torch(*fused_linear_vs_torch(hidden, weight, args, SETTINGS, impl, torch.bfloat16))
 
 
 def test_more_than_65535_tokens_in_one_launch():

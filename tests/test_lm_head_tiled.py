@@ -108,3 +108,28 @@ def test_tiled_needs_triton():
     with pytest.raises(ValueError, match="impl='chunked'"):
         fused_linear_grpo_loss(batch["hidden"].double(), batch["weight"].double(), batch["ids"], batch["adv"],
                                batch["mask"], impl="tiled")
+
+
+@pytest.mark.parametrize("impl", ["tiled", "chunked"])
+def test_cpu_twin_of_the_gpu_precision_check(impl):
+    """tests/test_gpu_bf16.py's comparison, run here in fp32: it must see three distinct gradients."""
+    from precision_checks import SETTINGS, assert_within_twice_torch, fused_linear_vs_torch
+
+    batch = linear_batch(2, 9, 24, 70, seed=28)
+    args = (batch["ids"], batch["adv"], batch["mask"], batch["old"], batch["ref"])
+    assert_within_twice_torch(*fused_linear_vs_torch(batch["hidden"], batch["weight"], args, SETTINGS, impl,
+                                                     torch.float32))
+
+
+@pytest.mark.parametrize("bias_value", [100.0, -100.0])
+def test_padded_rows_never_reach_the_gradients(bias_value):
+    """17 tokens: the second 16-row tile has 15 padded rows, whose logits are the bias alone. A bias of 100
+    overflowed exp there (0 x inf = NaN in d_weight and d_bias); -100 everywhere: all-negative logits."""
+    batch = linear_batch(1, 17, 16, 40, seed=29)
+    batch["mask"][:] = True
+    batch["old"] = None  # on-policy: rho = 1, so the gradients stay O(1) however peaked the softmax is
+    if bias_value > 0:
+        batch["bias"][7] = bias_value
+    else:
+        batch["bias"] += bias_value
+    run_both(batch, impl="tiled", return_entropy=bias_value < 0)  # +100: entropy ~1e-40, no relative error

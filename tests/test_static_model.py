@@ -119,3 +119,15 @@ def test_csrc_cuda_flat_kernels_share_the_triton_layout(report):
         assert r["spill_bytes"] == 0 and r["ctas_per_sm"] >= 8, (r["kernel"], r["config"], r["regs"])
         assert r["generic_accesses"] == 0 and r["barriers"] <= 1, r["kernel"]
         assert any("128" in loop["ldg_bits"] for loop in r["hot_loops"]), (r["kernel"], r["config"])
+
+
+def test_atomics_are_counted_and_the_time_model_is_reported(report):
+    bwd = [k for k in report["kernels"] if k["kernel"] == "_lm_head_bwd_kernel"]
+    assert bwd and all(k["atomic_instrs"] > 0 and k["atomic_bytes_per_program"] > 0 for k in bwd)
+    assert all(k["atomic_instrs"] == 0 for k in report["kernels"] if k["kernel"].startswith("_grpo_loss"))
+    tm = report["time_model"]
+    assert {p["name"] for p in tm["profiles"]} == {"H100 SXM", "H200"}
+    assert len(tm["lm_head"]) == 12 and any(r["fit"] for r in tm["calibration"])
+    for row in tm["lm_head"]:
+        ours = row["plans"]["ours (auto)"]
+        assert ours["vs_peers"] <= 1 and ours["mem_vs_liger"] <= 0.25

@@ -19,18 +19,23 @@ from .. import backend
 
 
 @triton.jit
+def _row_offsets(index, stride):
+    """index * stride in int64: [V, H] and [N, H] may hold more than 2^31 elements."""
+    return index.to(tl.int64)[:, None] * stride
+
+
+@triton.jit
 def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_temp,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     """(h[rows] @ W[cols]^T + b[cols]) / T as a [BLOCK_N, BLOCK_V] fp32 tile; -inf at columns >= V."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     ks = tl.arange(0, BLOCK_H)
+    h_rows, w_rows = h_ptr + _row_offsets(rows, stride_h), w_ptr + _row_offsets(cols, stride_w)
     for k0 in range(0, H, BLOCK_H):
         k = k0 + ks
-        h = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < H),
-                    other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + k[None, :], mask=(cols[:, None] < V) & (k[None, :] < H),
-                    other=0.0)
+        h = tl.load(h_rows + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < H), other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=(cols[:, None] < V) & (k[None, :] < H), other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
@@ -99,7 +104,8 @@ def _lm_head_bwd_kernel(
         return
     z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_temp,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    p = tl.exp(z - tl.load(lse_ptr + rows, mask=rows < N, other=0.0)[:, None])
+    # rows >= N: lse +inf, so p = 0 whatever their logits (a large bias would overflow exp and 0 x inf is NaN)
+    p = tl.exp(z - tl.load(lse_ptr + rows, mask=rows < N, other=float("inf"))[:, None])
     ids = tl.load(ids_ptr + rows, mask=rows < N, other=-1)
     is_target = cols[None, :] == ids[:, None]
     if FILTER:
@@ -108,20 +114,18 @@ def _lm_head_bwd_kernel(
     d = coef[:, None] * (tl.where(is_target, 1.0, 0.0) - p)  # 0 at columns >= V (p = 0) and rows >= N
     d_in = d.to(h_ptr.dtype.element_ty)
     ks = tl.arange(0, BLOCK_H)
+    h_rows, w_rows = h_ptr + _row_offsets(rows, stride_h), w_ptr + _row_offsets(cols, stride_w)
+    dh_rows, dw_rows = dh_ptr + _row_offsets(rows, H), dw_ptr + _row_offsets(cols, H)
     for k0 in range(0, H, BLOCK_H):
         k = k0 + ks
         if NEED_DH:
-            w = tl.load(w_ptr + cols[:, None] * stride_w + k[None, :], mask=(cols[:, None] < V) & (k[None, :] < H),
-                        other=0.0)
+            w = tl.load(w_rows + k[None, :], mask=(cols[:, None] < V) & (k[None, :] < H), other=0.0)
             dh = tl.dot(d_in, w, input_precision=DOT_PRECISION)
-            tl.atomic_add(dh_ptr + rows[:, None] * H + k[None, :], dh, mask=(rows[:, None] < N) & (k[None, :] < H),
-                          sem="relaxed")
+            tl.atomic_add(dh_rows + k[None, :], dh, mask=(rows[:, None] < N) & (k[None, :] < H), sem="relaxed")
         if NEED_DW:
-            h = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < H),
-                        other=0.0)
+            h = tl.load(h_rows + k[None, :], mask=(rows[:, None] < N) & (k[None, :] < H), other=0.0)
             dw = tl.dot(tl.trans(d_in), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(dw_ptr + cols[:, None] * H + k[None, :], dw, mask=(cols[:, None] < V) & (k[None, :] < H),
-                          sem="relaxed")
+            tl.atomic_add(dw_rows + k[None, :], dw, mask=(cols[:, None] < V) & (k[None, :] < H), sem="relaxed")
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(d, 0), mask=cols < V, sem="relaxed")
 
@@ -146,7 +150,9 @@ def tile_config(N: int, V: int, H: int, device: torch.device) -> dict:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 exact as torch's matmul; bf16/fp16 tensor cores
+    """fp32 as torch's matmul runs it (torch.get_float32_matmul_precision(): "highest" exact, else tf32 tensor
+    cores); bf16 / fp16 always on the tensor cores (the argument is ignored for them)."""
+    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def lm_head_lse(hidden_NH, weight_VH, bias_V, ids_N, temperature: float, with_entropy: bool, config=None):
