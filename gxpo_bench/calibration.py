@@ -42,8 +42,7 @@ class Row:
 def fit_efficiencies() -> dict:
     """The achievable fractions the measurements give: an 8192^3 bf16 GEMM at about 790 TFLOP/s on an H200 (wave
     quantization of its 2048 output tiles on 132 SMs taken out), a device-to-device copy at about 4.3 TB/s."""
-    quantization = cost.gemm(H200, "", 8192, 8192, 8192, 0).times["tensor"] * H200.tensor_efficiency
-    quantization = 2 * 8192**3 / H200.tensor_flops["bf16"] / quantization
+    quantization = cost.wave_quantization(H200, 8192, 8192, 8192)
     return {"tensor_efficiency": 790e12 / (H200.tensor_flops["bf16"] * quantization),
             "hbm_efficiency": 4.3e12 / H200.hbm_bytes_per_s}
 

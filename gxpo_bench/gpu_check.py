@@ -18,7 +18,7 @@ from gxpo_kernels.ops import lm_head_cost as cost
 from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
 
 from . import lm_head_peers
-from .timing import measure
+from .timing import copy_bandwidth, matmul_rate, measure
 
 REFERENCE = {"N": 16384, "V": 151936, "H": 1536}
 DRY = {"N": 64, "V": 320, "H": 48}
@@ -94,16 +94,13 @@ def run(dry_run: bool, out_dir: Path, reps: int) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
     copy_bytes = (1 << 30) if cuda else (1 << 20)
-    src = torch.empty(copy_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), lambda: (), device, reps)
-    rows.append({"case": f"copy {copy_bytes >> 20} MiB", "measured_ms": t["median_s"] * 1e3,
+    rows.append({"case": f"copy {copy_bytes >> 20} MiB",
+                 "measured_ms": 2 * copy_bytes / copy_bandwidth(device, copy_bytes, reps) * 1e3,
                  "modelled_ms": cost.memory_pass(dev, "", 2 * copy_bytes).seconds * 1e3})
     n = 8192 if cuda else 128
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    t = measure(lambda: a @ b, lambda: (), device, reps)
-    rows.append({"case": f"GEMM {n}^3 {str(dtype)[6:]}", "measured_ms": t["median_s"] * 1e3,
-                 "modelled_ms": cost.gemm(dev, "", n, n, n, 3 * n * n * a.element_size()).seconds * 1e3})
+    rows.append({"case": f"GEMM {n}^3 {str(dtype)[6:]}",
+                 "measured_ms": 2 * n**3 / matmul_rate(device, dtype, n, reps) * 1e3,
+                 "modelled_ms": cost.gemm(dev, "", n, n, n, 3 * n * n * dtype.itemsize).seconds * 1e3})
     for name, fn, model in cases(shape["N"], shape["V"], shape["H"], dev):
         row = {"case": name, "N": shape["N"], "V": shape["V"], "H": shape["H"]}
         if fn is None:

@@ -4,16 +4,11 @@ each step). Modelled like ours, on the same profile, in the same run: a model of
 
 import math
 
-from gxpo_kernels.ops.lm_head_cost import Plan, gemm, memory_pass
+from gxpo_kernels.ops.lm_head_cost import Plan, chunks, gemm, memory_pass
 
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE; trainer/utils.py
 LIGER_TILE_TOKENS, LIGER_TILE_VOCAB = 2048, 4096  # liger_kernel/chunked_loss/fused_linear_ppo.py tiles
 LIGER_ELEMENTWISE_BYTES_PER_LOGIT = 40  # its ~6 eager fp32 element-wise kernels per logit tile, unfused
-
-
-def _tiles(total, size):
-    n, last = divmod(total, size)
-    return [(size, n)] + ([(last, 1)] if last else [])
 
 
 def trl(dev, N: int, V: int, H: int, e: int = 2) -> Plan:
@@ -25,8 +20,8 @@ def trl(dev, N: int, V: int, H: int, e: int = 2) -> Plan:
                 + N * H * e)
     plan.steps.append(memory_pass(dev, "hidden[mask] gather (+ its backward scatter into zeros)", 5 * N * H * e))
     plan.steps.append(memory_pass(dev, "zero fp32 d_hidden, d_weight", 4 * (N + V) * H))
-    for c, nc in _tiles(N, TRL_TOKEN_CHUNK):
-        for v, nv in _tiles(V, TRL_VOCAB_CHUNK):
+    for c, nc in chunks(N, TRL_TOKEN_CHUNK):
+        for v, nv in chunks(V, TRL_VOCAB_CHUNK):
             k, tile = nc * nv, c * v * e
             plan.steps += [
                 gemm(dev, "fwd logits GEMM", c, v, H, c * H * e + v * H * e + tile, count=k),
@@ -47,10 +42,10 @@ def liger(dev, N: int, V: int, H: int, T: int = 1024, e: int = 2) -> Plan:
     fp32 x fp32 matmuls (torch's default: no tf32) on fp32 copies of the weight and hidden slices; per chunk
     a fp32 [V, H] buffer is zeroed, cast and added into the weight-dtype gradient."""
     plan = Plan("liger", T, extra_bytes=8 * V * H)
-    chunks = math.ceil(N / T)
-    for c, nc in _tiles(min(T, N), LIGER_TILE_TOKENS):
-        for v, nv in _tiles(V, LIGER_TILE_VOCAB):
-            k, tile = chunks * nc * nv, c * v
+    sequences = math.ceil(N / T)
+    for c, nc in chunks(min(T, N), LIGER_TILE_TOKENS):
+        for v, nv in chunks(V, LIGER_TILE_VOCAB):
+            k, tile = sequences * nc * nv, c * v
             plan.steps += [
                 gemm(dev, "logits GEMM (bf16)", c, v, H, (c + v) * H * e + tile * e, count=k),
                 memory_pass(dev, "fp32 element-wise loss math", LIGER_ELEMENTWISE_BYTES_PER_LOGIT * tile, count=k),
@@ -60,5 +55,5 @@ def liger(dev, N: int, V: int, H: int, T: int = 1024, e: int = 2) -> Plan:
                 gemm(dev, "d_input GEMM (fp32)", c, H, v, tile * 4 + v * H * 4 + 2 * c * H * 4, "fp32", count=k),
                 gemm(dev, "d_weight GEMM (fp32)", v, H, c, tile * 4 + c * H * 4 + 2 * v * H * 4, "fp32", count=k),
             ]
-    plan.steps.append(memory_pass(dev, "per chunk: fp32 [V, H] zeroed, cast, added", 16 * V * H, count=chunks))
+    plan.steps.append(memory_pass(dev, "per chunk: fp32 [V, H] zeroed, cast, added", 16 * V * H, count=sequences))
     return plan

@@ -1,5 +1,7 @@
 """The GRPO token-level clipped loss: from logits, or fused with the LM head."""
 
+import functools
+
 import torch
 
 from . import backend, devices
@@ -85,8 +87,9 @@ def fused_linear_grpo_loss(
       filter_eps > 0 skips the backward of a [tokens x vocab] tile whose every probability is below it
       and that holds no target (each skipped dlogits entry is below |c_n| * filter_eps, c_n the token's
       gradient coefficient; docs/algorithm.md). Needs CUDA (or Triton's interpreter, fp32).
-    - "chunked": chunk_tokens tokens at a time through a logits buffer of [chunk_tokens, V] (default:
-      about the size of the hidden states); runs anywhere (torch ops on CPU).
+    - "chunked": chunk_tokens tokens at a time through a logits buffer of [chunk_tokens, V] (default: on
+      CUDA the time model's chunk, at most H tokens; elsewhere about the size of the hidden states); runs
+      anywhere (torch ops on CPU).
     - "auto": on CUDA the faster by the time model (ops/lm_head_cost.py, the GPU's profile) at this shape
       and dtype, chunk size included: the chunked path at the reference shapes (its GEMMs run in cuBLAS);
       under the interpreter tiled; chunked elsewhere or when chunk_tokens is given.
@@ -152,10 +155,13 @@ def _fused_impl(impl, hidden, weight, chunk_tokens, filter_eps, deterministic) -
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
     triton_ok = backend.use_triton(hidden)
+    # on CUDA the model plans the call once: auto may take the tiled kernels (not with deterministic=True),
+    # the chunked path takes the model's chunk
+    plan = None
+    if hidden.is_cuda and chunk_tokens is None and impl != "tiled":
+        plan = _cuda_plan(hidden, weight, tiled_ok=impl == "auto" and triton_ok and not deterministic)
     if impl == "auto":
-        impl = "chunked"
-        if triton_ok and chunk_tokens is None and not (deterministic and hidden.is_cuda):
-            impl = "tiled" if not hidden.is_cuda else _modelled_impl(hidden, weight)
+        impl = plan.impl if plan is not None else ("tiled" if triton_ok and chunk_tokens is None else "chunked")
     if impl == "tiled" and not triton_ok:
         raise ValueError(f"impl='tiled' needs Triton on this tensor (CUDA, or CPU float32 under TRITON_INTERPRET=1), "
                          f"got {hidden.dtype} on {hidden.device}; use impl='chunked'")
@@ -166,23 +172,18 @@ def _fused_impl(impl, hidden, weight, chunk_tokens, filter_eps, deterministic) -
                          "with atomics, in no fixed order")
     if filter_eps and impl != "tiled":
         raise ValueError(f"filter_eps applies to impl='tiled' only (impl is {impl!r})")
-    if impl == "chunked" and chunk_tokens is None and hidden.is_cuda:
-        N, H = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
-        chunk_tokens = lm_head_cost.best_chunked(_profile(hidden), N, weight.shape[0], H,
-                                                 _matmul_dtype(hidden)).chunk_tokens
+    if impl == "chunked" and plan is not None:
+        chunk_tokens = plan.chunk_tokens
     return impl, chunk_tokens
 
 
-def _profile(x):
-    return devices.profile_for(torch.cuda.get_device_name(x.device))
-
-
-def _matmul_dtype(x):
-    return lm_head_cost.matmul_dtype(x.dtype, torch.get_float32_matmul_precision())
-
-
-def _modelled_impl(hidden, weight) -> str:
+def _cuda_plan(hidden, weight, tiled_ok: bool):
     N, H = hidden.shape[0] * hidden.shape[1], hidden.shape[-1]
-    V = weight.shape[0]
-    return lm_head_cost.choose(_profile(hidden), N, V, H, _matmul_dtype(hidden),
-                               tile_config(N, V, H, hidden.device)).impl
+    dtype = lm_head_cost.matmul_dtype(hidden.dtype, torch.get_float32_matmul_precision())
+    return _plan(torch.cuda.get_device_name(hidden.device), N, weight.shape[0], H, dtype, tiled_ok)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(device_name: str, N: int, V: int, H: int, dtype: str, tiled_ok: bool):
+    cfg = tile_config(N, V, H, torch.device("cuda")) if tiled_ok else None
+    return lm_head_cost.choose(devices.profile_for(device_name), N, V, H, dtype, cfg)

@@ -58,12 +58,17 @@ def matmul_peak(dev: DeviceProfile, dtype: str) -> float:
     return dev.ffma_flops if dtype == "fp32" else dev.tensor_flops[dtype]
 
 
-def gemm(dev: DeviceProfile, name: str, M: int, N: int, K: int, nbytes: float, dtype="bf16", count=1) -> Step:
+def wave_quantization(dev: DeviceProfile, M: int, N: int, K: int) -> float:
+    """The busy share of the SMs over a GEMM's waves of output tiles; a long K is split (cuBLAS's split-K /
+    stream-K) to fill them."""
     tm, tn = dev.gemm_tile
     tiles = math.ceil(M / tm) * math.ceil(N / tn)
-    # wave quantization of the output tiles; a long K is split (cuBLAS's split-K / stream-K) to fill the SMs
-    quantization = max(tiles * s / (math.ceil(tiles * s / dev.sms) * dev.sms)
-                       for s in range(1, max(1, min(MAX_SPLIT_K, K // MIN_SPLIT_K)) + 1))
+    return max(tiles * s / (math.ceil(tiles * s / dev.sms) * dev.sms)
+               for s in range(1, max(1, min(MAX_SPLIT_K, K // MIN_SPLIT_K)) + 1))
+
+
+def gemm(dev: DeviceProfile, name: str, M: int, N: int, K: int, nbytes: float, dtype="bf16", count=1) -> Step:
+    quantization = wave_quantization(dev, M, N, K)
     flops = 2.0 * M * N * K
     return Step(name, {"tensor": flops / (matmul_peak(dev, dtype) * dev.tensor_efficiency * quantization),
                        "hbm": nbytes / (dev.hbm_bytes_per_s * dev.hbm_efficiency)}, count)
@@ -71,6 +76,12 @@ def gemm(dev: DeviceProfile, name: str, M: int, N: int, K: int, nbytes: float, d
 
 def memory_pass(dev: DeviceProfile, name: str, nbytes: float, count=1) -> Step:
     return Step(name, {"hbm": nbytes / (dev.hbm_bytes_per_s * dev.hbm_efficiency)}, count)
+
+
+def chunks(total: int, size: int) -> list:
+    """[(rows, count)]: `count` chunks of `rows` that cover `total`, the short last one apart."""
+    n, last = divmod(total, size)
+    return [(size, n)] * bool(n) + [(last, 1)] * bool(last)
 
 
 def three_gemms_at_peak(dev: DeviceProfile, N: int, V: int, H: int, dtype="bf16") -> float:
@@ -83,11 +94,8 @@ def chunked(dev: DeviceProfile, N: int, V: int, H: int, C: int, dtype: str = "bf
     [C, V], the row kernels read it (pass 1) and read+write dlogits in place (pass 2), the d_hidden GEMM reads
     it and the d_weight GEMM adds into d_weight (read+write); the backward scales the two gradients."""
     e = ELEMENT_BYTES[dtype]
-    n, last = divmod(N, C)
     plan = Plan("chunked", C, extra_bytes=C * V * e)
-    for rows, count in ((C, n), (last, 1 if last else 0)):
-        if not count:
-            continue
+    for rows, count in chunks(N, C):
         logits = rows * V * e
         plan.steps += [
             gemm(dev, "logits GEMM", rows, V, H, rows * H * e + V * H * e + logits, dtype, count),
@@ -143,11 +151,10 @@ def matmul_dtype(dtype, fp32_precision: str) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}[name]
 
 
-def choose(dev: DeviceProfile, N: int, V: int, H: int, dtype: str, tiled_config: dict | None,
-           deterministic: bool = False) -> Plan:
-    """The faster of the chunked plan and the tiled one (None: not available, or atomics ruled out by
-    deterministic=True)."""
+def choose(dev: DeviceProfile, N: int, V: int, H: int, dtype: str, tiled_config: dict | None) -> Plan:
+    """The faster of the chunked plan and the tiled one (tiled_config None: the tiled kernels are not an
+    option, e.g. deterministic=True rules out their atomics)."""
     plans = [best_chunked(dev, N, V, H, dtype)]
-    if tiled_config is not None and not deterministic:
+    if tiled_config is not None:
         plans.append(tiled(dev, N, V, H, tiled_config, dtype))
     return min(plans, key=lambda p: p.seconds)
