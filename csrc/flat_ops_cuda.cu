@@ -18,6 +18,7 @@
 namespace {
 
 constexpr int kThreads = 128;  // flat_tiles.ROWS x NUM_WARPS: one row of a tile per thread
+constexpr int kMinPrograms = 8;  // resident per SM (extrapolate_kernel would take 65 registers unbounded)
 constexpr int kWarps = kThreads / 32;
 constexpr int kAccessBytes = 16;
 
@@ -30,13 +31,28 @@ struct FlatMap {
   const int64_t* block_tensor;
   const int64_t* block_start;
   int64_t block, num_full, blocks_per_program;
-  bool aligned;  // every tensor of the launch starts on a 16-byte boundary
+  bool aligned;  // every tensor of the launch starts on a 16-byte boundary; otherwise each block checks its own
 };
 
 struct Span {
   int64_t first, end;  // blocks [first, end) of the map
   bool full;           // full blocks (no masks); else one tensor's tail block
 };
+
+// Whether the program's full blocks take 128-bit accesses: every tensor of the launch is aligned, or every
+// tensor its blocks touch in each pointer table (a null pointer counts as aligned); one unaligned tensor so
+// costs only the programs over its own blocks, as on Triton (flat_tiles.span_address_bits).
+template <typename... Tables>
+__device__ bool vectorized(const FlatMap& map, const Span& span, const Tables*... tables) {
+  if (!span.full) return false;
+  if (map.aligned) return true;
+  int64_t bits = 0;
+  for (int64_t blk = span.first; blk < span.end; ++blk) {
+    const int64_t t = map.block_tensor[blk];
+    ((bits |= tables[t]), ...);
+  }
+  return bits % kAccessBytes == 0;
+}
 
 __device__ Span program_span(const FlatMap& map) {
   const int64_t full_programs = (map.num_full + map.blocks_per_program - 1) / map.blocks_per_program;
@@ -146,12 +162,13 @@ template <typename T>
 __global__ void snapshot_kernel(const int64_t* param_ptrs, const int64_t* grad_ptrs, FlatMap map, T* theta0, T* g0,
                                 float* partial) {
   const Span span = program_span(map);
+  const bool vector = vectorized(map, span, param_ptrs, grad_ptrs);
   float vals[1] = {0.f};
   for (int64_t blk = span.first; blk < span.end; ++blk) {
     const Range r = block_range(map, blk);
     SnapshotBody<T> body{pointer_at<T>(param_ptrs, r.tensor), pointer_at<T>(grad_ptrs, r.tensor),
                          theta0 + r.offset, g0 + r.offset};
-    for_each<T>(r, span.full && map.aligned, body);
+    for_each<T>(r, vector, body);
     vals[0] += body.sum_sq;
   }
   program_reduce<1>(vals, partial + blockIdx.x);
@@ -170,10 +187,11 @@ struct RestoreBody {
 template <typename T>
 __global__ void restore_kernel(const int64_t* param_ptrs, FlatMap map, const T* theta0) {
   const Span span = program_span(map);
+  const bool vector = vectorized(map, span, param_ptrs);
   for (int64_t blk = span.first; blk < span.end; ++blk) {
     const Range r = block_range(map, blk);
     RestoreBody<T> body{pointer_at<T>(param_ptrs, r.tensor), theta0 + r.offset};
-    for_each<T>(r, span.full && map.aligned, body);
+    for_each<T>(r, vector, body);
   }
 }
 
@@ -198,13 +216,14 @@ struct GradDotsBody {
 template <typename T>
 __global__ void grad_dots_kernel(const int64_t* grad_ptrs, FlatMap map, const T* g0, float* partial, bool with_g0) {
   const Span span = program_span(map);
+  const bool vector = vectorized(map, span, grad_ptrs);
   float vals[2] = {0.f, 0.f};
   for (int64_t blk = span.first; blk < span.end; ++blk) {
     const Range r = block_range(map, blk);
     const T* g = pointer_at<T>(grad_ptrs, r.tensor);
     if (!g) continue;
     GradDotsBody<T> body{g, g0 + r.offset, with_g0};
-    for_each<T>(r, span.full && map.aligned, body);
+    for_each<T>(r, vector, body);
     vals[0] += body.gg;
     vals[1] += body.g0g;
   }
@@ -275,16 +294,18 @@ struct ExtrapolateBody {
 };
 
 template <typename T>
-__global__ void extrapolate_kernel(const int64_t* param_ptrs, const int64_t* grad_ptrs, FlatMap map,
-                                   const T* theta0, const T* g0, float* partial, ExtrapolationArgs x) {
+__global__ void __launch_bounds__(kThreads, kMinPrograms)
+    extrapolate_kernel(const int64_t* param_ptrs, const int64_t* grad_ptrs, FlatMap map, const T* theta0, const T* g0,
+                       float* partial, ExtrapolationArgs x) {
   const Span span = program_span(map);
+  const bool vector = vectorized(map, span, param_ptrs, grad_ptrs);
   float vals[kNumStats] = {};
   vals[kMaxStat] = 1.f;
   for (int64_t blk = span.first; blk < span.end; ++blk) {
     const Range r = block_range(map, blk);
     ExtrapolateBody<T> body{pointer_at<T>(param_ptrs, r.tensor), pointer_at<T>(grad_ptrs, r.tensor),
                             theta0 + r.offset, g0 + r.offset, x, vals};
-    for_each<T>(r, span.full && map.aligned, body);
+    for_each<T>(r, vector, body);
   }
   program_reduce<kNumStats>(vals, partial + kNumStats * blockIdx.x, kMaxStat);
 }

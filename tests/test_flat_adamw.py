@@ -17,9 +17,12 @@ def needs_triton():
         pytest.skip("needs the Triton path: CUDA or TRITON_INTERPRET=1")
 
 
-def make_params(seed, device):
+def make_params(seed, device, unaligned=()):
+    """unaligned: indices of parameters that start 4 bytes past a 16-byte boundary."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(device).requires_grad_() for s in SHAPES]
+    values = [torch.randn(s, generator=g).to(device) for s in SHAPES]
+    shifted = lambda x: torch.empty(x.numel() + 1, device=device)[1:].view_as(x).copy_(x)  # noqa: E731
+    return [(shifted(x) if i in unaligned else x).requires_grad_() for i, x in enumerate(values)]
 
 
 def set_grads(params, step, skip=None):
@@ -28,8 +31,10 @@ def set_grads(params, step, skip=None):
         p.grad = None if i == skip else torch.randn(p.shape, generator=g).to(p.device)
 
 
-def test_matches_torch_adamw(device):
-    ours, ref = make_params(0, device), make_params(0, device)
+@pytest.mark.parametrize("unaligned", [(), (1,)], ids=["aligned", "one_unaligned"])
+def test_matches_torch_adamw(device, unaligned):
+    ours, ref = make_params(0, device, unaligned), make_params(0, device)
+    assert build_groups(ours, BLOCK)[0].params_aligned == (not unaligned)
     groups = lambda ps: [{"params": ps[:2], "lr": 1e-2, "weight_decay": 0.1},  # noqa: E731
                          {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.0}]
     opt = FlatAdamW(groups(ours), betas=(0.9, 0.95), eps=1e-6)

@@ -84,8 +84,8 @@ def test_extrapolate(impl, dtype, tol, K, alpha, g1_scale):
                        stats_tol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("unaligned", [False, True])
+@pytest.mark.parametrize("unaligned", ["none", "all", "one"])
 def test_many_blocks_per_program_and_unaligned_tensors(impl, unaligned):
     """Several full-block programs of 16 blocks, tails off the 128-bit packs, and tensors 4 bytes past a
-    16-byte boundary (the scalar path of full blocks)."""
+    16-byte boundary (the scalar path of their full blocks): none, all, or one."""
     check_many_blocks_per_program(unaligned, "cuda")

@@ -79,19 +79,27 @@ FLAT = ("_snapshot_kernel", "_restore_kernel", "_grad_dots_kernel", "_extrapolat
 
 
 def test_flat_kernels_stream_in_128_bit_accesses_within_the_issue_budget(report):
-    """Every byte a full block moves goes through 128-bit loads and stores; issue time at most half the
-    memory time; no barrier in the hot loop; registers for 8 programs of 128 threads per SM."""
+    """Every byte a full block moves goes through 128-bit loads and stores, also in a launch where one tensor
+    is not 16-byte aligned (ALIGNED=False: the other tensors' programs keep the 128-bit loop); issue time at
+    most half the memory time; no barrier in the hot loop; registers for 8 programs of 128 threads per SM."""
     flat = [k for k in report["kernels"] if k["impl"] == "ours" and k["kernel"] in FLAT]
     assert {k["kernel"] for k in flat} == set(FLAT)
+    assert {k["kernel"] for k in flat if "ALIGNED=False" in k["config"]} == {
+        "_snapshot_kernel", "_extrapolate_kernel", "_adamw_kernel"}
+    by_config = {(k["kernel"], k["config"]): k for k in flat}
     for k in flat:
-        # the full-block loop; a tensor's tail block (straight-line code, or a loop of scalar accesses) is not
-        (loop,) = [loop for loop in k["hot_loops"] if "128" in loop["ldg_bits"]]
+        # a launch with an unaligned tensor moves an aligned one's bytes (its TTGIR holds both loops, one walked)
+        aligned_twin = by_config[k["kernel"], k["config"].replace("ALIGNED=False", "ALIGNED=True")]
         block = int(re.search(r"\bBLOCK=(\d+)", k["config"]).group(1))
         iterations_per_block = block / k["hot_loop_elems"]  # a loop over a block's tiles runs that many times
-        bytes_128 = 16 * (loop["ldg_bits"].get("128", 0) + loop["stg_bits"].get("128", 0)) * k["threads"]
-        assert bytes_128 * iterations_per_block == sum(k["program_bytes"].values()), (k["kernel"], k["config"])
+        # the full-block loop; a tensor's tail block (straight-line code, or a loop of scalar accesses) is not
+        (loop,) = [loop for loop in k["hot_loops"]
+                   if 16 * (loop["ldg_bits"].get("128", 0) + loop["stg_bits"].get("128", 0)) * k["threads"]
+                   * iterations_per_block == sum(aligned_twin["program_bytes"].values())]
         assert loop["barriers"] == 0, k["kernel"]
-        assert k["issue_vs_memory"] <= 0.5, (k["kernel"], k["config"], k["issue_vs_memory"])
+        issue_vs_memory = k["issue_vs_memory"] * sum(k["program_bytes"].values()) / sum(
+            aligned_twin["program_bytes"].values())
+        assert issue_vs_memory <= 0.5, (k["kernel"], k["config"], issue_vs_memory)
         assert k["ctas_per_sm"] >= 8, (k["kernel"], k["config"], k["regs"])
 
 

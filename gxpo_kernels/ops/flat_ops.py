@@ -28,6 +28,7 @@ from .flat_tiles import (
     map_tables,
     num_programs,
     program_span,
+    span_address_bits,
     store,
     store_stats,
     tile_index,
@@ -62,9 +63,18 @@ def _snapshot_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, block
     pid, n_full_programs, first, end = program_span(num_full, BPP)
     acc = tl.zeros([ROWS], tl.float32)
     if pid < n_full_programs:
-        for blk in range(first, end):
+        vector_end = end  # blocks [first, vector_end) take 128-bit accesses, the rest 32-bit ones
+        if not ALIGNED:
+            bits = span_address_bits(param_ptrs, block_tensor, first, end) | span_address_bits(grad_ptrs, block_tensor,
+                                                                                              first, end)
+            vector_end = tl.where(bits % 16 == 0, end, first)
+        for blk in range(first, vector_end):
             acc += _snapshot_block(blk, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr,
-                                   g0_ptr, DTYPE, BLOCK, ROWS, G, ALIGNED, False)
+                                   g0_ptr, DTYPE, BLOCK, ROWS, G, True, False)
+        if not ALIGNED:
+            for blk in range(vector_end, end):
+                acc += _snapshot_block(blk, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start,
+                                       theta0_ptr, g0_ptr, DTYPE, BLOCK, ROWS, G, False, False)
     else:
         acc += _snapshot_block(num_full + pid - n_full_programs, param_ptrs, grad_ptrs, numels, offsets, block_tensor,
                                block_start, theta0_ptr, g0_ptr, DTYPE, BLOCK, ROWS, G, False, True)
@@ -88,9 +98,16 @@ def _restore_kernel(param_ptrs, numels, offsets, block_tensor, block_start, num_
                     BPP: tl.constexpr, ALIGNED: tl.constexpr):
     pid, n_full_programs, first, end = program_span(num_full, BPP)
     if pid < n_full_programs:
-        for blk in range(first, end):
+        vector_end = end
+        if not ALIGNED:
+            vector_end = tl.where(span_address_bits(param_ptrs, block_tensor, first, end) % 16 == 0, end, first)
+        for blk in range(first, vector_end):
             _restore_block(blk, param_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, DTYPE, BLOCK,
-                           ROWS, G, ALIGNED, False)
+                           ROWS, G, True, False)
+        if not ALIGNED:
+            for blk in range(vector_end, end):
+                _restore_block(blk, param_ptrs, numels, offsets, block_tensor, block_start, theta0_ptr, DTYPE, BLOCK,
+                               ROWS, G, False, False)
     else:
         _restore_block(num_full + pid - n_full_programs, param_ptrs, numels, offsets, block_tensor, block_start,
                        theta0_ptr, DTYPE, BLOCK, ROWS, G, False, True)
@@ -123,11 +140,20 @@ def _grad_dots_kernel(grad_ptrs, numels, offsets, block_tensor, block_start, num
     gg = tl.zeros([ROWS], tl.float32)
     g0g = tl.zeros([ROWS], tl.float32)
     if pid < n_full_programs:
-        for blk in range(first, end):
+        vector_end = end
+        if not ALIGNED:
+            vector_end = tl.where(span_address_bits(grad_ptrs, block_tensor, first, end) % 16 == 0, end, first)
+        for blk in range(first, vector_end):
             a, b = _grad_dots_block(blk, grad_ptrs, numels, offsets, block_tensor, block_start, g0_ptr, WITH_G0, DTYPE,
-                                    BLOCK, ROWS, G, ALIGNED, False)
+                                    BLOCK, ROWS, G, True, False)
             gg += a
             g0g += b
+        if not ALIGNED:
+            for blk in range(vector_end, end):
+                a, b = _grad_dots_block(blk, grad_ptrs, numels, offsets, block_tensor, block_start, g0_ptr, WITH_G0,
+                                        DTYPE, BLOCK, ROWS, G, False, False)
+                gg += a
+                g0g += b
     else:
         a, b = _grad_dots_block(num_full + pid - n_full_programs, grad_ptrs, numels, offsets, block_tensor,
                                 block_start, g0_ptr, WITH_G0, DTYPE, BLOCK, ROWS, G, False, True)
@@ -167,10 +193,20 @@ def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, bl
     pid, n_full_programs, first, end = program_span(num_full, BPP)
     acc = zero_stats(ROWS)
     if pid < n_full_programs:
-        for blk in range(first, end):
+        vector_end = end
+        if not ALIGNED:
+            bits = span_address_bits(param_ptrs, block_tensor, first, end) | span_address_bits(grad_ptrs, block_tensor,
+                                                                                              first, end)
+            vector_end = tl.where(bits % 16 == 0, end, first)
+        for blk in range(first, vector_end):
             acc = _extrapolate_block(blk, acc, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start,
                                      theta0_ptr, g0_ptr, g1_scale, alpha, delta, scale_max, K, DTYPE, BLOCK, ROWS, G,
-                                     ALIGNED, False)
+                                     True, False)
+        if not ALIGNED:
+            for blk in range(vector_end, end):
+                acc = _extrapolate_block(blk, acc, param_ptrs, grad_ptrs, numels, offsets, block_tensor, block_start,
+                                         theta0_ptr, g0_ptr, g1_scale, alpha, delta, scale_max, K, DTYPE, BLOCK, ROWS,
+                                         G, False, False)
     else:
         acc = _extrapolate_block(num_full + pid - n_full_programs, acc, param_ptrs, grad_ptrs, numels, offsets,
                                  block_tensor, block_start, theta0_ptr, g0_ptr, g1_scale, alpha, delta, scale_max, K,

@@ -39,6 +39,18 @@ def block_at(blk, block_tensor, block_start, offsets, numels, BLOCK: tl.constexp
 
 
 @triton.jit
+def span_address_bits(table, block_tensor, first, end):
+    """The bitwise OR of the addresses in `table` of the tensors of blocks [first, end): a multiple of 16 when
+    each starts on a 16-byte boundary (a 0 pointer, no tensor, counts as aligned). A launch whose tensors are
+    not all aligned checks each program's span, so one unaligned tensor costs only its own programs the 128-bit
+    path."""
+    bits = tl.zeros([], tl.int64)
+    for blk in range(first, end):
+        bits = bits | tl.load(table + tl.load(block_tensor + blk))
+    return bits
+
+
+@triton.jit
 def address(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
     if ALIGNED:
@@ -149,6 +161,8 @@ def num_programs(group: FlatGroup) -> int:
 
 
 def launch_args(group, aligned: bool):
+    """aligned: every tensor of the launch starts on a 16-byte boundary (checked on the host), so the full blocks
+    take one 128-bit code path; otherwise each full block checks its own tensors (aligned_at)."""
     G = ALIGN_BYTES // group.theta0.element_size()
     rows = min(ROWS, group.block // G)
     assert group.block % (rows * G) == 0, f"block {group.block} is not a multiple of {rows * G} elements"

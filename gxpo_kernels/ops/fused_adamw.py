@@ -24,6 +24,7 @@ from .flat_tiles import (
     map_tables,
     num_programs,
     program_span,
+    span_address_bits,
     store,
     store_stats,
     tile_index,
@@ -85,11 +86,24 @@ def _adamw_kernel(param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_
     pid, n_full_programs, first, end = program_span(num_full, BPP)
     acc = zero_stats(ROWS)
     if pid < n_full_programs:
-        for blk in range(first, end):
+        vector_end = end  # blocks [first, vector_end) take 128-bit accesses, the rest 32-bit ones
+        if not ALIGNED:
+            bits = (span_address_bits(param_ptrs, block_tensor, first, end)
+                    | span_address_bits(grad_ptrs, block_tensor, first, end)
+                    | span_address_bits(m_ptrs, block_tensor, first, end)
+                    | span_address_bits(v_ptrs, block_tensor, first, end))
+            vector_end = tl.where(bits % 16 == 0, end, first)
+        for blk in range(first, vector_end):
             acc = _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor,
                                block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, lr_s, wd_s, bc1_s, bc2_sqrt_s, theta0_ptr,
                                g0_ptr, beta1, beta2, eps, grad_scale, alpha, delta, scale_max, PER_TENSOR, SNAPSHOT,
-                               EXTRAPOLATE, K, DTYPE, BLOCK, ROWS, G, ALIGNED, False)
+                               EXTRAPOLATE, K, DTYPE, BLOCK, ROWS, G, True, False)
+        if not ALIGNED:
+            for blk in range(vector_end, end):
+                acc = _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor,
+                                   block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, lr_s, wd_s, bc1_s, bc2_sqrt_s,
+                                   theta0_ptr, g0_ptr, beta1, beta2, eps, grad_scale, alpha, delta, scale_max,
+                                   PER_TENSOR, SNAPSHOT, EXTRAPOLATE, K, DTYPE, BLOCK, ROWS, G, False, False)
     else:
         acc = _adamw_block(num_full + pid - n_full_programs, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels,
                            offsets, block_tensor, block_start, lr_t, wd_t, bc1_t, bc2_sqrt_t, lr_s, wd_s, bc1_s,
