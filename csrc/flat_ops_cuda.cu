@@ -31,7 +31,7 @@ struct FlatMap {
   const int64_t* block_tensor;
   const int64_t* block_start;
   int64_t block, num_full, blocks_per_program;
-  bool aligned;  // every tensor of the launch starts on a 16-byte boundary; otherwise each block checks its own
+  bool aligned;  // every tensor of the launch starts on a 16-byte boundary; otherwise each program checks its own
 };
 
 struct Span {

@@ -162,7 +162,8 @@ def num_programs(group: FlatGroup) -> int:
 
 def launch_args(group, aligned: bool):
     """aligned: every tensor of the launch starts on a 16-byte boundary (checked on the host), so the full blocks
-    take one 128-bit code path; otherwise each full block checks its own tensors (aligned_at)."""
+    take one 128-bit code path; otherwise each full-block program checks its own blocks' tensors
+    (span_address_bits)."""
     G = ALIGN_BYTES // group.theta0.element_size()
     rows = min(ROWS, group.block // G)
     assert group.block % (rows * G) == 0, f"block {group.block} is not a multiple of {rows * G} elements"
