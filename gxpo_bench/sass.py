@@ -67,11 +67,46 @@ def innermost_memory_loops(instrs) -> list:
     return [[i for i in instrs if lo <= i[0] <= hi] for lo, hi in sorted(inner)]
 
 
+_MMA_SHAPE = re.compile(r"(\d+)x(\d+)x(\d+)")
+
+
+def mma_flops_per_warp(opcode: str, operands: str) -> float:
+    """FLOPs of one warp's share of a tensor-core instruction: HGMMA.64xNxK is one warpgroup's (4 warps)
+    64 x N x K multiply-add; HMMA.16816 one warp's m16 n8 k16. 0 for anything else."""
+    kind = opcode.split(".")[0]
+    if kind == "HGMMA":
+        m, n, k = (int(g) for g in _MMA_SHAPE.search(opcode + operands).groups())
+        return 2.0 * m * n * k / 4
+    if kind == "HMMA":
+        digits = opcode.split(".")[1]
+        m, rest = (16, digits[2:]) if digits.startswith("16") else (8, digits[1:])
+        return 2.0 * m * int(rest[0]) * int(rest[1:])
+    return 0.0
+
+
+def mma_smem_bytes_per_warp(opcode: str, operands: str) -> float:
+    """Shared-memory operand bytes of one warp's share of an HGMMA (16-bit inputs): A (64 x K) and B (N x K)
+    both read through descriptors, or B alone where A comes from registers."""
+    if opcode.split(".")[0] != "HGMMA":
+        return 0.0
+    m, n, k = (int(g) for g in _MMA_SHAPE.search(opcode + operands).groups())
+    a_in_smem = operands.count("gdesc") >= 1 and not re.search(r"^x\S+\s+R\d+,\s*R\d+", operands)
+    return 2.0 * ((m * k if a_in_smem else 0) + n * k) / 4
+
+
 def loop_summary(body) -> dict:
     ops = Counter(op.split(".")[0] for _, op, _ in body)
     return {"instrs": len(body), "ldg_bits": widths(body, "LDG"), "stg_bits": widths(body, "STG"),
             "mufu": ops["MUFU"], "barriers": ops["BAR"], "tensor_core": ops["HGMMA"] + ops["HMMA"],
+            "mma_flops_per_warp": sum(mma_flops_per_warp(op, args) for _, op, args in body),
+            "mma_smem_bytes_per_warp": sum(mma_smem_bytes_per_warp(op, args) for _, op, args in body),
             "atomics": sum(ops[a] for a in ATOMICS), "async_copies": ops["LDGSTS"] + ops["UTMALDG"]}
+
+
+def outside_loops(instrs, loops) -> list:
+    """The instructions in none of the given loop bodies."""
+    inside = {addr for body in loops for addr, _, _ in body}
+    return [i for i in instrs if i[0] not in inside]
 
 
 def access_widths(loop: dict) -> set:

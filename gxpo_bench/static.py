@@ -20,10 +20,11 @@ import torch
 
 from gxpo_kernels.devices import H100_SXM
 
-from . import sass, static_csrc, time_report
+from . import kernel_time, sass, static_csrc, time_report
 
 HBM_BYTES_PER_S = H100_SXM.hbm_bytes_per_s * H100_SXM.hbm_efficiency  # the roofline the report divides by
-WARP_ISSUE_PER_S = 132 * 4 * 1.755e9  # SMs x schedulers x boost clock: one warp instruction per scheduler per clock
+WARP_ISSUE_PER_S = H100_SXM.warp_instr_per_s  # one warp instruction per scheduler per clock
+FLAT_PARAMS = 1.5e9  # the flat kernels' reference launch: a 1.5B-parameter policy's fp32 state
 ROWS = 16  # token rows the loss calls are captured at; bytes scale linearly to the modelled N
 
 
@@ -130,7 +131,8 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
     instrs = sass.sass_instructions(dump)
     threads = kernel.metadata.num_warps * 32
     ctas, limiter = sass.ctas_per_sm(threads, usage.get("regs", 0), kernel.metadata.shared)
-    loops = [sass.loop_summary(body) for body in sass.innermost_memory_loops(instrs)]
+    bodies = sass.innermost_memory_loops(instrs)
+    loops = [sass.loop_summary(body) for body in bodies]
     loop_elems = block / sass.tile_loop_trips(kernel.asm["ttgir"]) if loops else block
     per_elem = [round(n * threads / loop_elems, 2) for n in ([loop["instrs"] for loop in loops] or [len(instrs)])]
     program = sass.program_bytes(kernel.asm["ttgir"], loop_trips)
@@ -139,8 +141,8 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
     # of loops that differ in access width only the widest count: a masked tail (scalar, predicated accesses)
     # runs once per tensor, the vectorized full-block loop everywhere else
     widest = [max(sass.access_widths(loop), default=0) for loop in loops]
-    hot = [n for n, w in zip(per_elem, widest, strict=False) if w == max(widest, default=0)] or per_elem
-    issue_s = max(hot) / 32 / WARP_ISSUE_PER_S
+    hot_index = max((i for i, w in enumerate(widest) if w == max(widest)), key=lambda i: per_elem[i], default=None)
+    issue_s = (per_elem[hot_index] if loops else per_elem[0]) / 32 / WARP_ISSUE_PER_S
     issue_vs_memory = issue_s / (bytes_per_elem / HBM_BYTES_PER_S) if bytes_per_elem else None
     tensor_core = sum(op.split(".")[0] in ("HGMMA", "HMMA") for _, op, _ in instrs)
     if tensor_core:  # a matmul tile loop: judged by its tensor-core use, not by issue against streamed bytes
@@ -157,7 +159,9 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
             "atomic_bytes_per_program": program["atomic"],
             "tensor_core_in_loops": sum(loop["tensor_core"] for loop in loops),
             "hot_loops": loops, "hot_loop_elems": loop_elems, "hot_loop_instrs_per_elem": per_elem,
-            "bytes_per_elem": bytes_per_elem,
+            "hot_loop": hot_index, "outside_loops": sass.loop_summary(sass.outside_loops(instrs, bodies)),
+            "num_warps": kernel.metadata.num_warps, "bytes_per_elem": bytes_per_elem,
+            "atomic_bytes_per_elem": program["atomic"] / (block * loop_trips),
             "issue_vs_memory": issue_vs_memory,
             "program_bytes": program["max"], "masked_program_bytes": program["min"]}
 
@@ -316,13 +320,16 @@ def loss_report(compile_, N: int, V: int, T: int, with_liger: bool) -> list:
             # ours on a causal LM's logits: the extra position's row is masked (it only writes its zero
             # gradient); Liger's grid leaves that row out and zero-fills it with torch
             masked = 1 if impl == "ours" and call in ("sliced", "sliced_view") else 0
-            kernel_bytes = 0
+            kernel_bytes, kernel_ms = 0, 0.0
             for launch in launches:
                 m = compile_(impl, launch, V / _block_of(launch))  # masked tail lanes move no bytes
                 kernel_bytes += (sum(m["program_bytes"].values()) * (launch.num_programs - masked)
                                  + sum(m["masked_program_bytes"].values()) * masked)
+                kernel_ms += _time_logit_rows(m, launch, N / T, V)["ms"]
             total = (kernel_bytes + trace.bytes) * N / T
+            torch_ms = trace.bytes * N / T / HBM_BYTES_PER_S * 1e3
             rows.append({"impl": impl, "call": call, "gb": total / 1e9, "kernel_gb": kernel_bytes * N / T / 1e9,
+                         "modelled_ms": kernel_ms + torch_ms, "kernel_modelled_ms": kernel_ms,
                          "torch_op_gb": trace.bytes * N / T / 1e9, "torch_ops": trace.ops,
                          "kernels": [launch.name for launch in launches]})
     liger = {r["call"]: r["gb"] for r in rows if r["impl"] == "liger"}
@@ -331,18 +338,40 @@ def loss_report(compile_, N: int, V: int, T: int, with_liger: bool) -> list:
     return rows
 
 
+def _time_logit_rows(row: dict, launch: Launch, scale: float, V: int) -> dict:
+    """A loss kernel's launch (one program per token row) at `scale` times its captured rows, over V logits each."""
+    programs = round(launch.num_programs * scale)
+    t = kernel_time.streaming(H100_SXM, row, programs * V, programs, _dtype_name(launch))
+    row.setdefault("time", {**t, "reference": f"{programs} rows x V = {V}"})
+    return t
+
+
+def _dtype_name(launch: Launch) -> str:
+    first = next((a for a in launch.args if torch.is_tensor(a) and a.is_floating_point()), None)
+    return {torch.float32: "tf32"}.get(getattr(first, "dtype", None), "bf16")
+
+
 def flat_report(compile_) -> tuple:
-    """(per-kernel rows, GXPO bookkeeping bytes per parameter: unfused and fused into FlatAdamW)."""
+    """(per-kernel rows' bytes per parameter, GXPO bookkeeping bytes per parameter and modelled ms at
+    FLAT_PARAMS: unfused and fused into FlatAdamW)."""
     labelled, _ = flat_launches()
-    per_param = {}
-    for label, launch in labelled:
+    per_param, ms = {}, {}
+    for label, launch in labelled:  # the aligned twin of a one-unaligned launch comes first
         m = compile_("ours", launch, 1)
+        programs = math.ceil(FLAT_PARAMS / (_block_of(launch) * launch.kwargs.get("BPP", 1)))
+        twin_bytes = per_param.get(label.removesuffix(ONE_UNALIGNED))  # one of its two block loops runs per block
+        m.setdefault("time", {**kernel_time.streaming(H100_SXM, m, FLAT_PARAMS, programs, "tf32", twin_bytes),
+                              "reference": f"{FLAT_PARAMS:.3g} parameters"})
         if not label.endswith(ONE_UNALIGNED):  # compiled for their rows; their TTGIR holds both loops, one walked
             per_param[label] = sum(m["program_bytes"].values()) / _block_of(launch)
-    unfused = per_param["snapshot"] + per_param["grad_norm"] + per_param["extrapolate"] + per_param["grad_dots_g0"]
-    fused = ((per_param["adamw_snapshot"] - per_param["adamw"]) + 2 * per_param["grad_norm"]
-             + (per_param["adamw_extrapolate"] - per_param["adamw"]) + per_param["grad_dots_g0"])
-    return per_param, {"unfused": unfused, "fused_flat_adamw": fused}
+            ms[label] = m["time"]["ms"]
+
+    def step(x):  # one GXPO active step: probe snapshot, two norms, extrapolation, the corrective dots
+        return {"unfused": x["snapshot"] + x["grad_norm"] + x["extrapolate"] + x["grad_dots_g0"],
+                "fused_flat_adamw": ((x["adamw_snapshot"] - x["adamw"]) + 2 * x["grad_norm"]
+                                     + (x["adamw_extrapolate"] - x["adamw"]) + x["grad_dots_g0"])}
+
+    return per_param, step(per_param), step(ms)
 
 
 def loss_variant_launches(V=151936, rows=4):
@@ -387,6 +416,21 @@ def tiled_launches(N=256, V=4096, H=256):
             torch.autograd.grad(loss, (hidden, weight, bias))
         launches += captured if filter_eps == 0 else captured[1:]
     return launches
+
+
+def _time_tiled_row(row: dict, launch: Launch, N: int, V: int, H: int) -> dict:
+    """A tiled LM-head kernel at [N, H] x [V, H]: its tiles, H-chunks, programs and the HBM bytes of its half
+    of fused_linear_bytes' tiled terms."""
+    from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
+
+    kw, cfg = launch.kwargs, tile_config(N, V, H, torch.device("cuda"))
+    terms = fused_linear_bytes(N, V, H)["tiled_terms"]
+    row_tiles, tiles = math.ceil(N / kw["BLOCK_N"]), math.ceil(N / kw["BLOCK_N"]) * math.ceil(V / kw["BLOCK_V"])
+    forward = launch.name == "_lm_head_fwd_kernel"
+    hbm = sum(v for k, v in terms.items() if k.startswith("forward" if forward else "backward"))
+    t = kernel_time.tiled(H100_SXM, row, tiles, math.ceil(H / kw["BLOCK_H"]),
+                          row_tiles * cfg["splits"] if forward else tiles, hbm)
+    return {**t, "reference": f"N = {N}, V = {V}, H = {H}"}
 
 
 def fused_linear_bytes(N: int, V: int, H: int, dtype_bytes: int = 2) -> dict:
@@ -441,17 +485,22 @@ def capo_launches(H=1536, V=4096, K=50, n=8):
     return launches
 
 
-def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True, H=1536) -> dict:
+def build(N=16384, V=151936, T=1024, params=FLAT_PARAMS, with_liger=True, H=1536) -> dict:
     compile_ = Compiler()
     with sm90_target():
         calls = loss_report(compile_, N, V, T, with_liger)
-        per_param, bookkeeping = flat_report(compile_)
+        per_param, bookkeeping, bookkeeping_ms = flat_report(compile_)
         for launch in capo_launches():
-            compile_("ours", launch, math.ceil(1536 / _block_of(launch)))
+            trips = math.ceil(1536 / _block_of(launch))
+            m = compile_("ours", launch, trips)
+            m.setdefault("time", {**kernel_time.streaming(H100_SXM, m, launch.num_programs * _block_of(launch) * trips,
+                                                          launch.num_programs, "tf32"), "reference": "as captured"})
         for launch in loss_variant_launches(V):
-            compile_("ours", launch, V / _block_of(launch))
+            m = compile_("ours", launch, V / _block_of(launch))
+            _time_logit_rows(m, launch, N / launch.num_programs, V)
         for launch in tiled_launches():
-            compile_("ours", launch, 1)  # bytes of the tiled kernels: fused_linear_bytes (L2 reuse modelled)
+            m = compile_("ours", launch, 1)  # bytes of the tiled kernels: fused_linear_bytes (L2 reuse modelled)
+            m.setdefault("time", _time_tiled_row(m, launch, N, V, H))
     kernels = list(compile_.cache.values())
     return {"model": "static sm_90 (H100 SXM) model: compiled, not run", "shape": {"N": N, "V": V, "T": T, "H": H,
             "params": params, "logits_dtype": "bf16", "hbm_bytes_per_s": HBM_BYTES_PER_S},
@@ -459,6 +508,7 @@ def build(N=16384, V=151936, T=1024, params=1.5e9, with_liger=True, H=1536) -> d
             "fused_linear": fused_linear_bytes(N, V, H),
             "gxpo_bookkeeping_bytes_per_param": bookkeeping,
             "gxpo_bookkeeping_ms_at_roofline": {k: v * params / HBM_BYTES_PER_S * 1e3 for k, v in bookkeeping.items()},
+            "gxpo_bookkeeping_modelled_ms": bookkeeping_ms,
             "csrc_kernels": static_csrc.report(), "time_model": time_report.report()}
 
 
@@ -500,22 +550,27 @@ def to_markdown(report: dict, command: str) -> str:
                    f"{', '.join(map(str, k['hot_loop_instrs_per_elem']))} | "
                    f"{k['bytes_per_elem']:g} | {_pct(k['issue_vs_memory'])} |")
     out += ["", "## Loss calls: bytes of one forward+backward", "",
-            "| impl | call | GB | vs Liger | kernels GB | torch ops GB | torch ops | ms at roofline |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| impl | call | GB | vs Liger | kernels GB | torch ops GB | torch ops | ms at roofline | modelled ms |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for c in report["loss_calls"]:
         vs = f"{c['vs_liger']:.2f}x" if c["vs_liger"] else "-"
         ops = ", ".join(f"{k} x{v}" for k, v in c["torch_ops"].items()) or "-"
         out.append(f"| {c['impl']} | {c['call']} | {c['gb']:.1f} | {vs} | {c['kernel_gb']:.1f} | "
-                   f"{c['torch_op_gb']:.1f} | {ops} | {c['gb'] * 1e9 / sh['hbm_bytes_per_s'] * 1e3:.2f} |")
+                   f"{c['torch_op_gb']:.1f} | {ops} | {c['gb'] * 1e9 / sh['hbm_bytes_per_s'] * 1e3:.2f} | "
+                   f"{c['modelled_ms']:.2f} |")
     out += ["", "Calls: " + "; ".join(f"`{k}`: {v}" for k, v in LOSS_CALLS.items()) + ".", "",
             *_fused_linear_markdown(report["fused_linear"]),
             "## GXPO bookkeeping, bytes per parameter (fp32 state)", "",
             "| kernel | B/param |", "|---|---|"]
     out += [f"| {k} | {v:g} |" for k, v in report["flat_bytes_per_param"].items()]
     bk, ms = report["gxpo_bookkeeping_bytes_per_param"], report["gxpo_bookkeeping_ms_at_roofline"]
+    modelled = report["gxpo_bookkeeping_modelled_ms"]
     out += ["", f"Per GXPO active step: {bk['unfused']:g} B/param with separate flat kernels, "
             f"{bk['fused_flat_adamw']:g} B/param fused into FlatAdamW; at {sh['params']:.3g} parameters "
-            f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline."]
+            f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline; modelled (the kernel "
+            f"launches' times below, {FLAT_PARAMS:.3g} parameters): {modelled['unfused']:.1f} ms and "
+            f"{modelled['fused_flat_adamw']:.1f} ms."]
+    out += ["", *kernel_time.markdown(report["kernels"], H100_SXM.name)]
     out += static_csrc.to_markdown(report.get("csrc_kernels", []))
     out += [""] + time_report.to_markdown(report["time_model"])
     return "\n".join(out) + "\n"

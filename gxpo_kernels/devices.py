@@ -18,6 +18,7 @@ class DeviceProfile:
     ffma_flops: float  # fp32 FMA peak (2 FLOP each)
     mufu_per_clk_per_sm: int = 16  # ex2 / rcp / rsqrt / lg2
     schedulers_per_sm: int = 4  # one warp instruction per scheduler per clock
+    smem_bytes_per_clk_per_sm: int = 128  # 32 banks x 4 bytes
     # achievable fractions of the peaks: fit to the calibration table's measurements (gxpo_bench/calibration.py)
     hbm_efficiency: float = 0.90
     tensor_efficiency: float = 0.80
@@ -28,6 +29,10 @@ class DeviceProfile:
     @property
     def warp_instr_per_s(self) -> float:
         return self.sms * self.schedulers_per_sm * self.clock_hz
+
+    @property
+    def smem_bytes_per_s(self) -> float:
+        return self.sms * self.smem_bytes_per_clk_per_sm * self.clock_hz
 
     @property
     def mufu_per_s(self) -> float:
@@ -44,6 +49,7 @@ _HOPPER_SOURCES = (
     "dense tensor peaks: NVIDIA H100 / H200 datasheets (bf16 1979 TFLOP/s and tf32 989 TFLOP/s with sparsity, "
     "half that dense); FFMA: 128 fp32 lanes per SM per clock (CUDA C++ Programming Guide, throughput table, cc 9.0)",
     "MUFU: 16 per SM per clock for exp2 / rcp / rsqrt (CUDA C++ Programming Guide, throughput table, cc 9.0)",
+    "shared memory: 32 banks of 4 bytes per SM per clock (CUDA C++ Programming Guide, shared memory, cc 9.0)",
     "L2: 50 MB (whitepaper); bandwidth: Chips and Cheese's H100 PCIe measurement (~5.5 TB/s at 1.755 GHz) scaled "
     "to the SXM boost clock",
     "efficiencies: fit to a bf16 8192^3 GEMM on an H200 (about 790 TFLOP/s) and a device-to-device copy (about "

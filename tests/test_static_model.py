@@ -139,3 +139,29 @@ def test_atomics_are_counted_and_the_time_model_is_reported(report):
     for row in tm["lm_head"]:
         ours = row["plans"]["ours (auto)"]
         assert ours["vs_peers"] <= 1 and ours["mem_vs_liger"] <= 0.25
+
+
+def test_every_kernel_launch_and_loss_call_has_a_modelled_time(report):
+    """Each compiled kernel at its reference launch: every resource's time, the largest as its time; the tiled
+    LM-head kernels' tensor-core FLOPs read from their HGMMA shapes equal the math's 2NVH forward and 6NVH
+    backward (logits recomputed, d_hidden, d_weight), and their backward is bound by its fp32 atomics."""
+    from gxpo_bench.kernel_time import RESOURCES
+
+    for k in report["kernels"]:
+        t = k["time"]
+        assert set(t["resource_ms"]) == set(RESOURCES) and t["programs"] >= 1, k["kernel"]
+        assert t["ms"] == max(t["resource_ms"].values()) > 0 and t["bound"] in RESOURCES, (k["kernel"], t)
+        assert 0 < t["wave_efficiency"] <= 1
+    fl = report["fused_linear"]
+    nvh = fl["N"] * fl["V"] * fl["H"]
+    for k in report["kernels"]:
+        if k["kernel"].startswith("_lm_head_"):
+            passes = 2 if k["kernel"] == "_lm_head_fwd_kernel" else 6
+            assert k["time"]["work"]["mma_flops"] == pytest.approx(passes * nvh, rel=0.01), k["config"]
+            if k["kernel"] == "_lm_head_bwd_kernel":
+                assert k["time"]["bound"] == "atomics", k["time"]["resource_ms"]
+    for c in report["loss_calls"]:
+        roofline_ms = c["gb"] * 1e9 / report["shape"]["hbm_bytes_per_s"] * 1e3
+        assert c["modelled_ms"] >= roofline_ms * 0.999, c
+    ms = report["gxpo_bookkeeping_modelled_ms"]
+    assert 0 < ms["fused_flat_adamw"] < ms["unfused"]
