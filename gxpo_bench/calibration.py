@@ -83,6 +83,39 @@ def rows() -> list:
     return out
 
 
+LIGER_CE_ROWS = 16384  # B = 8, T = 2048
+
+
+def compiled_liger_rows() -> list:
+    """Liger's cross-entropy rows again, from its kernel as compiled for sm_80 (liger_cross_entropy_kernel at
+    each V, captured from liger_kernel.transformers.functional.liger_cross_entropy) and the per-launch time
+    model (gxpo_bench/kernel_time.py) on the A100 profile; full adds AccumulateGrad's copy of the gradient.
+    Needs liger-kernel and a Triton that compiles for sm_80 (the static report's toolchain)."""
+    from importlib.metadata import version
+
+    import torch
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    from . import kernel_time, static
+
+    out = []
+    with static.sm90_target(arch=80):
+        for V, fwd, full in LIGER_CE_A100:
+            x = torch.randn(4, V, requires_grad=True)
+            with static.captured_launches() as launches:
+                liger_cross_entropy(x, torch.randint(0, V, (4,))).backward()
+            [launch] = launches  # the loss and its gradient in one kernel; backward with grad_output 1 skips its mul
+            block = static._block_of(launch)
+            row = static.compile_launch(launch, V / block, block, arch=80)
+            t = kernel_time.streaming(A100_SXM4, row, LIGER_CE_ROWS * V, LIGER_CE_ROWS, "tf32", every_loop=True)
+            copy = _ms(cost.memory_pass(A100_SXM4, "", 2 * LIGER_CE_ROWS * V * 4))
+            where = (f"{LIGER_MAIN}; liger {version('liger-kernel')}'s kernel compiled for sm_80, {row['regs']} "
+                     f"registers, bound: {t['bound']}")
+            out += [Row(f"Liger cross_entropy forward, V = {V}, compiled", "A100", where, fwd, t["ms"]),
+                    Row(f"Liger cross_entropy full, V = {V}, compiled", "A100", where, full, t["ms"] + copy)]
+    return out
+
+
 def to_markdown(table: list) -> list:
     fit = fit_efficiencies()
     out = ["## Time model: calibration", "",

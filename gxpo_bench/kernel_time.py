@@ -36,10 +36,15 @@ def _step(dev, name, work: dict, programs: int, ctas_per_sm: int, dtype: str) ->
 
 
 def streaming(dev: DeviceProfile, row: dict, elements: float, programs: int, dtype="bf16",
-              bytes_per_elem: float | None = None) -> dict:
+              bytes_per_elem: float | None = None, every_loop: bool = False) -> dict:
     """A kernel that streams `elements` (logits, parameters) through its hot loop, `programs` programs;
-    bytes_per_elem: where the TTGIR's count walks alternative loops both (default: the row's)."""
-    hot = row["hot_loops"][row["hot_loop"]] if row["hot_loops"] else row["outside_loops"]
+    bytes_per_elem: where the TTGIR's count walks alternative loops both (default: the row's); every_loop:
+    its innermost loops run one after another over the same elements (passes), not as alternatives."""
+    if every_loop and row["hot_loops"]:
+        hot = {key: sum(loop[key] for loop in row["hot_loops"])
+               for key in ("instrs", "mufu", "mma_flops_per_warp", "mma_smem_bytes_per_warp")}
+    else:
+        hot = row["hot_loops"][row["hot_loop"]] if row["hot_loops"] else row["outside_loops"]
     per_elem = row["threads"] / row["hot_loop_elems"]  # one thread's share of an iteration, per element
     nbytes = (row["bytes_per_elem"] if bytes_per_elem is None else bytes_per_elem) * elements
     work = {"hbm_bytes": nbytes, "l2_bytes": nbytes, "mma_flops": hot["mma_flops_per_warp"] * per_elem / 32 * elements,

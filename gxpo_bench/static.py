@@ -70,8 +70,8 @@ def captured_launches():
 
 
 @contextmanager
-def sm90_target():
-    """Triton compiles for an H100 on a machine without one."""
+def sm90_target(arch: int = 90):
+    """Triton compiles for an H100 (or another compute capability: 80, an A100) on a machine without one."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
     from triton.runtime.driver import driver
@@ -82,7 +82,7 @@ def sm90_target():
             return True
 
         def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+            return GPUTarget("cuda", arch, 32)
 
         def get_active_torch_device(self):
             return torch.device("cpu")
@@ -113,10 +113,10 @@ def sm90_target():
         driver._active = previous
 
 
-def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
-    """Compile one captured launch for sm_90 and read what the chip would run. block: the elements one
-    program handles per hot-loop iteration (or in all, for a kernel without a loop); a tile loop inside it
-    (sass.tile_loop_trips) handles a share."""
+def compile_launch(launch: Launch, loop_trips: int, block: int, arch: int = 90) -> dict:
+    """Compile one captured launch for sm_90 (under sm90_target(arch): that arch) and read what the chip would
+    run. block: the elements one program handles per hot-loop iteration (or in all, for a kernel without a
+    loop); a tile loop inside it (sass.tile_loop_trips) handles a share."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     kernel = launch.fn.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
@@ -124,8 +124,8 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         open(ptx, "w").write(kernel.asm["ptx"])
         open(cubin, "wb").write(kernel.asm["cubin"])
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "r.cubin")],
-                             capture_output=True, text=True)
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", ptx,
+                              "-o", os.path.join(tmp, "r.cubin")], capture_output=True, text=True)
         dump = subprocess.run([sass.tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     usage = sass.ptxas_usage(log.stdout + log.stderr)
     instrs = sass.sass_instructions(dump)
@@ -148,7 +148,7 @@ def compile_launch(launch: Launch, loop_trips: int, block: int) -> dict:
     if tensor_core:  # a matmul tile loop: judged by its tensor-core use, not by issue against streamed bytes
         issue_vs_memory = None
     constexprs = {k: v for k, v in launch.kwargs.items() if k.isupper() or k == "num_warps"}
-    first = next((a for a in launch.args if torch.is_tensor(a)), None)
+    first = next((a for a in (*launch.args, *launch.kwargs.values()) if torch.is_tensor(a)), None)
     config = " ".join([f"{k}={_short(v)}" for k, v in constexprs.items()] + [f"arg0={str(first.dtype)[6:]}"])
     return {"kernel": launch.name, "config": config,
             "regs": usage.get("regs"), "spill_bytes": usage.get("spill_bytes"), "threads": threads,
@@ -292,7 +292,7 @@ def flat_launches(numels=(4096, 1000, 16, 4100)):
 
 def _block_of(launch: Launch) -> int:
     kw = launch.kwargs
-    return kw.get("BLOCK_V") or kw.get("BLOCK_N") or kw.get("BLOCK_H") or kw.get("BLOCK") or 1
+    return kw.get("BLOCK_V") or kw.get("BLOCK_N") or kw.get("BLOCK_H") or kw.get("BLOCK") or kw.get("BLOCK_SIZE") or 1
 
 
 class Compiler:
@@ -509,7 +509,7 @@ def build(N=16384, V=151936, T=1024, params=FLAT_PARAMS, with_liger=True, H=1536
             "gxpo_bookkeeping_bytes_per_param": bookkeeping,
             "gxpo_bookkeeping_ms_at_roofline": {k: v * params / HBM_BYTES_PER_S * 1e3 for k, v in bookkeeping.items()},
             "gxpo_bookkeeping_modelled_ms": bookkeeping_ms,
-            "csrc_kernels": static_csrc.report(), "time_model": time_report.report()}
+            "csrc_kernels": static_csrc.report(), "time_model": time_report.report(compiled_liger=with_liger)}
 
 
 def _fused_linear_markdown(fl: dict) -> list:

@@ -44,9 +44,11 @@ def profile_rows() -> list:
             for d in (H100_SXM, H200)]
 
 
-def report() -> dict:
+def report(compiled_liger: bool = True) -> dict:
+    """compiled_liger: add the calibration rows of Liger's cross-entropy kernel as compiled (needs liger-kernel)."""
+    table = calibration.rows() + (calibration.compiled_liger_rows() if compiled_liger else [])
     return {"profiles": profile_rows(), "lm_head": lm_head_rows(),
-            "calibration": [{**vars(r), "error": r.error} for r in calibration.rows()],
+            "calibration": [{**vars(r), "error": r.error} for r in table],
             "fit": calibration.fit_efficiencies()}
 
 

@@ -165,3 +165,11 @@ def test_every_kernel_launch_and_loss_call_has_a_modelled_time(report):
         assert c["modelled_ms"] >= roofline_ms * 0.999, c
     ms = report["gxpo_bookkeeping_modelled_ms"]
     assert 0 < ms["fused_flat_adamw"] < ms["unfused"]
+
+
+@pytest.mark.skipif(not LIGER, reason="needs liger-kernel: its cross-entropy kernel is compiled for the calibration")
+def test_liger_cross_entropy_compiled_for_sm80_matches_its_published_a100_timings(report):
+    compiled = [r for r in report["time_model"]["calibration"] if r["what"].endswith(", compiled")]
+    assert len(compiled) == 12 and all(r["device"] == "A100" for r in compiled)
+    for r in compiled:
+        assert abs(r["error"]) <= 0.30, (r["what"], r["measured_ms"], r["modelled_ms"])
