@@ -106,5 +106,18 @@ def test_gpu_check_dry_run(tmp_path):
     (md,) = tmp_path.glob("*-gpu-check-dry-run.md")
     text = md.read_text()
     assert "Dry run: CPU timings" in text
-    for case in ("ours auto", "ours chunked, deterministic", "TRL 1.16 fused head", "Liger 0.8.5 fused linear GRPO"):
+    for case in ("ours auto", "ours chunked, deterministic", "TRL 1.16 fused head", "Liger 0.8.5 fused linear GRPO",
+                 "grpo_loss ours", "grpo_loss Liger", "flat snapshot", "flat extrapolate"):
         assert f"| {case} |" in text, case
+    for case in ("grpo_loss ours", "flat snapshot", "flat extrapolate"):  # ours must run, not be skipped
+        assert f"| {case} | skipped" not in text, case
+
+
+def test_gpu_check_profiles_each_ncu_case_with_clocks_left_alone():
+    from gxpo_bench import gpu_check
+
+    for case in gpu_check.NCU_CASES:
+        cmd = gpu_check.ncu_command(case)
+        assert cmd[:3] == ["ncu", "--clock-control", "none"] and cmd[-2:] == ["--one", case]
+        assert "lts__t_sectors_op_red.sum" in cmd[cmd.index("--metrics") + 1]
+    assert "--section" in gpu_check.ncu_command("ours auto", metrics=None)
