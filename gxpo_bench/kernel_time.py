@@ -71,6 +71,36 @@ def tiled(dev: DeviceProfile, row: dict, tiles: int, h_chunks: int, programs: in
     return _step(dev, row["kernel"], work, programs, row["ctas_per_sm"], dtype)
 
 
+def loop_trips(row: dict, trips: list) -> list:
+    """Trips per tile of each loop of row["loop_tree"]: `trips` for its loops in address order, a lock's spin
+    loop once per trip of the loop around it (uncontended)."""
+    given, at_depth, out = iter(trips), {}, []
+    for loop in row["loop_tree"]:
+        n = at_depth.get(loop["depth"] - 1, 1) * (1 if loop["spin"] else next(given))
+        at_depth[loop["depth"]] = n
+        out.append(n)
+    assert next(given, None) is None, f"{row['kernel']}: more trip counts than loops"
+    return out
+
+
+def tiled_loops(dev: DeviceProfile, row: dict, tiles: int, trips: list, programs: int, hbm_bytes: float,
+                dtype="bf16") -> dict:
+    """A tile kernel whose loops run different trip counts per tile (a peer's kernel: CCE's backward walks H in
+    one step in its logits loop and in twice that in its two gradient loops): each loop's own instructions
+    times its trips (loop_trips), the rest once per tile; L2 traffic and atomics from the program's TTGIR,
+    compiled with these trips (compile_launch(launch, trips, ...))."""
+    warps, out = row["num_warps"], row["outside_all_loops"]
+    per_loop = loop_trips(row, trips)
+    per_tile = {key: out[key] + sum(n * loop["own"][key] for n, loop in zip(per_loop, row["loop_tree"], strict=True))
+                for key in ("instrs", "mufu", "mma_flops_per_warp", "mma_smem_bytes_per_warp")}
+    work = {"hbm_bytes": hbm_bytes, "l2_bytes": sum(row["program_bytes"].values()) * tiles,
+            "mma_flops": per_tile["mma_flops_per_warp"] * warps * tiles,
+            "smem_bytes": per_tile["mma_smem_bytes_per_warp"] * warps * tiles,
+            "warp_instrs": per_tile["instrs"] * warps * tiles, "mufu": per_tile["mufu"] * warps * 32 * tiles,
+            "atomic_bytes": row["atomic_bytes_per_program"] * tiles}
+    return _step(dev, row["kernel"], work, programs, row["ctas_per_sm"], dtype)
+
+
 def markdown(rows: list, dev_name: str) -> list:
     out = [f"## Kernel launches: modelled time ({dev_name} profile)", "",
            "Each compiled kernel above at its reference launch: the loss kernels over N x V logits (N = 16384, V = "

@@ -53,13 +53,36 @@ GLOBAL_ACCESS = ("LDG", "STG", "LDGSTS", "RED", "REDG", "ATOMG", "UTMALDG")  # l
 ATOMICS = ("RED", "REDG", "ATOMG", "ATOM")  # sm_90 spells a global reduction REDG
 
 
-def innermost_memory_loops(instrs) -> list:
-    """Bodies of the innermost backward-branch loops that touch global memory, in address order."""
+def _loop_spans(instrs) -> set:
+    """(first, last address) of each backward branch's loop."""
     spans = set()
     for addr, op, args in instrs:
         m = re.search(r"0x([0-9a-f]+)", args) if op.split(".")[0] == "BRA" else None
         if m and int(m.group(1), 16) < addr:
             spans.add((int(m.group(1), 16), addr))
+    return spans
+
+
+def loop_tree(instrs) -> list:
+    """Every loop that touches global memory, in address order: {"depth": loops around it, "spin": a lock's
+    wait (an atomic compare-and-swap in its own body: one trip when uncontended), "own": loop_summary of the
+    instructions in it and in none of its nested loops}."""
+    touches = lambda lo, hi: any(lo <= a <= hi and op.split(".")[0] in GLOBAL_ACCESS  # noqa: E731
+                                 for a, op, _ in instrs)
+    spans = sorted(s for s in _loop_spans(instrs) if touches(*s))
+    out = []
+    for lo, hi in spans:
+        inner = [o for o in spans if o != (lo, hi) and lo <= o[0] and o[1] <= hi]
+        own = [i for i in instrs if lo <= i[0] <= hi and not any(a <= i[0] <= b for a, b in inner)]
+        out.append({"depth": sum(o[0] <= lo and hi <= o[1] for o in spans) - 1,
+                    "spin": any(op.startswith(("ATOMG", "ATOM")) and ".CAS" in op for _, op, _ in own),
+                    "own": loop_summary(own)})
+    return out
+
+
+def innermost_memory_loops(instrs) -> list:
+    """Bodies of the innermost backward-branch loops that touch global memory, in address order."""
+    spans = _loop_spans(instrs)
     touches = lambda lo, hi: any(lo <= a <= hi and op.split(".")[0] in GLOBAL_ACCESS  # noqa: E731
                                  for a, op, _ in instrs)
     spans = [s for s in spans if touches(*s)]
@@ -139,9 +162,12 @@ def ctas_per_sm(threads: int, regs: int, smem_bytes: int) -> tuple:
 def ttgir_accesses(ttgir: str) -> dict:
     """Tensor loads and stores of a program per basic block of its control flow:
     {block: {"accesses": [(kind, bytes, loops, branch)], "next": [blocks]}}; loops: the trip counts of the
-    enclosing scf.for loops, outermost first (None where the bounds are run-time values); branch: ((if number,
-    "then" | "else"), ...) of the enclosing scf.if regions. Early returns show up as cf.cond_br between blocks."""
-    blocks, cur, stack, n_ifs, body_depth = {}, "^entry", [], 0, None
+    enclosing scf.for loops, outermost first (for run-time bounds, RuntimeLoop(i): the i-th such loop in the
+    program); branch: ((if number, "then" | "else"), ...) of the enclosing scf.if regions. Early returns show
+    up as cf.cond_br between blocks. Asynchronous copies to shared memory (LDGSTS, the software pipeline's
+    loads) count as loads; those the pipeliner hoists ahead of their loop (its first stages) are left out, since
+    the loop's own copy, times its trips, already counts every iteration."""
+    blocks, cur, stack, n_ifs, body_depth, n_runtime = {}, "^entry", [], 0, None, 0
     blocks[cur] = {"accesses": [], "next": []}
     for raw in ttgir.splitlines():
         line = raw.strip()
@@ -152,26 +178,59 @@ def ttgir_accesses(ttgir: str) -> dict:
             continue
         if line.startswith("}"):
             top = stack.pop() if stack else None
-            if line.endswith("{") and top and top[0] == "if":  # "} else {"
-                stack.append(("if", top[1], "else"))
+            if line.endswith("{") and top:  # "} else {", or a while loop's "} do {"
+                stack.append(("if", top[1], "else") if top[0] == "if" else top)
             continue
         if re.search(r"\bcf\.(cond_)?br\b", line):
             blocks[cur]["next"] += [b.split("(")[0] for b in re.findall(r"\^bb\d+", line)]
-        m = re.search(r"\btt\.(load|store|atomic_rmw)\b.*tensor<((?:\d+x)+)!tt\.ptr<(\w+)>", line)
+        m = _ACCESS.search(line)
         if m:
             branch = tuple((f[1], f[2]) for f in stack if f[0] == "if")
-            numel = math.prod(int(d) for d in m.group(2).rstrip("x").split("x"))
-            blocks[cur]["accesses"].append((m.group(1), numel * _DTYPE_BYTES.get(m.group(3), 4),
-                                            tuple(f[1] for f in stack if f[0] == "for"), branch))
+            numel = math.prod(int(d) for d in m.group(3).rstrip("x").split("x"))
+            kind = "load" if m.group(1) else m.group(2)
+            blocks[cur]["accesses"].append(_Access(kind, numel * _DTYPE_BYTES.get(m.group(4), 4),
+                                                   tuple(f[1] for f in stack if f[0] == "for"), branch,
+                                                   m.group(5) if m.group(1) else None))
         if line.endswith("{"):
             if "scf.if" in line:
                 stack.append(("if", n_ifs, "then"))
                 n_ifs += 1
+            elif "scf.for" in line:
+                trips = constant_trips(line)
+                if trips is None:
+                    trips, n_runtime = RuntimeLoop(n_runtime), n_runtime + 1
+                stack.append(("for", trips))
             else:
-                stack.append(("for", constant_trips(line)) if "scf.for" in line else ("block",))
+                stack.append(("block",))
             if "tt.func" in line:
                 body_depth = len(stack)
-    return blocks
+    return {name: {**b, "accesses": _without_pipeline_prologue(b["accesses"], blocks)} for name, b in blocks.items()}
+
+
+_ACCESS = re.compile(r"\b(?:(ttg\.async_copy_global_to_local)|tt\.(load|store|atomic_rmw))\b.*"
+                     r"tensor<((?:\d+x)+)!tt\.ptr<(\w+)>(, #\w+)?")
+
+
+class RuntimeLoop(int):
+    """An scf.for whose bounds are run-time values, numbered in program order."""
+
+
+class _Access(tuple):
+    """(kind, bytes, loops, branch) of ttgir_accesses; `copy`: an asynchronous copy's source layout."""
+
+    def __new__(cls, kind, nbytes, loops, branch, copy=None):
+        out = super().__new__(cls, (kind, nbytes, loops, branch))
+        out.copy = copy
+        return out
+
+
+def _without_pipeline_prologue(accesses, blocks) -> list:
+    deeper = [(a[1], a.copy, a[2]) for b in blocks.values() for a in b["accesses"] if a.copy is not None]
+
+    def hoisted(a):
+        return a.copy is not None and any(n == a[1] and c == a.copy and len(loops) > len(a[2])
+                                          and loops[:len(a[2])] == a[2] for n, c, loops in deeper)
+    return [a for a in accesses if not hoisted(a)]
 
 
 _CONSTANT = r"%c(\d+)_i(?:32|64)(?:_\d+)?"
@@ -193,7 +252,7 @@ def tile_loop_trips(ttgir: str) -> float:
     block's tiles inside its walk of blocks), so one iteration of the innermost loop handles block / trips
     elements; 1 where the innermost loops are the run-time ones."""
     accesses = [a for block in ttgir_accesses(ttgir).values() for a in block["accesses"]]
-    trips = {loops[-1] for _, _, loops, _ in accesses if len(loops) >= 2 and loops[-1] is not None}
+    trips = {loops[-1] for _, _, loops, _ in accesses if len(loops) >= 2 and not isinstance(loops[-1], RuntimeLoop)}
     assert len(trips) <= 1, f"tile loops with different trip counts: {trips}"
     return next(iter(trips), 1)
 
@@ -207,16 +266,22 @@ def _branch_costs(accesses, loop_trips) -> list:
         total = {"load": 0, "store": 0, "atomic_rmw": 0}
         for kind, nbytes, loops, branch in accesses:
             if all(sides[i] == side for i, side in branch):
-                total[kind] += nbytes * math.prod(loop_trips if trips is None else trips for trips in loops)
+                total[kind] += nbytes * math.prod(_trips(t, loop_trips) for t in loops)
         out.append(total)
     return out
 
 
-def program_bytes(ttgir: str, loop_trips: float) -> dict:
+def _trips(trips, loop_trips):
+    if not isinstance(trips, RuntimeLoop):
+        return trips
+    return loop_trips[trips] if isinstance(loop_trips, (list, tuple)) else loop_trips
+
+
+def program_bytes(ttgir: str, loop_trips) -> dict:
     """{"max": {"load", "store"}, "min": {...}, "atomic": bytes}: the bytes one program moves down its costliest
     path (an unmasked row) and its cheapest (a masked one), and the bytes its atomics add at L2 down the
     costliest; accesses in a loop count its constant trip count, or loop_trips times where its bounds are
-    run-time values."""
+    run-time values (a sequence: the trips of each such loop, in program order)."""
     blocks = ttgir_accesses(ttgir)
     pick = {"max": max, "min": min}
 

@@ -113,10 +113,11 @@ def sm90_target(arch: int = 90):
         driver._active = previous
 
 
-def compile_launch(launch: Launch, loop_trips: int, block: int, arch: int = 90) -> dict:
+def compile_launch(launch: Launch, loop_trips, block: int, arch: int = 90) -> dict:
     """Compile one captured launch for sm_90 (under sm90_target(arch): that arch) and read what the chip would
     run. block: the elements one program handles per hot-loop iteration (or in all, for a kernel without a
-    loop); a tile loop inside it (sass.tile_loop_trips) handles a share."""
+    loop); a tile loop inside it (sass.tile_loop_trips) handles a share. loop_trips: the trips of its loops
+    with run-time bounds, or a list of them per loop in program order (sass.program_bytes)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     kernel = launch.fn.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
@@ -136,7 +137,8 @@ def compile_launch(launch: Launch, loop_trips: int, block: int, arch: int = 90) 
     loop_elems = block / sass.tile_loop_trips(kernel.asm["ttgir"]) if loops else block
     per_elem = [round(n * threads / loop_elems, 2) for n in ([loop["instrs"] for loop in loops] or [len(instrs)])]
     program = sass.program_bytes(kernel.asm["ttgir"], loop_trips)
-    bytes_per_elem = sum(program["max"].values()) / (block * loop_trips)
+    walk = loop_trips if isinstance(loop_trips, (int, float)) else loop_trips[0]  # a tile kernel's first loop
+    bytes_per_elem = sum(program["max"].values()) / (block * walk)
     # the hottest loop's instruction issue at the ideal rate, as a share of its bytes' time at the roofline;
     # of loops that differ in access width only the widest count: a masked tail (scalar, predicated accesses)
     # runs once per tensor, the vectorized full-block loop everywhere else
@@ -160,10 +162,16 @@ def compile_launch(launch: Launch, loop_trips: int, block: int, arch: int = 90) 
             "tensor_core_in_loops": sum(loop["tensor_core"] for loop in loops),
             "hot_loops": loops, "hot_loop_elems": loop_elems, "hot_loop_instrs_per_elem": per_elem,
             "hot_loop": hot_index, "outside_loops": sass.loop_summary(sass.outside_loops(instrs, bodies)),
+            "loop_tree": sass.loop_tree(instrs),
+            "outside_all_loops": sass.loop_summary(sass.outside_loops(instrs, _all_loop_bodies(instrs))),
             "num_warps": kernel.metadata.num_warps, "bytes_per_elem": bytes_per_elem,
-            "atomic_bytes_per_elem": program["atomic"] / (block * loop_trips),
+            "atomic_bytes_per_elem": program["atomic"] / (block * walk),
             "issue_vs_memory": issue_vs_memory,
             "program_bytes": program["max"], "masked_program_bytes": program["min"]}
+
+
+def _all_loop_bodies(instrs) -> list:
+    return [[i for i in instrs if lo <= i[0] <= hi] for lo, hi in sass._loop_spans(instrs)]
 
 
 def _pct(x):
@@ -502,14 +510,54 @@ def build(N=16384, V=151936, T=1024, params=FLAT_PARAMS, with_liger=True, H=1536
             m = compile_("ours", launch, 1)  # bytes of the tiled kernels: fused_linear_bytes (L2 reuse modelled)
             m.setdefault("time", _time_tiled_row(m, launch, N, V, H))
     kernels = list(compile_.cache.values())
-    return {"model": "static sm_90 (H100 SXM) model: compiled, not run", "shape": {"N": N, "V": V, "T": T, "H": H,
-            "params": params, "logits_dtype": "bf16", "hbm_bytes_per_s": HBM_BYTES_PER_S},
+    import triton
+
+    return {"model": "static sm_90 (H100 SXM) model: compiled, not run", "triton": triton.__version__,
+            "shape": {"N": N, "V": V, "T": T, "H": H,
+                                "params": params, "logits_dtype": "bf16", "hbm_bytes_per_s": HBM_BYTES_PER_S},
             "kernels": kernels, "loss_calls": calls, "flat_bytes_per_param": per_param,
             "fused_linear": fused_linear_bytes(N, V, H),
             "gxpo_bookkeeping_bytes_per_param": bookkeeping,
             "gxpo_bookkeeping_ms_at_roofline": {k: v * params / HBM_BYTES_PER_S * 1e3 for k, v in bookkeeping.items()},
             "gxpo_bookkeeping_modelled_ms": bookkeeping_ms,
-            "csrc_kernels": static_csrc.report(), "time_model": time_report.report(compiled_liger=with_liger)}
+            "csrc_kernels": static_csrc.report(), "time_model": time_report.report(compiled_peers=with_liger)}
+
+
+def _kernel_key(k: dict) -> tuple:
+    return k["impl"], k["kernel"], k["config"]
+
+
+def beside(report: dict, other: dict, path: str) -> dict:
+    """Each kernel row of `report` next to the same kernel (impl, kernel, config) in `other`, a report built
+    under another Triton: registers, spills, CTAs/SM, the hot loop's instructions and the modelled time."""
+    theirs = {_kernel_key(k): k for k in other["kernels"]}
+    pick = lambda k: None if k is None else {  # noqa: E731
+        "regs": k["regs"], "spill_bytes": k["spill_bytes"], "ctas_per_sm": k["ctas_per_sm"],
+        "hot_loop_instrs_per_elem": k["hot_loop_instrs_per_elem"], "ms": k.get("time", {}).get("ms")}
+    return {"path": path, "triton": other.get("triton", "unrecorded"),
+            "rows": [{"key": list(_kernel_key(k)), "ours": pick(k), "theirs": pick(theirs.get(_kernel_key(k)))}
+                     for k in report["kernels"]]}
+
+
+def _beside_markdown(report: dict) -> list:
+    b = report.get("beside")
+    if not b:
+        return []
+    mine, other = report["triton"], b["triton"]
+    out = [f"## Kernels under Triton {mine} and Triton {other}", "",
+           f"The rows above (Triton {mine}) beside the same kernel and config compiled by Triton {other} "
+           f"(`{b['path']}`, `make static-triton36`); `-`: no such row there. Modelled ms: the launch's time in the "
+           "table below, a model of sm_90.", "",
+           f"| impl | kernel | config | regs {mine} / {other} | spill B | CTAs/SM | hot-loop instrs/elem | "
+           "modelled ms |", "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r, key, f=str: "-" if r is None or r[key] is None else f(r[key])  # noqa: E731
+    for row in b["rows"]:
+        a, t = row["ours"], row["theirs"]
+        cells = [f"{fmt(a, key, f)} / {fmt(t, key, f)}" for key, f in
+                 (("regs", str), ("spill_bytes", str), ("ctas_per_sm", str),
+                  ("hot_loop_instrs_per_elem", lambda v: ", ".join(map(str, v))), ("ms", lambda v: f"{v:.3g}"))]
+        out.append("| " + " | ".join(row["key"] + cells) + " |")
+    return out + [""]
 
 
 def _fused_linear_markdown(fl: dict) -> list:
@@ -570,7 +618,7 @@ def to_markdown(report: dict, command: str) -> str:
             f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline; modelled (the kernel "
             f"launches' times below, {FLAT_PARAMS:.3g} parameters): {modelled['unfused']:.1f} ms and "
             f"{modelled['fused_flat_adamw']:.1f} ms."]
-    out += ["", *kernel_time.markdown(report["kernels"], H100_SXM.name)]
+    out += ["", *_beside_markdown(report), *kernel_time.markdown(report["kernels"], H100_SXM.name)]
     out += static_csrc.to_markdown(report.get("csrc_kernels", []))
     out += [""] + time_report.to_markdown(report["time_model"])
     return "\n".join(out) + "\n"

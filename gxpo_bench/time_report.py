@@ -44,9 +44,12 @@ def profile_rows() -> list:
             for d in (H100_SXM, H200)]
 
 
-def report(compiled_liger: bool = True) -> dict:
-    """compiled_liger: add the calibration rows of Liger's cross-entropy kernel as compiled (needs liger-kernel)."""
-    table = calibration.rows() + (calibration.compiled_liger_rows() if compiled_liger else [])
+def report(compiled_peers: bool = True) -> dict:
+    """compiled_peers: add the calibration rows of Liger's cross-entropy kernel and of CCE's kernels as
+    compiled (needs liger-kernel and cut-cross-entropy)."""
+    table = calibration.rows() + calibration.cce_baseline_rows()
+    if compiled_peers:
+        table += calibration.compiled_liger_rows() + calibration.compiled_cce_rows()
     return {"profiles": profile_rows(), "lm_head": lm_head_rows(),
             "calibration": [{**vars(r), "error": r.error} for r in table],
             "fit": calibration.fit_efficiencies()}

@@ -17,6 +17,7 @@ OURS = {"_grpo_loss_fwd_kernel", "_grpo_loss_bwd_kernel", "_snapshot_kernel", "_
         "_extrapolate_kernel", "_adamw_kernel", "_capo_q_kernel", "_capo_adam_kernel", "_lm_head_fwd_kernel",
         "_lm_head_bwd_kernel"}
 LIGER = importlib.util.find_spec("liger_kernel") is not None
+CCE = importlib.util.find_spec("cut_cross_entropy") is not None
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,8 @@ def test_atomics_are_counted_and_the_time_model_is_reported(report):
 def test_every_kernel_launch_and_loss_call_has_a_modelled_time(report):
     """Each compiled kernel at its reference launch: every resource's time, the largest as its time; the tiled
     LM-head kernels' tensor-core FLOPs read from their HGMMA shapes equal the math's 2NVH forward and 6NVH
-    backward (logits recomputed, d_hidden, d_weight), and their backward is bound by its fp32 atomics."""
+    backward (logits recomputed, d_hidden, d_weight), and their forward and backward are bound by L2 traffic
+    and fp32 atomics, not by the tensor cores."""
     from gxpo_bench.kernel_time import RESOURCES
 
     for k in report["kernels"]:
@@ -158,8 +160,11 @@ def test_every_kernel_launch_and_loss_call_has_a_modelled_time(report):
         if k["kernel"].startswith("_lm_head_"):
             passes = 2 if k["kernel"] == "_lm_head_fwd_kernel" else 6
             assert k["time"]["work"]["mma_flops"] == pytest.approx(passes * nvh, rel=0.01), k["config"]
-            if k["kernel"] == "_lm_head_bwd_kernel":
-                assert k["time"]["bound"] == "atomics", k["time"]["resource_ms"]
+            if k["kernel"] == "_lm_head_bwd_kernel":  # its atomics and tile reloads from L2, not its tensor work
+                r = k["time"]["resource_ms"]
+                assert k["time"]["bound"] in ("atomics", "l2") and min(r["atomics"], r["l2"]) > 1.5 * r["tensor"], r
+            else:  # 64 x 128 tiles: 43 FLOP per operand byte, over the L2's share (the async copies counted)
+                assert k["time"]["bound"] == "l2", k["time"]["resource_ms"]
     for c in report["loss_calls"]:
         roofline_ms = c["gb"] * 1e9 / report["shape"]["hbm_bytes_per_s"] * 1e3
         assert c["modelled_ms"] >= roofline_ms * 0.999, c
@@ -169,7 +174,22 @@ def test_every_kernel_launch_and_loss_call_has_a_modelled_time(report):
 
 @pytest.mark.skipif(not LIGER, reason="needs liger-kernel: its cross-entropy kernel is compiled for the calibration")
 def test_liger_cross_entropy_compiled_for_sm80_matches_its_published_a100_timings(report):
-    compiled = [r for r in report["time_model"]["calibration"] if r["what"].endswith(", compiled")]
+    compiled = [r for r in report["time_model"]["calibration"]
+                if r["what"].startswith("Liger") and r["what"].endswith(", compiled")]
     assert len(compiled) == 12 and all(r["device"] == "A100" for r in compiled)
     for r in compiled:
         assert abs(r["error"]) <= 0.30, (r["what"], r["measured_ms"], r["modelled_ms"])
+
+
+@pytest.mark.skipif(not (LIGER and CCE), reason="needs cut-cross-entropy: its kernels are compiled for the calibration")
+def test_cce_kernels_compiled_for_sm80_next_to_the_papers_timings(report):
+    """CCE's forward (tensor-bound) within +-30% of the paper's A100 timing; its unfiltered backward, whose
+    gradient loops hold a lock over an unpipelined read-modify-write, within +-30% once its L2 traffic is
+    taken after its tensor work; the CCE benchmark's torch baselines (eager, torch.compile) within +-30%."""
+    rows = {r["what"]: r for r in report["time_model"]["calibration"] if r["what"].startswith("CCE")}
+    fwd, bwd = rows["CCE loss (forward), compiled"], rows["CCE, no gradient filter: gradient, compiled"]
+    serialized = rows["CCE, no gradient filter: gradient, compiled, tensor + L2 serialized"]
+    assert abs(fwd["error"]) <= 0.30 and "bound: tensor" in fwd["source"], fwd
+    assert bwd["modelled_ms"] < serialized["modelled_ms"] and abs(serialized["error"]) <= 0.30, serialized
+    baselines = [r for what, r in rows.items() if what.startswith("CCE benchmark")]
+    assert len(baselines) == 6 and all(abs(r["error"]) <= 0.30 for r in baselines), baselines
