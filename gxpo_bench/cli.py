@@ -68,11 +68,12 @@ def run_kernels(args) -> dict:
 
 def run_step(args) -> dict:
     from gxpo_bench import results, step
+    from gxpo_kernels.optim import RULES
 
     device = _device()
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
-    if bad := [a for a in algos if a not in ("grpo", "sfpo", "gxpo")]:
-        raise ValueError(f"--algo: {bad} not among grpo, sfpo, gxpo")
+    if bad := [a for a in algos if a not in RULES]:
+        raise ValueError(f"--algo: {bad} not among {', '.join(RULES)}")
     cuda = device.type == "cuda"
     model = args.model or ("tiny-random" if args.fast else "smollm2-135m")
     B, P, T = (8, 16, 32) if args.fast else (64, 256, 1024) if cuda else (16, 32, 64)

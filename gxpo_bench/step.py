@@ -4,11 +4,13 @@ pass, base-optimizer steps, the rule's bookkeeping, reference log-probs, the mic
 log-probs are reused from pass 1 and cost nothing), tokens/s over real tokens, MFU and peak memory on
 GPU, and the ratios that matter for GXPO."""
 
+import dataclasses
 import statistics
 import time
 
 import torch
 
+from gxpo_kernels.optim import RULES
 from trainer.blocks import checkpoint_blocks
 from trainer.config import load_config
 from trainer.distributed import init_single_rank_group, shard_policy
@@ -74,8 +76,10 @@ class AlgoBench:
     def __init__(self, name: str, model_name: str, batch_shape: tuple, beta: float, device, overrides=(),
                  distribution="uniform", zero_adv_frac: float = 0.0):
         self.algo, self.device = name, device
-        self.cfg = load_config(overrides=[("model", model_name), ("algo", name.split("+")[0]), ("gxpo.gate", "never"),
-                                          ("sfpo.gate", "never"), ("loss.beta", str(beta)),
+        gates_off = [(f"{rule}.gate", "never") for rule, config in RULES.items()  # every pass of a step is timed
+                     if "gate" in {f.name for f in dataclasses.fields(config)}]
+        self.cfg = load_config(overrides=[("model", model_name), ("algo", name.split("+")[0]), *gates_off,
+                                          ("loss.beta", str(beta)),
                                           ("rollout.max_new_tokens", str(batch_shape[2])), *overrides])
         model, tokenizer = load_policy(model_name, torch.float32, seed=0)  # fp32 masters, as the trainer keeps
         checkpoint_blocks(model, self.cfg.activation_checkpointing)

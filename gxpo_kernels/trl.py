@@ -28,9 +28,8 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from .loss import fused_linear_grpo_loss
-from .optim import GXPO, SFPO
+from .optim import RULES, rule_config
 
-RULES = ("grpo", "gxpo", "sfpo")
 PER_SEQUENCE_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")  # a micro-batch weighs its share of sequences
 PER_TOKEN_LOSSES = ("bnpo",)  # its share of tokens; dapo / cispo / vespo normalize by the whole batch already
 FUSED_LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
@@ -44,16 +43,21 @@ FUSED_LOSS_OFF = (("importance_sampling_level", "token", "sequence-level ratios"
 
 @dataclass
 class GXPOConfig(GRPOConfig):
-    update_rule: str = field(default="gxpo", metadata={"help": "grpo (stock TRL), gxpo or sfpo"})
+    update_rule: str = field(default="gxpo", metadata={"help": "grpo (stock TRL) or a registered rule: gxpo, sfpo"})
     rule_preset: str | None = field(default=None, metadata={"help": "gxpo: final | paper; sfpo: official"})
-    rule_kwargs: dict = field(default_factory=dict, metadata={"help": "overrides: K, alpha, tau, gate, window, ..."})
+    rule_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "the rule's config fields (gxpo_kernels.optim.RULES[update_rule]): K, alpha, tau, gate, window, ..."})
     rule_micro_batches: int = field(default=1, metadata={"help": "chunks of the batch per closure pass"})
     fused_loss: bool = field(default=False, metadata={"help": "our loss fused with the LM head instead of TRL's"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.update_rule not in RULES:
-            raise ValueError(f"update_rule must be one of {RULES}, got {self.update_rule!r}")
+            raise ValueError(f"update_rule must be one of {tuple(RULES)}, got {self.update_rule!r}")
+        try:
+            self.rule_config().check()
+        except ValueError as e:
+            raise ValueError(f"update_rule={self.update_rule!r}, rule_preset / rule_kwargs: {e}") from None
         if self.rule_micro_batches < 1:
             raise ValueError(f"rule_micro_batches must be >= 1, got {self.rule_micro_batches}")
         if self.fused_loss:
@@ -64,6 +68,11 @@ class GXPOConfig(GRPOConfig):
                     raise ValueError(f"{name} must be 1 with update_rule={self.update_rule!r}: the rule takes one "
                                      f"step per generation batch and runs its passes over it (got {value})")
 
+
+    def rule_config(self):
+        """The update rule's config (resolved: its preset's values in the fields left unset)."""
+        preset = {"preset": self.rule_preset} if self.rule_preset else {}
+        return rule_config(self.update_rule, **preset, **self.rule_kwargs).resolved()
 
     def _check_fused_loss(self):
         if self.loss_type not in FUSED_LOSS_AGG:
@@ -117,12 +126,10 @@ class GXPOTrainer(GRPOTrainer):
         base = super().create_optimizer(*([model] if model is not None else []))
         if self.args.update_rule == "grpo":
             return base
-        rule_cls = GXPO if self.args.update_rule == "gxpo" else SFPO
-        preset = {"preset": self.args.rule_preset} if self.args.rule_preset else {}
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
         self.args.max_grad_norm = 0.0  # the rule clips; TRL's loop would only see the zeroed gradients
         params = [p for g in base.param_groups for p in g["params"]]
-        self.rule = rule_cls(params, base=base, max_grad_norm=max_norm, **preset, **self.args.rule_kwargs)
+        self.rule = self.args.rule_config().build(params, base, max_grad_norm=max_norm)
         self.optimizer = RuleOptimizer(self.rule)
         return self.optimizer
 

@@ -9,23 +9,13 @@ from dataclasses import dataclass, field
 import tomllib
 
 from gxpo_kernels.ops.reference import LOSS_AGGS
-from gxpo_kernels.optim.lookahead import OPTIMIZER_STATES
-from gxpo_kernels.optim.presets import (
-    DEFAULT_GXPO_PRESET,
-    DEFAULT_SFPO_PRESET,
-    GXPO_PRESETS,
-    SFPO_PRESETS,
-    hyperparameter_checks,
-    resolve,
-)
+from gxpo_kernels.optim import RULES
 
 from .hf_tasks import ANSWER_FROM, is_local, parse_filter
 from .plugins import PLUGINS
 from .plugins.capo import CAPOConfig
 from .plugins.grpo_lambda import GRPOLambdaConfig
 from .plugins.xrpo import XRPOConfig
-
-ALGOS = ("grpo", "sfpo", "gxpo")
 
 
 @dataclass
@@ -102,41 +92,6 @@ class OptimConfig:
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
             ("name", self.name in ("adamw", "flat_adamw"), "'adamw' or 'flat_adamw'"),
         ]
-
-
-@dataclass
-class GXPOConfig:
-    # The fields left none take the preset's value (gxpo_kernels/optim/presets.py): "final" (default: the
-    # authors' final runs, K 3, alpha 0.5, entropy window gate tau 2.0) or "paper" (the paper-era code).
-    preset: str = DEFAULT_GXPO_PRESET
-    K: int | None = None
-    alpha: float | None = None
-    tau: float | None = None
-    gate: str | None = None  # ema | ema_onesided | window | window_inclusive | never (gxpo_kernels/optim/gate.py)
-    gate_stat: str | None = None  # trajectory | g0 | entropy
-    window: int | None = None
-    warmup: int | None = None  # first observations that cannot trip the gate
-    optimizer_state: str = "accumulate"
-
-    def checks(self, cfg) -> list:
-        """(field, holds, what it must be) for each field; cfg is the whole config."""
-        return [*hyperparameter_checks("GXPO", vars(self)),
-                ("optimizer_state", self.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}")]
-
-
-@dataclass
-class SFPOConfig:
-    preset: str = DEFAULT_SFPO_PRESET  # "official": K 3, alpha 0.8, entropy window gate tau 1.0 (Urheen/SFPO)
-    K: int | None = None
-    alpha: float | None = None
-    tau: float | None = None
-    gate: str | None = None
-    window: int | None = None
-    warmup: int | None = None
-
-    def checks(self, cfg) -> list:
-        """(field, holds, what it must be) for each field; cfg is the whole config."""
-        return hyperparameter_checks("SFPO", vars(self))
 
 
 @dataclass
@@ -242,8 +197,6 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    gxpo: GXPOConfig = field(default_factory=GXPOConfig)
-    sfpo: SFPOConfig = field(default_factory=SFPOConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -251,11 +204,25 @@ class TrainConfig:
     xrpo: XRPOConfig = field(default_factory=XRPOConfig)
     capo: CAPOConfig = field(default_factory=CAPOConfig)
     grpo_lambda: GRPOLambdaConfig = field(default_factory=GRPOLambdaConfig)
+    # each registered update rule's config as its section ([gxpo], --gxpo.alpha; gxpo_kernels/optim/registry.py),
+    # read as cfg.<rule name>; `algo` picks the one that trains
+    rules: dict = field(default_factory=lambda: {name: config() for name, config in RULES.items()})
+
+    def __getattr__(self, name):
+        rules = vars(self).get("rules", {})
+        if name in rules:
+            return rules[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    @property
+    def rule(self):
+        """The training update rule's config."""
+        return self.rules[self.algo]
 
     def checks(self, cfg) -> list:
         """(field, holds, what it must be) for each field; cfg is the whole config."""
         return [
-            ("algo", self.algo in ALGOS, f"one of {ALGOS}"),
+            ("algo", self.algo in self.rules, f"one of {tuple(self.rules)}"),
             ("steps", self.steps >= 1, ">= 1"),
             ("attn_implementation", self.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
              "'auto', 'sdpa', 'eager' or 'flash_attention_2'"),
@@ -296,10 +263,21 @@ def _coerce(key, value, annotation):
                          ) from None
 
 
+def sections(cfg) -> dict:
+    """{name: section} of a TrainConfig: its dataclass fields' sections and each update rule's."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return {**{k: v for k, v in values.items() if dataclasses.is_dataclass(v)}, **cfg.rules}
+
+
+def _keys(obj) -> set:
+    names = {f.name for f in dataclasses.fields(obj) if f.name != "rules"}
+    return names | set(obj.rules) if isinstance(obj, TrainConfig) else names
+
+
 def _set(cfg, dotted_key, value):
     obj, parts = cfg, dotted_key.split(".")
     for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(obj)}
+        fields = _keys(obj)
         if part not in fields:
             known = ", ".join(sorted(fields))
             raise ValueError(f"unknown config key {dotted_key!r} ({'.'.join(parts[:i + 1])!r} is not one of: {known})")
@@ -367,16 +345,8 @@ def resolve_benchmark(i: int, entry) -> dict:
 
 
 def resolve_presets(cfg: TrainConfig):
-    """GXPO's and SFPO's fields left none take their preset's values, so config.toml records what ran."""
-    for name, presets in (("gxpo", GXPO_PRESETS), ("sfpo", SFPO_PRESETS)):
-        section = getattr(cfg, name)
-        if section.preset not in presets:
-            raise ValueError(f"config key '{name}.preset' must be one of {tuple(presets)}")
-        fields = {f.name for f in dataclasses.fields(section)}
-        given = {k: getattr(section, k) for k in presets[section.preset] if k in fields}
-        for key, value in resolve(presets, section.preset, name, **given).items():
-            if key in fields:
-                setattr(section, key, value)
+    """Each update rule's fields left none take its preset's values, so config.toml records what ran."""
+    cfg.rules = {name: section.resolved() for name, section in cfg.rules.items()}
 
 
 def resolve_recipe(cfg: TrainConfig):
@@ -395,25 +365,18 @@ def _filter_ok(spec: str) -> bool:
 
 def validate(cfg: TrainConfig):
     """Each section checks its own fields (its checks method); the first failure names section.field."""
-    sections = [("", cfg)] + [(f.name + ".", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                              if dataclasses.is_dataclass(getattr(cfg, f.name))]
-    for prefix, section in sections:
+    for prefix, section in [("", cfg)] + [(name + ".", section) for name, section in sections(cfg).items()]:
         for name, ok, expected in section.checks(cfg):
             if not ok:
                 raise ValueError(f"config key '{prefix}{name}' must be {expected}")
 
 
 def to_toml(cfg: TrainConfig) -> str:
-    lines, sections = [], []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            sections.append((f.name, value))
-        else:
-            lines.append(f"{f.name} = {_toml_value(value)}")
-    for name, section in sections:
-        lines += ["", f"[{name}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(section).items()]
+    lines = [f"{f.name} = {_toml_value(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
+             if f.name != "rules" and not dataclasses.is_dataclass(getattr(cfg, f.name))]
+    for name, section in sections(cfg).items():
+        if values := dataclasses.asdict(section):
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
 

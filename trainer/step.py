@@ -6,34 +6,23 @@ import time
 
 import torch
 
-from gxpo_kernels import GRPO, GXPO, SFPO, FlatAdamW
+from gxpo_kernels import FlatAdamW
 
 from .distributed import SINGLE, Dist
 from .packing import pack, padding_fractions
 
 
 def make_update_rule(cfg, params):
+    """The configured rule (cfg.algo's section, through gxpo_kernels.optim.RULES) over the base optimizer."""
     base_kwargs = {"lr": cfg.optim.lr, "betas": tuple(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay}
     base = FlatAdamW if cfg.optim.name == "flat_adamw" else torch.optim.AdamW
-    if cfg.algo == "grpo":
-        return GRPO(params, base=base, max_grad_norm=cfg.optim.max_grad_norm, allow_bf16_params=cfg.bf16_params,
-                    **base_kwargs)
-    if cfg.algo == "gxpo":
-        g = cfg.gxpo
-        return GXPO(params, base=base, preset=g.preset, K=g.K, alpha=g.alpha, tau=g.tau, gate=g.gate,
-                    gate_stat=g.gate_stat, window=g.window, warmup=g.warmup, optimizer_state=g.optimizer_state,
-                    max_grad_norm=cfg.optim.max_grad_norm, allow_bf16_params=cfg.bf16_params, **base_kwargs)
-    s = cfg.sfpo
-    return SFPO(params, base=base, preset=s.preset, K=s.K, alpha=s.alpha, tau=s.tau, gate=s.gate, window=s.window,
-                warmup=s.warmup, max_grad_norm=cfg.optim.max_grad_norm, allow_bf16_params=cfg.bf16_params,
-                **base_kwargs)
+    return cfg.rule.build(params, base, max_grad_norm=cfg.optim.max_grad_norm, allow_bf16_params=cfg.bf16_params,
+                          **base_kwargs)
 
 
 def gate_reads_batch_entropy(cfg) -> bool:
     """The update rule's gate observes the corrective pass's entropy over the whole batch."""
-    if cfg.algo == "sfpo":
-        return cfg.sfpo.gate != "never"
-    return cfg.algo == "gxpo" and cfg.gxpo.gate_stat == "entropy" and cfg.gxpo.gate != "never"
+    return cfg.rule.reads_batch_entropy
 
 
 def skips_zero_advantages(cfg) -> bool:

@@ -34,24 +34,31 @@ SIGMA_FLOOR = 0.01
 EMA_UNSCORED = 2  # ema_onesided scores nothing until two observations exist
 
 
+def _int_at_least(value, low) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def gate_checks(gate, tau, omega, window, patience, fallback, fallback_window, warmup) -> list:
+    """(argument, holds, what it must be): the one home of the gate's ranges (its constructor and the rules'
+    configs read them)."""
+    return [("gate", gate in GATES, f"one of {GATES}"), ("tau", tau > 0, "> 0"),
+            ("omega", 0 < omega <= 1, "in (0, 1]"), ("window", _int_at_least(window, 1), "an int >= 1"),
+            ("warmup", _int_at_least(warmup, 0), "an int >= 0"),
+            ("patience", _int_at_least(patience, 1), "an int >= 1"),
+            ("fallback", fallback in FALLBACKS, f"one of {FALLBACKS}"),
+            ("fallback_window", _int_at_least(fallback_window, 1), "an int >= 1")]
+
+
 class ZScoreGate:
     """observe(H) once per active step; `open` says whether the next step may extrapolate."""
 
     def __init__(self, kind="window_inclusive", tau=2.0, omega=0.1, window=30, patience=1,
                  fallback="permanent", fallback_window=10, warmup=0):
-        if kind not in GATES:
-            raise ValueError(f"unknown gate {kind!r}; choose one of {GATES}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {fallback!r}; choose one of {FALLBACKS}")
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        if not 0 < omega <= 1:
-            raise ValueError(f"omega must be in (0, 1], got {omega}")
-        for name, value in (("window", window), ("patience", patience), ("fallback_window", fallback_window)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not (isinstance(warmup, int) and warmup >= 0):
-            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        given = {"gate": kind, "tau": tau, "omega": omega, "window": window, "patience": patience,
+                 "fallback": fallback, "fallback_window": fallback_window, "warmup": warmup}
+        for name, ok, expected in gate_checks(**given):
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {given[name]!r}")
         self.kind, self.tau, self.omega, self.fallback = kind, tau, omega, fallback
         self.window, self.patience, self.fallback_window, self.warmup = window, patience, fallback_window, warmup
         self.mu, self.sigma = 1.0, 1.0

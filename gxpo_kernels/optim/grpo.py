@@ -1,9 +1,11 @@
 """GRPO as an update rule: one pass, clip, one base step; the interface SFPO and GXPO share."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from .config import RuleConfig
 from .rule import UpdateRule
 
 
@@ -14,7 +16,9 @@ class GRPO(UpdateRule):
     and verl clip, FSDP2 DTensors included) and the base optimizer steps unless their norm is not
     finite. last_grad_norm is the pre-clip norm; gradients are cleared after the step."""
 
-    def __init__(self, params, base=torch.optim.AdamW, max_grad_norm=None, allow_bf16_params=False, **base_kwargs):
+    def __init__(self, params, base=torch.optim.AdamW, config=None, *, max_grad_norm=None, allow_bf16_params=False,
+                 **kwargs):
+        self.config, base_kwargs = GRPORuleConfig.split(config, kwargs)
         super().__init__(params, base, base_kwargs, max_grad_norm=max_grad_norm, allow_bf16_params=allow_bf16_params)
 
     def step(self, closure=None):
@@ -28,3 +32,11 @@ class GRPO(UpdateRule):
         self.base.zero_grad(set_to_none=True)
         self.last_grad_norm = norm
         return loss
+
+
+@dataclass
+class GRPORuleConfig(RuleConfig):
+    """GRPO has no knobs of its own (clipping and the base optimizer are every rule's)."""
+
+    name = "grpo"
+    rule = GRPO

@@ -1,17 +1,31 @@
 """GXPO: two fast steps, per-coordinate retention-ratio extrapolation to a virtual K-step point,
-a partial move, one corrective step; a z-score gate falls back to one-pass GRPO (docs/algorithm.md)."""
+a partial move, one corrective step; a z-score gate falls back to one-pass GRPO (docs/algorithm.md).
+
+Presets, each as the authors ran it (github SwapniL-afk-now/final-gxpo):
+- paper: the paper-era code (commit 1aeea653, "paper reproduction"; Algorithm 1's defaults): K = 5,
+  alpha = 0.5, EMA gate on the corrective gradient's pre-clip norm ||g~|| from mu = sigma = 1, w = 0.1,
+  two-sided |Z| >= 0.5, no warm-up.
+- final: the authors' final runs (train-scripts/final run scripts/run_gxpo.sh: K = 3, alpha = 0.5,
+  gxpo_tau = 2.0) under their final trainer, whose gate is SFPO's: the corrective pass's batch entropy
+  against the last 30 values including it, one-sided Z >= 2.0, once the window is full
+  (verl/trainer/ppo/ray_trainer.py, gxpo_trigger_signal = "entropy"; gxpo_warmup_steps = 0).
+The default is `final`: the authors' last word, and its gate is scale-free, where the paper-era EMA
+starting from mu = sigma = 1 trips within a step or two whenever ||g~|| is far from 1."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..extrapolation import DELTA, EXTRAP_STATS, TINY_G0_NORM
+from ..extrapolation import EXTRAP_STATS, TINY_G0_NORM
 from ..ops import flat_ops
-from .gate import ZScoreGate
-from .lookahead import LookaheadRule
-from .presets import DEFAULT_GXPO_PRESET, GATE_STATS, GXPO_PRESETS, check_hyperparameters, resolve
+from .lookahead import LookaheadConfig, LookaheadRule
 
-__all__ = ["GXPO", "GATE_STATS"]
+__all__ = ["GXPO", "GXPORuleConfig", "GATE_STATS"]
+
+# trajectory: pre-clip ||g~|| of the corrective pass; g0: pre-clip ||g0||; entropy: the corrective pass's
+# batch token entropy (the closure returns (loss, {"entropy_mean": H}))
+GATE_STATS = ("trajectory", "g0", "entropy")
 
 
 def _cos(dot, a, b):
@@ -21,8 +35,9 @@ def _cos(dot, a, b):
 class GXPO(LookaheadRule):
     """opt = GXPO(model.parameters(), base=torch.optim.AdamW, preset="final", lr=1e-6); opt.step(closure).
 
-    preset ("final" or "paper", see presets.py) sets K, alpha, tau, gate, gate_stat, omega, window and
-    warmup; any of them given here overrides it. Diagnostics follow the authors: r_mean, r_std and
+    GXPORuleConfig's fields (preset "final" or "paper"; K, alpha, tau, gate, gate_stat, omega, window, warmup,
+    patience, fallback, fallback_window, optimizer_state, delta) come as `config` or as keywords; the other
+    keywords go to the base optimizer. Diagnostics follow the authors: r_mean, r_std and
     scale_mean average over all coordinates (inactive ones count as 1); r_mean_active and
     scale_mean_active over the active coordinates only.
 
@@ -36,19 +51,12 @@ class GXPO(LookaheadRule):
     discarded steps.
     """
 
-    def __init__(self, params, base=torch.optim.AdamW, preset=DEFAULT_GXPO_PRESET, K=None, alpha=None, tau=None,
-                 gate=None, gate_stat=None, omega=None, window=None, warmup=None, patience=1, fallback="permanent",
-                 fallback_window=10, optimizer_state="accumulate", max_grad_norm=None, delta=DELTA,
-                 allow_bf16_params=False, **base_kwargs):
-        h = resolve(GXPO_PRESETS, preset, "GXPO", K=K, alpha=alpha, tau=tau, gate=gate, gate_stat=gate_stat,
-                    omega=omega, window=window, warmup=warmup)
-        check_hyperparameters("GXPO", h)
-        K, alpha, gate_stat = h["K"], h["alpha"], h["gate_stat"]
-        gate_obj = ZScoreGate(h["gate"], h["tau"], h["omega"], h["window"], patience, fallback, fallback_window,
-                              h["warmup"])
-        super().__init__(params, base, base_kwargs, gate=gate_obj, optimizer_state=optimizer_state,
-                         max_grad_norm=max_grad_norm, delta=delta, allow_bf16_params=allow_bf16_params)
-        self.preset, self.K, self.alpha, self.gate_stat = preset, K, alpha, gate_stat
+    def __init__(self, params, base=torch.optim.AdamW, config=None, *, max_grad_norm=None, allow_bf16_params=False,
+                 **kwargs):
+        config, base_kwargs = GXPORuleConfig.split(config, kwargs)
+        super().__init__(params, base, base_kwargs, config=config, max_grad_norm=max_grad_norm,
+                         allow_bf16_params=allow_bf16_params)
+        self.gate_stat = config.gate_stat
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,3 +123,27 @@ class GXPO(LookaheadRule):
             inactive_frac=n_inactive / n_total,
             ratio_clip_frac=sums["n_clipped"] / n_active, z=z, gate_stat=h,
         )
+
+
+@dataclass
+class GXPORuleConfig(LookaheadConfig):
+    gate_stat: str | None = None  # what the gate observes: trajectory | g0 | entropy (GATE_STATS)
+
+    name = "gxpo"
+    rule = GXPO
+    presets = {
+        "paper": {"K": 5, "alpha": 0.5, "tau": 0.5, "gate": "ema", "gate_stat": "trajectory", "omega": 0.1,
+                  "window": 30, "warmup": 0},
+        "final": {"K": 3, "alpha": 0.5, "tau": 2.0, "gate": "window_inclusive", "gate_stat": "entropy",
+                  "omega": 0.1, "window": 30, "warmup": 0},
+    }
+    default_preset = "final"
+    min_K = 2
+
+    def checks(self, cfg=None) -> list:
+        return [*super().checks(), *([("gate_stat", self.gate_stat in GATE_STATS, f"one of {GATE_STATS}")]
+                                     if self.preset in self.presets else [])]
+
+    @property
+    def reads_batch_entropy(self) -> bool:
+        return self.gate_stat == "entropy" and self.gate != "never"

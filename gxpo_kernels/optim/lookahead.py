@@ -2,18 +2,58 @@
 restores, optimizer-state transactions and the fallback to one plain step."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ..extrapolation import DELTA
 from ..flat import BLOCK, DTensor, GroupCache, local
 from ..ops import flat_ops
+from .config import RuleConfig
 from .flat_adamw import FlatAdamW
-from .gate import ZScoreGate
+from .gate import ZScoreGate, gate_checks
 from .rule import UpdateRule
 
 OPTIMIZER_STATES = ("accumulate", "transactional")
 FALLBACK_CODES = {"none": 0.0, "nonfinite_g0": 1.0, "tiny_g0": 2.0, "nonfinite_g1": 3.0, "nonfinite_gtilde": 4.0}
+
+
+@dataclass
+class LookaheadConfig(RuleConfig):
+    """SFPO's and GXPO's shared knobs. The fields left None take the preset's value (each rule's `presets`)."""
+
+    preset: str | None = None  # None: the rule's default preset
+    K: int | None = None  # fast steps (GXPO: the virtual K-step point it extrapolates to)
+    alpha: float | None = None  # the partial move from theta0 toward the extrapolated point
+    tau: float | None = None  # the gate's z-score threshold
+    gate: str | None = None  # ema | ema_onesided | window | window_inclusive | never (optim/gate.py)
+    omega: float | None = None  # the EMA gates' weight
+    window: int | None = None  # the window gates' length
+    warmup: int | None = None  # first observations that cannot trip the gate
+    patience: int = 1  # consecutive violations that trip it
+    fallback: str = "permanent"  # | "temporary": closed for fallback_window steps, then reopened
+    fallback_window: int = 10
+    optimizer_state: str = "accumulate"  # | "transactional": base moments restored before the corrective step
+    delta: float = DELTA  # the retention ratio's denominator guard
+
+    min_K = 1
+
+    def checks(self, cfg=None) -> list:
+        if self.preset not in self.presets:
+            return super().checks()
+        return [*super().checks(),
+                ("K", isinstance(self.K, int) and not isinstance(self.K, bool) and self.K >= self.min_K,
+                 f"an int >= {self.min_K}"),
+                ("alpha", 0 < self.alpha <= 1, "in (0, 1]"),
+                *gate_checks(self.gate, self.tau, self.omega, self.window, self.patience, self.fallback,
+                             self.fallback_window, self.warmup),
+                ("optimizer_state", self.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}"),
+                ("delta", self.delta > 0, "> 0")]
+
+    def make_gate(self) -> ZScoreGate:
+        return ZScoreGate(self.gate, self.tau, self.omega, self.window, self.patience, self.fallback,
+                          self.fallback_window, self.warmup)
 
 
 class LookaheadRule(UpdateRule):
@@ -21,16 +61,12 @@ class LookaheadRule(UpdateRule):
     z-score gate that falls back to one plain (GRPO) step per call once it trips, and the base
     optimizer's moments accumulated or restored around the fast steps (optimizer_state)."""
 
-    def __init__(self, params, base, base_kwargs, *, gate: ZScoreGate, optimizer_state, max_grad_norm, delta,
-                 allow_bf16_params=False):
-        if optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(f"unknown optimizer_state {optimizer_state!r}; choose one of {OPTIMIZER_STATES}")
-        if not delta > 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
+    def __init__(self, params, base, base_kwargs, *, config: LookaheadConfig, max_grad_norm, allow_bf16_params=False):
         super().__init__(params, base, base_kwargs, max_grad_norm=max_grad_norm, allow_bf16_params=allow_bf16_params)
-        self.gate = gate
-        self.optimizer_state = optimizer_state
-        self.delta = delta
+        self.config = config
+        self.gate = config.make_gate()
+        self.optimizer_state = config.optimizer_state
+        self.preset, self.K, self.alpha, self.delta = config.preset, config.K, config.alpha, config.delta
         self._cache = GroupCache(BLOCK)
         if isinstance(self.base, FlatAdamW):  # one set of flat groups: shared tables, no second theta0 / g0
             self.base._cache = self._cache

@@ -1,41 +1,36 @@
 """SFPO: K fast steps on the same batch, reposition theta_tilde = theta0 + alpha (theta_K - theta0),
-one corrective step; a z-score gate on the batch token entropy falls back to one-pass GRPO."""
+one corrective step; a z-score gate on the batch token entropy falls back to one-pass GRPO.
+
+Preset official (github Urheen/SFPO, train-scripts/*_sfpo.sh and ray_trainer.py): K = 3 fast steps,
+alpha = 0.8, the corrective pass's batch entropy against the last 30 values including it, one-sided
+z >= 1.0, once the window is full."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..extrapolation import DELTA
 from ..ops import flat_ops
-from .gate import ZScoreGate
-from .lookahead import LookaheadRule
-from .presets import DEFAULT_SFPO_PRESET, SFPO_PRESETS, check_hyperparameters, resolve
+from .lookahead import LookaheadConfig, LookaheadRule
 
 
 class SFPO(LookaheadRule):
     """sfpo = SFPO(params, base=torch.optim.AdamW, preset="official", lr=...).
 
-    preset "official" (see presets.py) sets K, alpha, tau, gate, omega, window and warmup; any of them
-    given here overrides it. An active step calls the closure K + 1 times. The gate statistic is the
+    SFPORuleConfig's fields (preset "official"; K, alpha, tau, gate, omega, window, warmup, patience,
+    fallback, fallback_window, optimizer_state, delta) come as `config` or as keywords; the other keywords
+    go to the base optimizer. An active step calls the closure K + 1 times. The gate statistic is the
     batch token entropy of the corrective pass (at theta_tilde), as the official code reads it: the
     closure returns (loss, {"entropy_mean": H}) (grpo_loss(..., return_entropy=True) metrics do), or
     step(closure, gate_value=H) observes H instead. step() returns the first pass's loss. A non-finite
     gradient in any pass ends the step as one plain step with the first pass's gradient.
     """
 
-    def __init__(self, params, base=torch.optim.AdamW, preset=DEFAULT_SFPO_PRESET, K=None, alpha=None, tau=None,
-                 gate=None, omega=None, window=None, warmup=None, patience=1, fallback="permanent", fallback_window=10,
-                 optimizer_state="accumulate", max_grad_norm=None, delta=DELTA, allow_bf16_params=False,
-                 **base_kwargs):
-        h = resolve(SFPO_PRESETS, preset, "SFPO", K=K, alpha=alpha, tau=tau, gate=gate, omega=omega, window=window,
-                    warmup=warmup)
-        check_hyperparameters("SFPO", h)
-        K, alpha = h["K"], h["alpha"]
-        gate_obj = ZScoreGate(h["gate"], h["tau"], h["omega"], h["window"], patience, fallback, fallback_window,
-                              h["warmup"])
-        super().__init__(params, base, base_kwargs, gate=gate_obj, optimizer_state=optimizer_state,
-                         max_grad_norm=max_grad_norm, delta=delta, allow_bf16_params=allow_bf16_params)
-        self.preset, self.K, self.alpha = preset, K, alpha
+    def __init__(self, params, base=torch.optim.AdamW, config=None, *, max_grad_norm=None, allow_bf16_params=False,
+                 **kwargs):
+        config, base_kwargs = SFPORuleConfig.split(config, kwargs)
+        super().__init__(params, base, base_kwargs, config=config, max_grad_norm=max_grad_norm,
+                         allow_bf16_params=allow_bf16_params)
 
     @torch.no_grad()
     def step(self, closure=None, gate_value=None):
@@ -77,3 +72,16 @@ class SFPO(LookaheadRule):
         z = self.gate.observe(gate_value)
         return self._finish(loss, "none", active=1.0, g0_norm=g0_norm, gtilde_norm=norm, z=z, gate_stat=gate_value,
                             step_norm=step_norm)
+
+
+@dataclass
+class SFPORuleConfig(LookaheadConfig):
+    name = "sfpo"
+    rule = SFPO
+    presets = {"official": {"K": 3, "alpha": 0.8, "tau": 1.0, "gate": "window_inclusive", "omega": 0.1,
+                            "window": 30, "warmup": 0}}
+    default_preset = "official"
+
+    @property
+    def reads_batch_entropy(self) -> bool:
+        return self.gate != "never"
