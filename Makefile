@@ -7,7 +7,7 @@ SYSPY  ?= python3
 HAS_GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 INTERP  = $(if $(filter 1,$(HAS_GPU)),,TRITON_INTERPRET=1)
 
-.PHONY: install test test-gpu gpu-check wheelhouse static static-triton36 build-ext check-cuda bench bench-gpu demo lint clean
+.PHONY: install test test-gpu gpu-check wheelhouse static static-triton36 bench-compare bench-baseline build-ext check-cuda bench bench-gpu demo lint clean
 
 install: $(STAMP)
 
@@ -71,6 +71,17 @@ bench: $(STAMP)
 bench-gpu: build-ext
 	PYTHONPATH=$(CURDIR) $(SYSPY) -m gxpo_bench.cli kernels
 	PYTHONPATH=$(CURDIR) $(SYSPY) -m gxpo_bench.cli step
+
+# The benchmark suites against the committed CPU baseline, in machine units (bench/README.md): a benchmark whose
+# time doubled relative to this machine's copy + matmul fails the run.
+BENCH_STORE = --benchmark-timer gxpo_bench.suites.timer.machine_units --benchmark-storage file://bench/baselines
+bench-compare: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m pytest -q -p no:cacheprovider gxpo_bench/suites $(BENCH_STORE) \
+		--benchmark-compare=0001 --benchmark-compare-fail=median:100%
+
+bench-baseline: $(STAMP)
+	rm -rf bench/baselines
+	env -u TRITON_INTERPRET $(PY) -m pytest -q -p no:cacheprovider gxpo_bench/suites $(BENCH_STORE) --benchmark-save=cpu-fast
 
 # The main job: SmolLM2-135M-Instruct, GRPO then GXPO, report under runs/demo/ (CPU: ~4 minutes).
 demo: $(STAMP)

@@ -34,71 +34,36 @@ def _device():
 
 
 def run_kernels(args) -> dict:
-    from gxpo_bench import kernels, results, timing
+    from gxpo_bench import results
+    from gxpo_bench.suites import run
 
     device = _device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    compile_ = args.compile if args.compile is not None else not (args.fast and device.type == "cpu")
-    reps = args.reps or (5 if args.fast else 20 if device.type == "cuda" else 10)
-    ceil = timing.ceilings(device, dtype, args.fast)
-    out = {**results.header("kernels", device, args.fast, args.command), "ceilings": ceil, "cases": []}
-    for case, shape, impls, nbytes, flops in kernels.cases(device, dtype, args.fast, compile_):
-        floor = max(nbytes / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
-        rows = []
-        for impl, entry in impls.items():
-            if entry is None:
-                why = ("torch.compile off (--fast on CPU; --compile to force)" if impl == "torch_compile" else
-                       "needs CUDA (Triton interpreter not timed)" if impl == "liger" or impl.startswith("ours")
-                       else "not available here")
-                rows.append({"impl": impl, "skipped": why})
-                continue
-            t = timing.measure(*entry, device, reps)
-            rows.append({"impl": impl, "median_ms": 1e3 * t["median_s"], "iqr_ms": 1e3 * t["iqr_s"],
-                         "peak_mib": t["peak_mib"], "gbps": nbytes / t["median_s"] / 1e9 if nbytes else None,
-                         "tflops": flops / t["median_s"] / 1e12 if flops else None,
-                         "x_floor": t["median_s"] / floor if floor else None})
-            print(f"{case} {shape} {impl}: {rows[-1]['median_ms']:.3f} ms", file=sys.stderr)
-        ours = next((r["median_ms"] for r in rows if r["impl"] == "ours" and "median_ms" in r), None)
-        for r in rows:
-            r["x_ours"] = r["median_ms"] / ours if ours and "median_ms" in r else None
-        out["cases"].append({"case": case, "shape": shape, "bytes": nbytes, "flops": flops, "floor_ms": 1e3 * floor,
-                             "rows": rows})
-    return out
+    raw = run.run("test_kernels.py", {"fast": args.fast, "reps": args.reps, "compile": args.compile})
+    return {**results.header("kernels", device, args.fast, args.command), "ceilings": run.ceilings(raw),
+            "cases": run.kernel_cases(raw, device, args.fast), "pytest_benchmark": raw}
 
 
 def run_step(args) -> dict:
     from gxpo_bench import results, step
+    from gxpo_bench.suites import run
     from gxpo_kernels.optim import RULES
 
     device = _device()
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
     if bad := [a for a in algos if a not in RULES]:
         raise ValueError(f"--algo: {bad} not among {', '.join(RULES)}")
-    cuda = device.type == "cuda"
-    model = args.model or ("tiny-random" if args.fast else "smollm2-135m")
-    B, P, T = (8, 16, 32) if args.fast else (64, 256, 1024) if cuda else (16, 32, 64)
-    B, P, T = args.batch or B, args.prompt_len or P, args.completion_len or T
-    steps, warmup = args.steps or (3 if args.fast else 10 if cuda else 4), 1 if args.fast or not cuda else 2
-    common = [("activation_checkpointing", args.ckpt), ("loss.max_tokens_per_micro_batch", str(args.max_tokens))]
-    variants = []
-    for a in algos:
-        if args.pack in ("on", "both"):
-            variants.append((a, [*common, ("loss.pack", "true")]))
-        if args.pack in ("off", "both"):
-            variants.append((a if args.pack == "off" else f"{a}+nopack",
-                             [*common, ("loss.pack", "false"), ("loss.micro_batch_size", str(args.micro_batch))]))
-    if args.zero_adv_frac:  # each rule also without skipping, side by side: the time skipping saves
-        variants += [(f"{name}+noskip", [*overrides, ("loss.skip_zero_advantage", "false")])
-                     for name, overrides in list(variants) if "+" not in name]
-    per_algo = step.bench_algos(variants, model, (B, P, T), steps, warmup, args.beta, device, args.lengths,
-                                args.zero_adv_frac)
+    spec = step.plan(algos, device.type == "cuda", args.fast, args.model, args.batch, args.prompt_len,
+                     args.completion_len, args.steps, args.beta, args.pack, args.ckpt, args.max_tokens,
+                     args.micro_batch, args.zero_adv_frac, args.lengths)
+    raw = run.run("test_step.py", spec)
+    per_algo = run.step_algos(raw)
+    B, P, T = spec["batch_shape"]
     real_tokens = int(step.synthetic_batch(100, B, P, T, "cpu", distribution=args.lengths).attention_mask.sum())
+    setup = {k: spec[k] for k in ("model", "steps", "warmup", "beta", "lengths", "zero_adv_frac", "pack", "ckpt",
+                                  "max_tokens")}
     return {**results.header("step", device, args.fast, args.command),
-            "setup": {"model": model, "batch": B, "prompt_len": P, "completion_len": T, "real_tokens": real_tokens,
-                      "steps": steps, "warmup": warmup, "beta": args.beta, "lengths": args.lengths,
-                      "zero_adv_frac": args.zero_adv_frac,
-                      "pack": args.pack, "ckpt": args.ckpt, "max_tokens": args.max_tokens},
-            "algos": per_algo, "ratios": step.ratios(per_algo)}
+            "setup": {**setup, "batch": B, "prompt_len": P, "completion_len": T, "real_tokens": real_tokens},
+            "algos": per_algo, "ratios": step.ratios(per_algo), "pytest_benchmark": raw}
 
 
 def run_static(args):

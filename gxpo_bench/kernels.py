@@ -104,7 +104,7 @@ def csrc_cuda_bookkeeping(groups, g0, g1, gt):
         ours_bookkeeping(groups, g0, g1, gt)
 
 
-def adamw_case(size: str, device, cuda: bool):
+def _adamw_case(size: str, device, dtype, cuda: bool, compile_):
     """One AdamW step over a model's fp32 parameters: ours (one Triton launch per dtype group; with the
     GXPO pass-1 snapshot written in the same pass) vs torch's foreach and fused AdamW."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -121,16 +121,15 @@ def adamw_case(size: str, device, cuda: bool):
             return FlatAdamW(params, lr=1e-4), build_groups(params, BLOCK)
         return torch.optim.AdamW(params, lr=1e-4, **{kind.removeprefix("torch_"): True}), None
 
-    kinds = ["ours", "ours_with_snapshot", "torch_foreach", "torch_fused"]
     impls = {}
-    for kind in kinds:
+    for kind in ADAMW_IMPLS:
         if kind.startswith("ours") and not cuda:
             impls[kind] = None  # the kernel is Triton: on CPU only the interpreter, never timed
             continue
         opt, snap = optimizer(kind)
         impls[kind] = ((partial(opt.step, snapshot_groups=snap) if snap else opt.step), tuple)
     # read p, g, m, v and write p, m, v: 28 B/param (fp32); the snapshot adds 8
-    return "adamw_step", f"{size} model ({n / 1e6:.1f}M fp32 params)", impls, 28 * n, 0
+    return impls, 28 * n, 0
 
 
 def _has_liger() -> bool:
@@ -141,60 +140,87 @@ def _has_liger() -> bool:
     return True
 
 
-def cases(device: torch.device, dtype: torch.dtype, fast: bool, compile_: bool):
-    """Yields (case, shape, {impl: (fn, setup) or None}, bytes_moved, flops) for every benchmark."""
+def _loss_case(N, V, device, dtype, cuda, compile_):
+    ids, adv, mask, old, ref = shapes.loss_inputs(N, V, device)
+    B, T = ids.shape
+
+    def setup():
+        return (torch.randn(B, T + 1, V, device=device, dtype=dtype).requires_grad_(),)
+
+    impls = {name: None if f is None else ((lambda x, f=f: f(x, ids, adv, mask, old, ref).backward()), setup)
+             for name, f in loss_impls(cuda, compile_).items()}
+    # logits read by the forward, read again and overwritten with the gradient by the backward
+    return impls, 3 * (torch.finfo(dtype).bits // 8) * B * T * V, 0
+
+
+def _linear_case(N, H, V, device, dtype, cuda, compile_):
+    ids, adv, mask, old, ref = shapes.loss_inputs(N, V, device)
+    B, T = ids.shape
+    weight = (torch.randn(V, H, device=device) / H**0.5).to(dtype).requires_grad_()
+
+    def setup():
+        weight.grad = None
+        return torch.randn(B, T, H, device=device, dtype=dtype).requires_grad_(), weight
+
+    impls = {name: None if f is None else ((lambda h, w, f=f: f(h, w, ids, adv, mask, old, ref).backward()), setup)
+             for name, f in linear_impls(compile_).items()}
+    # logits, d_hidden and d_weight: three N x H x V products; read h, W; write dh, dW
+    return impls, 2 * (torch.finfo(dtype).bits // 8) * (N * H + V * H), 6 * N * H * V
+
+
+def _capo_case(N, H, V, K, device, dtype, cuda, compile_):
+    args = shapes.capo_inputs(N, H, V, device, dtype)
+    impls = {"ours": (partial(capo_scores, *args, top_k=K), tuple),
+             "materialized": (partial(capo_materialized, *args, top_k=K), tuple)}
+    # the logits (2 N H V) dominate; read hidden and the head once, K precond rows per token
+    return impls, (torch.finfo(dtype).bits // 8) * (N * H + V * H + N * K * H), 2 * N * H * V
+
+
+def _bookkeeping_case(size, device, dtype, cuda, compile_):
+    g = torch.Generator(device=device).manual_seed(0)
+    param_shapes = shapes.model_shapes(*shapes.MODELS[size])
+    params = [torch.randn(s, device=device, generator=g) for s in param_shapes]
+    g0, g1, gt = ([torch.randn(s, device=device, generator=g) for s in param_shapes] for _ in range(3))
+    groups = build_groups(params, BLOCK)
+    ours_ok = cuda or backend.HAS_CPP
+    impls = {"ours": (partial(ours_bookkeeping, groups, g0, g1, gt), tuple) if ours_ok else None,
+             "per_tensor": (partial(per_tensor_bookkeeping, params, g0, g1, gt), tuple)}
+    if cuda:
+        impls["csrc_cuda"] = (partial(csrc_cuda_bookkeeping, groups, g0, g1, gt), tuple) \
+            if backend.HAS_CUDA_CSRC else None
+    return impls, BOOKKEEPING_BYTES_PER_PARAM * sum(p.numel() for p in params), 0
+
+
+def _model_label(size: str) -> str:
+    n = sum(math.prod(s) for s in shapes.model_shapes(*shapes.MODELS[size]))
+    return f"{size} model ({n / 1e6:.1f}M fp32 params)"
+
+
+ADAMW_IMPLS = ("ours", "ours_with_snapshot", "torch_foreach", "torch_fused")
+
+
+def case_list(device: torch.device, fast: bool) -> list:
+    """(case, shape, impl names, build) for every benchmark; build(device, dtype, cuda, compile_) makes its
+    inputs only when called: ({impl: (fn, setup) or None}, bytes moved, flops)."""
     cuda = device.type == "cuda"
-    elt = torch.finfo(dtype).bits // 8
-    for N, V in shapes.loss_shapes(cuda, fast):
-        ids, adv, mask, old, ref = shapes.loss_inputs(N, V, device)
-        B, T = ids.shape
+    loss, linear = list(loss_impls(cuda, False)), list(linear_impls(False))
+    bookkeeping = ["ours", "per_tensor"] + ["csrc_cuda"] * cuda
+    out = [("grpo_loss", f"N={N} V={V}", loss, partial(_loss_case, N, V)) for N, V in shapes.loss_shapes(cuda, fast)]
+    out += [("fused_linear_grpo_loss", f"N={N} H={H} V={V}", linear, partial(_linear_case, N, H, V))
+            for N, H, V in shapes.linear_shapes(cuda, fast)]
+    out += [("capo_scores", f"N={N} H={H} V={V} K={K}", ["ours", "materialized"], partial(_capo_case, N, H, V, K))
+            for N, H, V, K in shapes.capo_shapes(cuda, fast)]
+    out += [("adamw_step", _model_label(size), list(ADAMW_IMPLS), partial(_adamw_case, size))
+            for size in shapes.model_sizes(cuda, fast)]
+    out += [("gxpo_bookkeeping", _model_label(size), bookkeeping, partial(_bookkeeping_case, size))
+            for size in shapes.model_sizes(cuda, fast)]
+    return out
 
-        def setup(B=B, T=T, V=V):
-            return (torch.randn(B, T + 1, V, device=device, dtype=dtype).requires_grad_(),)
 
-        impls = {name: None if f is None else ((lambda x, f=f, a=(ids, adv, mask, old, ref): f(x, *a).backward()),
-                                               setup)
-                 for name, f in loss_impls(cuda, compile_).items()}
-        # logits read by the forward, read again and overwritten with the gradient by the backward
-        yield "grpo_loss", f"N={N} V={V}", impls, 3 * elt * B * T * V, 0
-
-    for N, H, V in shapes.linear_shapes(cuda, fast):
-        ids, adv, mask, old, ref = shapes.loss_inputs(N, V, device)
-        B, T = ids.shape
-        weight = (torch.randn(V, H, device=device) / H**0.5).to(dtype).requires_grad_()
-
-        def setup(B=B, T=T, H=H, weight=weight):
-            weight.grad = None
-            return torch.randn(B, T, H, device=device, dtype=dtype).requires_grad_(), weight
-
-        impls = {name: None if f is None else ((lambda h, w, f=f, a=(ids, adv, mask, old, ref): f(h, w, *a)
-                                                .backward()), setup)
-                 for name, f in linear_impls(compile_).items()}
-        # logits, d_hidden and d_weight: three N x H x V products; read h, W; write dh, dW
-        yield "fused_linear_grpo_loss", f"N={N} H={H} V={V}", impls, 2 * elt * (N * H + V * H), 6 * N * H * V
-
-    for N, H, V, K in shapes.capo_shapes(cuda, fast):
-        args = shapes.capo_inputs(N, H, V, device, dtype)
-        impls = {"ours": (partial(capo_scores, *args, top_k=K), tuple),
-                 "materialized": (partial(capo_materialized, *args, top_k=K), tuple)}
-        # the logits (2 N H V) dominate; read hidden and the head once, K precond rows per token
-        yield "capo_scores", f"N={N} H={H} V={V} K={K}", impls, elt * (N * H + V * H + N * K * H), 2 * N * H * V
-
-    for size in shapes.model_sizes(cuda, fast):
-        yield adamw_case(size, device, cuda)
-
-    for size in shapes.model_sizes(cuda, fast):
-        g = torch.Generator(device=device).manual_seed(0)
-        param_shapes = shapes.model_shapes(*shapes.MODELS[size])
-        params = [torch.randn(s, device=device, generator=g) for s in param_shapes]
-        g0, g1, gt = ([torch.randn(s, device=device, generator=g) for s in param_shapes] for _ in range(3))
-        n = sum(p.numel() for p in params)
-        groups = build_groups(params, BLOCK)
-        ours_ok = cuda or backend.HAS_CPP
-        impls = {"ours": (partial(ours_bookkeeping, groups, g0, g1, gt), tuple) if ours_ok else None,
-                 "per_tensor": (partial(per_tensor_bookkeeping, params, g0, g1, gt), tuple)}
-        if cuda:
-            impls["csrc_cuda"] = (partial(csrc_cuda_bookkeeping, groups, g0, g1, gt), tuple) \
-                if backend.HAS_CUDA_CSRC else None
-        yield "gxpo_bookkeeping", f"{size} model ({n / 1e6:.1f}M fp32 params)", impls, \
-            BOOKKEEPING_BYTES_PER_PARAM * n, 0
+def cases(device: torch.device, dtype: torch.dtype, fast: bool, compile_: bool):
+    """Yields (case, shape, {impl: (fn, setup) or None}, bytes_moved, flops) for every benchmark, building
+    each case's inputs as it comes."""
+    cuda = device.type == "cuda"
+    for case, shape, _, build in case_list(device, fast):
+        impls, nbytes, flops = build(device, dtype, cuda, compile_)
+        yield case, shape, impls, nbytes, flops

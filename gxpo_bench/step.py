@@ -11,14 +11,13 @@ import time
 import torch
 
 from gxpo_kernels.optim import RULES
-from trainer.blocks import checkpoint_blocks
 from trainer.config import load_config
-from trainer.distributed import init_single_rank_group, shard_policy
 from trainer.flops import peak_flops, train_flops_per_token
-from trainer.models import load_policy
-from trainer.policy import PolicyRunner
+from trainer.policy_stack import build_policy_stack
 from trainer.rollout import RolloutBatch
-from trainer.step import LossClosure, make_update_rule, run_update
+from trainer.step import LossClosure, run_update
+
+from .timing import sync
 
 PHASES = ("ref_logprob", "plan", "optimizer", "bookkeeping")
 
@@ -49,11 +48,6 @@ def synthetic_batch(vocab: int, B: int, prompt_len: int, completion_len: int, de
                         [""] * B)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _TimedStep:
     """Wraps a base optimizer's step() to add its (synchronized) time to a counter."""
 
@@ -62,10 +56,10 @@ class _TimedStep:
         optimizer.step = self
 
     def __call__(self, *args, **kwargs):
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         out = self.inner(*args, **kwargs)
-        _sync(self.device)
+        sync(self.device)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -81,17 +75,10 @@ class AlgoBench:
         self.cfg = load_config(overrides=[("model", model_name), ("algo", name.split("+")[0]), *gates_off,
                                           ("loss.beta", str(beta)),
                                           ("rollout.max_new_tokens", str(batch_shape[2])), *overrides])
-        model, tokenizer = load_policy(model_name, torch.float32, seed=0)  # fp32 masters, as the trainer keeps
-        checkpoint_blocks(model, self.cfg.activation_checkpointing)
-        self.runner = PolicyRunner(model.to(device))
-        self.ref_runner = (PolicyRunner(load_policy(model_name, torch.float32, seed=0)[0].to(device).eval())
-                           if beta > 0 else None)
-        if device.type == "cuda":  # bf16 compute as the trainer runs it: FSDP2's policy on a one-rank mesh
-            init_single_rank_group(device)
-            for runner in filter(None, (self.runner, self.ref_runner)):
-                shard_policy(runner, torch.bfloat16)
+        stack = build_policy_stack(self.cfg, device)  # as the trainer builds it: bf16 compute on GPU, fp32 masters
+        model, tokenizer, self.runner, self.ref_runner, self.rule = (stack.model, stack.tokenizer, stack.runner,
+                                                                     stack.ref_runner, stack.rule)
         self.params = [p for p in self.runner.parameters() if p.requires_grad]
-        self.rule = make_update_rule(self.cfg, self.params)
         self.opt_timer = _TimedStep(self.rule.base, device)
         self.batch = synthetic_batch(len(tokenizer), *batch_shape, device, distribution=distribution)
         self.adv = torch.randn(batch_shape[0], generator=torch.Generator().manual_seed(1))
@@ -107,20 +94,20 @@ class AlgoBench:
             torch.cuda.reset_peak_memory_stats(device)
         self.opt_timer.seconds = 0.0
         passes_before = rule.backward_passes
-        _sync(device)
+        sync(device)
         t_step = time.perf_counter()
         times = {}
         ref_logp = None
         if self.ref_runner is not None:
             ref_logp = self.ref_runner.logp(self.batch, self.cfg.rollout.temperature)
-            _sync(device)
+            sync(device)
             times["ref_logprob"] = time.perf_counter() - t_step
         t_plan = time.perf_counter()
         closure = LossClosure(self.runner, self.batch, self.adv, self.cfg, ref_logp)
         times["plan"] = time.perf_counter() - t_plan  # the micro-batch (packing) plan, made once per step
         t_update = time.perf_counter()
         run_update(rule, closure)
-        _sync(device)
+        sync(device)
         update = time.perf_counter() - t_update
         step_time = time.perf_counter() - t_step
         for j, t in enumerate(closure.pass_times):
@@ -141,16 +128,28 @@ class AlgoBench:
             self.rows.append(row)
 
 
-def bench_algos(variants: list, model_name: str, batch_shape: tuple, steps: int, warmup: int, beta: float,
-                device, distribution: str = "uniform", zero_adv_frac: float = 0.0) -> dict:
-    """variants: (name, config overrides); the algorithm is the name up to "+". Steps them in turn
-    (grpo, sfpo, gxpo, grpo, ...) so that drift in the machine's speed hits all alike; medians each."""
-    benches = [AlgoBench(name, model_name, batch_shape, beta, device, overrides, distribution, zero_adv_frac)
-               for name, overrides in variants]
-    for i in range(warmup + steps):
-        for b in benches:
-            b.step(record=i >= warmup)
-    return {b.algo: summarize(b.algo, b.rows) for b in benches}
+def plan(algos: list, cuda: bool, fast: bool, model=None, batch=0, prompt_len=0, completion_len=0, steps=0,
+         beta=0.0, pack="on", ckpt="off", max_tokens=0, micro_batch=0, zero_adv_frac=0.0, lengths="uniform") -> dict:
+    """The step suite's spec: the variants (name, config overrides; the algorithm is the name up to "+"), the
+    model, batch shape, timed and warm-up steps (gxpo-bench step's options; unset ones at their defaults)."""
+    model = model or ("tiny-random" if fast else "smollm2-135m")
+    B, P, T = (8, 16, 32) if fast else (64, 256, 1024) if cuda else (16, 32, 64)
+    B, P, T = batch or B, prompt_len or P, completion_len or T
+    steps, warmup = steps or (3 if fast else 10 if cuda else 4), 1 if fast or not cuda else 2
+    common = [("activation_checkpointing", ckpt), ("loss.max_tokens_per_micro_batch", str(max_tokens))]
+    variants = []
+    for a in algos:
+        if pack in ("on", "both"):
+            variants.append((a, [*common, ("loss.pack", "true")]))
+        if pack in ("off", "both"):
+            variants.append((a if pack == "off" else f"{a}+nopack",
+                             [*common, ("loss.pack", "false"), ("loss.micro_batch_size", str(micro_batch))]))
+    if zero_adv_frac:  # each rule also without skipping, side by side: the time skipping saves
+        variants += [(f"{name}+noskip", [*overrides, ("loss.skip_zero_advantage", "false")])
+                     for name, overrides in list(variants) if "+" not in name]
+    return {"fast": fast, "variants": variants, "model": model, "batch_shape": [B, P, T], "steps": steps,
+            "warmup": warmup, "beta": beta, "lengths": lengths, "zero_adv_frac": zero_adv_frac, "pack": pack,
+            "ckpt": ckpt, "max_tokens": max_tokens}
 
 
 def summarize(algo: str, rows: list) -> dict:

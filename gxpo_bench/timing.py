@@ -7,7 +7,7 @@ import time
 import torch
 
 
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -20,7 +20,7 @@ def measure(fn, setup, device, reps: int, warmup: int = 2) -> dict:
     times, peak = [], 0
     for _ in range(reps):
         args = setup()
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import uninterpreted_env
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +108,29 @@ def test_step_reports_the_time_zero_advantage_skipping_saves(tmp_path):
 def test_bad_arguments_are_named():
     proc = gxpo_bench("step", "--fast", "--algo", "grpo,ppo", check=False)
     assert proc.returncode != 0 and "['ppo'] not among" in proc.stderr
+
+
+def test_benchmark_compare_flags_a_regression_in_machine_units(tmp_path):
+    """The suites under pytest-benchmark's own --benchmark-compare, timed in machine units (make bench-compare):
+    a run against its own saved baseline passes; against a baseline ten times faster it fails."""
+    storage = tmp_path / "store"
+    pytest_args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "gxpo_bench/suites/test_kernels.py",
+                   "-k", "gxpo_bookkeeping", "--benchmark-timer", "gxpo_bench.suites.timer.machine_units",
+                   f"--benchmark-storage=file://{storage}"]
+
+    def run(*extra):
+        return subprocess.run([*pytest_args, *extra], cwd=ROOT, env=uninterpreted_env(PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=600)
+
+    saved = run("--benchmark-save=base")
+    assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
+    baseline = next(storage.rglob("0001_base.json"))
+    assert run("--benchmark-compare=0001", "--benchmark-compare-fail=median:400%").returncode == 0
+    doc = json.loads(baseline.read_text())
+    assert {b["extra_info"]["impl"] for b in doc["benchmarks"]} == {"ours", "per_tensor"}
+    for b in doc["benchmarks"]:
+        for key in ("min", "max", "mean", "median", "q1", "q3"):
+            b["stats"][key] /= 10
+    baseline.write_text(json.dumps(doc))
+    slower = run("--benchmark-compare=0001", "--benchmark-compare-fail=median:100%")
+    assert slower.returncode != 0 and "Performance has regressed" in slower.stdout + slower.stderr

@@ -39,10 +39,9 @@ def test_bad_values_name_their_key(key, value):
 def test_cli_rejects_bad_values_in_under_a_second_before_any_model_loads(key, value, monkeypatch):
     import time
 
-    from trainer import cli
-    from trainer import train as train_module
+    from trainer import cli, policy_stack
 
-    monkeypatch.setattr(train_module, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(policy_stack, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--model", "tiny-random", f"--{key}", value])

@@ -96,8 +96,8 @@ def test_paper_defaults_and_their_named_variants(monkeypatch):
         cfg = load_config(overrides=[("recipe", "xrpo"), ("rollout.group_size", "4"), ("xrpo.bonus_step", bonus_step),
                                      ("xrpo.phases", "1"), ("xrpo.sharpening", "false"), ("xrpo.seeding", "false")])
         clocks.clear()
-        got = collect.collect(Engine(), tiny_tokenizer(), cfg, keyed, 3, lambda t, g: 1.0, Phases(), None,
-                              PLUGINS["xrpo"].rollouts)
+        got = collect.collect(Engine(), tiny_tokenizer(), cfg, keyed, 3, lambda t, g: 1.0, Phases(),
+                              PLUGINS["xrpo"].rollouts, None)
         assert clocks == [expected] and got.group_sizes == [6, 2]
     assert all_failed([0.0, 0.0]) and not all_failed([0.0, 0.5]) and all_failed([0.0, 0.5], "below_one")
     assert not all_failed([]) and not all_failed([1.0, 0.0], "below_one")

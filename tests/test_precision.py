@@ -14,6 +14,7 @@ from test_trainer import fake_reward_and_cpu_paths, tiny_cfg  # noqa: E402, F401
 from test_trainer_fsdp import SCRIPT, _free_port  # noqa: E402
 
 from gxpo_kernels import GXPO, SFPO, FlatAdamW  # noqa: E402
+from trainer import policy_stack as stack_module  # noqa: E402
 from trainer import train as train_module  # noqa: E402
 from trainer.config import to_toml  # noqa: E402
 from trainer.models import load_policy  # noqa: E402
@@ -46,8 +47,8 @@ def _dtypes_after_run(rule, model) -> dict:
 
 def test_bf16_compute_trains_fp32_masters_at_a_tiny_learning_rate(tmp_path, monkeypatch):
     seen = {}
-    make_rule = train_module.make_update_rule
-    monkeypatch.setattr(train_module, "make_update_rule",
+    make_rule = stack_module.make_update_rule
+    monkeypatch.setattr(stack_module, "make_update_rule",
                         lambda cfg, params: seen.setdefault("rule", make_rule(cfg, params)))
     real_export = train_module.export_final
     monkeypatch.setattr(train_module, "export_final", lambda model, *a: (
@@ -67,8 +68,8 @@ def test_bf16_compute_trains_fp32_masters_at_a_tiny_learning_rate(tmp_path, monk
 
 def test_bf16_params_is_an_explicit_opt_in(tmp_path, monkeypatch):
     seen = {}
-    make_rule = train_module.make_update_rule
-    monkeypatch.setattr(train_module, "make_update_rule",
+    make_rule = stack_module.make_update_rule
+    monkeypatch.setattr(stack_module, "make_update_rule",
                         lambda cfg, params: seen.setdefault("rule", make_rule(cfg, params)))
     monkeypatch.setattr(train_module, "export_final",
                         lambda model, *a: seen.update(dtypes=_dtypes_after_run(seen["rule"], model)))
@@ -79,8 +80,9 @@ def test_bf16_params_is_an_explicit_opt_in(tmp_path, monkeypatch):
 
 DTYPE_SCRIPT = SCRIPT.replace("main(sys.argv[1:])", """import json
 seen = {}
-make_rule, export = t.make_update_rule, t.export_final
-t.make_update_rule = lambda cfg, params: seen.setdefault("rule", make_rule(cfg, params))
+import trainer.policy_stack as stack
+make_rule, export = stack.make_update_rule, t.export_final
+stack.make_update_rule = lambda cfg, params: seen.setdefault("rule", make_rule(cfg, params))
 def export_final(model, *a):
     from test_precision import _dtypes_after_run
     with open(os.environ["GXPO_TEST_DTYPES"] + os.environ.get("RANK", "0"), "w") as f:

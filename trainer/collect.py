@@ -35,12 +35,14 @@ def score(batch, golds, reward_fn):
     return torch.tensor([reward_fn(t, g) for t, g in zip(batch.texts, golds, strict=True)], dtype=torch.float32)
 
 
-def collect(engine, tokenizer, cfg, keyed_problems: list, step: int, reward_fn, phases, corpus=None, rollouts=None):
+def collect(engine, tokenizer, cfg, keyed_problems: list, step: int, reward_fn, phases, rollouts=None,
+            rollout_state=None):
     """keyed_problems: this rank's [(problem, key)]. Returns Collected; `phases` (the step's Phases timer)
     gets the wall-clock of sampling ("rollout") and scoring ("reward"). rollouts: a plug-in's hook that
-    takes over the slot (same arguments, corpus included); default GRPO's group_size plain samples."""
+    takes over the slot (the same arguments and its plug-in's state, rollout_state); default GRPO's
+    group_size plain samples."""
     if rollouts is not None:
-        return rollouts(engine, tokenizer, cfg, keyed_problems, step, reward_fn, phases, corpus)
+        return rollouts(engine, tokenizer, cfg, keyed_problems, step, reward_fn, phases, rollout_state)
     G = cfg.rollout.group_size
     plain = [prompt_text(tokenizer, p.question, cfg.task.system_prompt) for p, _ in keyed_problems]
     with phases("rollout"):

@@ -2,7 +2,6 @@
 per-phase wall-clock, metrics.jsonl, checkpoints, resume, and the final HF-format model."""
 
 import contextlib
-import copy
 import json
 import math
 import random
@@ -13,21 +12,18 @@ from pathlib import Path
 import torch
 
 from .advantages import group_normalized_ragged
-from .blocks import checkpoint_blocks, compile_blocks
 from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .collect import collect
 from .config import TrainConfig, to_toml
 from .data import held_out_sets, problems_for_step, task_problems
-from .distributed import init_distributed, init_single_rank_group, shard_policy
+from .distributed import init_distributed
 from .engines import make_engine
 from .evaluate import evaluate_sets
 from .flops import peak_flops, train_flops_per_token
-from .models import apply_liger_patches, apply_lora, load_policy
 from .plugins import enabled_plugins
-from .plugins.xrpo_seeding import SolutionCorpus
-from .policy import PolicyRunner
+from .policy_stack import build_policy_stack
 from .sampling import row_seed
-from .step import LossClosure, make_update_rule, run_update
+from .step import LossClosure, run_update
 from .tasks import make_reward
 
 
@@ -44,24 +40,6 @@ class Phases:
             yield
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-
-def corpus_add(corpus, keyed, got, d):
-    """Correct completions join XRPO's exemplar corpus (gathered over ranks, so every rank has the same)."""
-    owners = [i for i, n in enumerate(got.group_sizes) for _ in range(n)]
-    solved = [(keyed[i][0].question, text) for i, text, r in zip(owners, got.batch.texts, got.rewards.tolist(),
-                                                                  strict=True) if r >= 1]
-    for part in d.gather(solved):
-        for question, text in part:
-            corpus.add(question, text)
-
-
-def _dtypes(cfg: TrainConfig, device: torch.device):
-    """(parameter storage dtype, compute dtype). Parameters and optimizer state are fp32 masters unless
-    bf16_params opts in; compute is bf16 on GPU and fp32 on CPU unless dtype names one."""
-    compute = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
-    compute = compute or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return (torch.bfloat16 if cfg.bf16_params else torch.float32), compute
 
 
 class Trainer:
@@ -83,41 +61,22 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(to_toml(cfg))
         self.device = device = d.device
-        param_dtype, compute_dtype = _dtypes(cfg, device)
-        # Mixed precision is FSDP2's policy on every world size (a one-rank mesh on one device): bf16 copies for
-        # compute, fp32 masters for the optimizer, and the same numerics on 1 GPU as on 8.
-        shard = d.world > 1 or compute_dtype != param_dtype
-        self.own_group = shard and d.world == 1 and init_single_rank_group(device)
         # bad eval data fails before the model loads
         self.eval_sets = held_out_sets(cfg, self.log) if cfg.eval.every else None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        model, self.tokenizer = load_policy(cfg.model, param_dtype, cfg.seed, cfg.attn_implementation)
-        model.to(device)
-        if cfg.liger_patches:
-            apply_liger_patches(model)
-        self.ref_runner = (PolicyRunner(copy.deepcopy(model).eval().requires_grad_(False)) if cfg.loss.beta > 0
-                           else None)
-        model = self.model = apply_lora(model, cfg.lora)
-        checkpoint_blocks(model, cfg.activation_checkpointing)
-        if cfg.compile:
-            compile_blocks(model)
-        self.runner = PolicyRunner(model)
-        if shard:
-            mixed = compute_dtype if compute_dtype != param_dtype else None
-            shard_policy(self.runner, mixed)
-            if self.ref_runner is not None:
-                shard_policy(self.ref_runner, mixed)
-        self.rule = make_update_rule(cfg, [p for p in self.runner.parameters() if p.requires_grad])
+        stack = build_policy_stack(cfg, device, d.world)
+        self.model, self.tokenizer, self.runner, self.ref_runner = stack.model, stack.tokenizer, stack.runner, \
+            stack.ref_runner
+        self.rule, self.own_group = stack.rule, stack.own_group
         warmup = cfg.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.rule, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-        self.corpus = SolutionCorpus() if cfg.xrpo.seeding else None
         self.plugins = enabled_plugins(cfg)
-        rollout_hooks = [p.rollouts for p in self.plugins if p.rollouts is not None]
-        if len(rollout_hooks) > 1:
-            raise ValueError(f"plug-ins {[p.name for p in self.plugins if p.rollouts]} each take over the rollouts; "
+        rollout_plugins = [p for p in self.plugins if p.rollouts is not None]
+        if len(rollout_plugins) > 1:
+            raise ValueError(f"plug-ins {[p.name for p in rollout_plugins]} each take over the rollouts; "
                              "enable one of them")
-        self.rollouts = rollout_hooks[0] if rollout_hooks else None
+        self.rollout_plugin = rollout_plugins[0] if rollout_plugins else None
         self.plugin_states = {p.name: state for p in self.plugins if p.state and (state := p.state(self)) is not None}
         self.peak = peak_flops(device)
         self.engine = make_engine(cfg.rollout.engine, self.runner, self.tokenizer, cfg.rollout, d,
@@ -130,15 +89,12 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
 
     def _resume(self):
-        template = {"corpus": ""} if self.corpus is not None else {}
         state = load_latest_checkpoint(self.cfg.out, self.model, self.rule, self.scheduler, self.d, self.log,
-                                       template, self.plugin_states)
+                                       plugins=self.plugin_states)
         if not state:
             return
         self.start_step, self.wall_offset, self.backward_passes = (state["step"], state["wall_time_s"],
                                                                    state["backward_passes"])
-        if self.corpus is not None and state["corpus"]:
-            self.corpus.load_state_dict(json.loads(state["corpus"]))
         self.log(f"resumed from step {self.start_step}")
 
     # -- the step, slot by slot ------------------------------------------------------------------------
@@ -147,20 +103,23 @@ class Trainer:
         cfg, d = self.cfg, self.d
         problems = problems_for_step(cfg, step, self.dataset)
         keyed = d.shard([(p, row_seed(cfg.seed, step, i)) for i, p in enumerate(problems)])
-        got = collect(self.engine, self.tokenizer, cfg, keyed, step, self.reward_fn, phases, self.corpus,
-                      self.rollouts)
+        plugin = self.rollout_plugin
+        got = collect(self.engine, self.tokenizer, cfg, keyed, step, self.reward_fn, phases,
+                      plugin and plugin.rollouts, plugin and self.plugin_states.get(plugin.name))
         return keyed, got
 
     def advantages(self, keyed, got, phases):
-        """Group-normalized GRPO advantages, then each enabled plug-in's advantages hook."""
+        """Group-normalized GRPO advantages, then each enabled plug-in's advantages hook; then its observe hook
+        (what the step's rollouts add to its state)."""
         with phases("advantages"):
             adv, adv_stats = group_normalized_ragged(got.rewards, got.group_sizes)
             for plugin in self.plugins:
                 if plugin.advantages is not None:
                     adv, stats = plugin.advantages(self, got, adv)
                     adv_stats.update(stats)
-        if self.corpus is not None:
-            corpus_add(self.corpus, keyed, got, self.d)
+        for plugin in self.plugins:
+            if plugin.observe is not None:
+                plugin.observe(self, keyed, got, self.plugin_states.get(plugin.name))
         return adv, adv_stats
 
     def mask(self, got, adv, phases):
@@ -227,8 +186,6 @@ class Trainer:
 
     def checkpoint(self, step: int, t_start: float):
         train_state = {"wall_time_s": time.perf_counter() - t_start, "backward_passes": self.backward_passes}
-        if self.corpus is not None:
-            train_state["corpus"] = json.dumps(self.corpus.state_dict())
         save_checkpoint(self.cfg.out, step + 1, self.model, self.rule, self.scheduler, train_state, self.d,
                         plugins=self.plugin_states)
 

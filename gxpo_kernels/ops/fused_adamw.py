@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from ..extrapolation import EXTRAP_STATS, scale_cap
+from ..extrapolation import EXTRAP_STATS, kernel_scalars
 from ..flat import FlatGroup, aligned
 from .flat_ops import combine_stats
 from .flat_tiles import (
@@ -142,7 +142,7 @@ def adamw_step(group: FlatGroup, grads, exp_avgs, exp_avg_sqs, lr, weight_decay,
     _adamw_kernel[(programs,)](
         *(group.pointer_table(ts) for ts in tensors), *map_tables(group), group.num_full, *tables,
         *(float(x) for x in scalars), group.theta0, group.g0, partial,
-        float(beta1), float(beta2), float(eps), float(grad_scale), float(ex["alpha"]), float(ex["delta"]),
-        scale_cap(ex["K"]), PER_TENSOR=not shared, SNAPSHOT=snapshot, EXTRAPOLATE=extrapolate is not None, K=ex["K"],
+        float(beta1), float(beta2), float(eps), *kernel_scalars(ex["K"], ex["alpha"], ex["delta"], grad_scale),
+        PER_TENSOR=not shared, SNAPSHOT=snapshot, EXTRAPOLATE=extrapolate is not None, K=ex["K"],
         **launch_args(group, all_aligned))
     return combine_stats(partial.double()) if extrapolate else None

@@ -4,7 +4,6 @@ own state."""
 
 import torch
 
-from ..flat import BLOCK  # noqa: F401  (re-exported: ../shared/tools/gpu_static.py reads the block size here)
 from .flat_adamw import FlatAdamW
 from .precision import check_master_dtype
 

@@ -10,7 +10,7 @@ from ..collect import Collected, collect, prompt_text, score
 from ..rollout import RolloutBatch
 from ..sampling import row_seed
 from . import Plugin, xrpo_allocator
-from .xrpo_seeding import all_failed
+from .xrpo_seeding import SolutionCorpus, all_failed
 from .xrpo_sharpening import sharpen
 
 
@@ -70,6 +70,7 @@ def sharpen_advantages(trainer, got, adv_B):
 
 
 def xrpo_rollouts(engine, tokenizer, cfg, keyed_problems: list, step: int, reward_fn, phases, corpus=None):
+    # corpus: the plug-in's state (a SolutionCorpus with seeding on, else None)
     """The rollout slot (trainer/collect.py's collect with the allocator and / or seeding on): n0
     completions each, then the rest of the budget in phases, given out by uncertainty gain + exploration
     bonus (xrpo_allocator.py); prompts whose completions all failed so far are sampled with solved
@@ -135,5 +136,18 @@ def xrpo_rollouts(engine, tokenizer, cfg, keyed_problems: list, step: int, rewar
     return Collected(batch, flat_rewards, group_sizes, stats)
 
 
+def add_solved(trainer, keyed, got, corpus):
+    """Correct completions join the exemplar corpus (gathered over ranks, so every rank has the same)."""
+    if corpus is None:
+        return
+    owners = [i for i, n in enumerate(got.group_sizes) for _ in range(n)]
+    solved = [(keyed[i][0].question, text) for i, text, r in zip(owners, got.batch.texts, got.rewards.tolist(),
+                                                                  strict=True) if r >= 1]
+    for part in trainer.d.gather(solved):
+        for question, text in part:
+            corpus.add(question, text)
+
+
 PLUGIN = Plugin("xrpo", "xrpo", enabled=lambda cfg: cfg.xrpo.allocator or cfg.xrpo.seeding or cfg.xrpo.sharpening,
-                advantages=sharpen_advantages, rollouts=xrpo_rollouts)
+                advantages=sharpen_advantages, rollouts=xrpo_rollouts, observe=add_solved,
+                state=lambda trainer: SolutionCorpus() if trainer.cfg.xrpo.seeding else None)

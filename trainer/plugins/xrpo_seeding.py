@@ -4,6 +4,7 @@ question. The corpus grows with every correct training rollout. Similarity is pl
 lexical (cosine of word-count vectors), which needs no download (the paper used a large embedding
 model). Exemplar solutions longer than `max_chars` are cut there. A problem never gets its own solution."""
 
+import json
 import math
 import re
 from collections import Counter
@@ -39,11 +40,11 @@ class SolutionCorpus:
         others.sort(key=lambda qs: -self.similarity(question, qs[0]))
         return [(q, s[:max_chars]) for q, s in others[:k]]
 
-    def state_dict(self) -> dict:
-        return {"solutions": dict(self.solutions)}
+    def state_dict(self) -> dict:  # one string: a checkpoint loads into a template of the same keys
+        return {"solutions_json": json.dumps(self.solutions)}
 
     def load_state_dict(self, state: dict):
-        self.solutions = dict(state["solutions"])
+        self.solutions = json.loads(state["solutions_json"]) if state["solutions_json"] else {}
 
 
 def all_failed(rewards: list, seed_when: str = "zero_reward") -> bool:

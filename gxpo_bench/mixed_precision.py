@@ -4,7 +4,7 @@ the trainer's loss closure on a fixed synthetic batch, each variant in its own p
 process): seconds (median of --reps), peak resident memory, and the gradient's and loss's relative error
 against fp32 compute (float64 norms).
 
-  .venv/bin/python bench/mixed_precision.py [--model smollm2-135m] [--rows 8] [--tokens 32] [--out FILE.md]
+  .venv/bin/python -m gxpo_bench.mixed_precision [--model smollm2-135m] [--rows 8] [--tokens 32] [--out FILE.md]
 """
 
 import argparse
@@ -25,18 +25,14 @@ VARIANTS = ("fp32", "fsdp2_bf16", "autocast_bf16")
 def run_variant(variant, model_name, rows, tokens, reps, grads_path):
     from gxpo_bench.step import synthetic_batch
     from trainer.config import load_config
-    from trainer.distributed import init_single_rank_group, shard_policy
-    from trainer.models import load_policy
-    from trainer.policy import PolicyRunner
+    from trainer.policy_stack import build_policy_stack
     from trainer.step import LossClosure
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_config(overrides=[("model", model_name), ("rollout.max_new_tokens", str(tokens))])
-    model, tokenizer = load_policy(model_name, torch.float32, seed=0)
-    runner = PolicyRunner(model.to(device))
-    if variant == "fsdp2_bf16":
-        init_single_rank_group(device)
-        shard_policy(runner, torch.bfloat16)
+    compute = "bfloat16" if variant == "fsdp2_bf16" else "float32"  # fsdp2_bf16: the trainer's mixed precision
+    cfg = load_config(overrides=[("model", model_name), ("rollout.max_new_tokens", str(tokens)), ("dtype", compute)])
+    stack = build_policy_stack(cfg, device, with_rule=False)
+    runner, tokenizer = stack.runner, stack.tokenizer
     if variant == "autocast_bf16":
         # Under autocast our fused loss gets bf16 logit chunks and an fp32 weight and fails (its out= buffers
         # have the weight's dtype); the usual fix is to run the loss outside autocast, in fp32.
@@ -99,7 +95,7 @@ def main(argv=None):
         row["loss_rel_err"] = abs(got["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [f"# bf16 compute with fp32 masters, one device ({device})", "",
-             f"`{' '.join(['bench/mixed_precision.py', *(argv if argv is not None else sys.argv[1:])])}`: "
+             f"`{' '.join(['python -m gxpo_bench.mixed_precision', *(argv if argv is not None else sys.argv[1:])])}`: "
              f"{args.model}, {args.rows} rows x (16 prompt + {args.tokens} completion) tokens, one loss-closure "
              f"forward+backward, median of {args.reps}; each variant in its own process.", "",
              "| variant | seconds | vs fp32 | peak RSS MiB | grad rel. err vs fp32 | loss rel. err | dtypes |",
