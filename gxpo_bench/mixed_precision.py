@@ -24,9 +24,9 @@ VARIANTS = ("fp32", "fsdp2_bf16", "autocast_bf16")
 
 def run_variant(variant, model_name, rows, tokens, reps, grads_path):
     from gxpo_bench.step import synthetic_batch
+    from trainer.closure import LossClosure
     from trainer.config import load_config
     from trainer.policy_stack import build_policy_stack
-    from trainer.step import LossClosure
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute = "bfloat16" if variant == "fsdp2_bf16" else "float32"  # fsdp2_bf16: the trainer's mixed precision

@@ -11,11 +11,11 @@ import time
 import torch
 
 from gxpo_kernels.optim import RULES
+from trainer.closure import LossClosure, run_update
 from trainer.config import load_config
 from trainer.flops import peak_flops, train_flops_per_token
 from trainer.policy_stack import build_policy_stack
 from trainer.rollout import RolloutBatch
-from trainer.step import LossClosure, run_update
 
 from .timing import sync
 

@@ -7,7 +7,7 @@ import torch
 from . import backend, devices
 from .loss_inputs import extend_positions, make_config, prepare_token_inputs, summarize
 from .ops import lm_head_cost
-from .ops.fused_linear_grpo_loss import FusedLinearGRPOLossFunction, TiledLMHeadGRPOLossFunction
+from .ops.fused_linear_grpo_loss import ChunkedLMHeadGRPOLossFunction, TiledLMHeadGRPOLossFunction
 from .ops.grpo_loss import GRPOLossFunction
 from .ops.lm_head_grpo_loss import tile_config
 
@@ -135,7 +135,7 @@ def fused_linear_grpo_loss(
         loss, stats = TiledLMHeadGRPOLossFunction.apply(hidden_NH.contiguous(), lm_head_weight_VH.contiguous(),
                                                         lm_head_bias_V, *per_token, cfg, filter_eps)
     else:
-        loss, stats = FusedLinearGRPOLossFunction.apply(hidden_NH, lm_head_weight_VH, lm_head_bias_V,
+        loss, stats = ChunkedLMHeadGRPOLossFunction.apply(hidden_NH, lm_head_weight_VH, lm_head_bias_V,
                                                         *per_token, cfg, chunk_tokens)
     if active_idx is not None:
         stats = torch.zeros(stats.shape[0], B * T, dtype=stats_dtype, device=stats.device).index_copy_(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .ops.grpo_loss import LossParams
-from .ops.reference import LOSS_AGGS, STAT_NAMES
+from .ops.loss_layout import LOSS_AGGS, STAT_NAMES
 
 
 @dataclass

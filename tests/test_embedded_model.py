@@ -27,10 +27,10 @@ def test_loads_with_its_tokenizer_and_chat_template(smollm2):
 
 def test_one_gxpo_step_runs(smollm2, monkeypatch):
     from gxpo_kernels import GXPO, backend
+    from trainer.closure import LossClosure
     from trainer.config import load_config
     from trainer.engines import make_engine
     from trainer.policy import PolicyRunner
-    from trainer.step import LossClosure
 
     monkeypatch.setattr(backend, "use_triton", lambda t: t.is_cuda)  # the CPU path a user runs
     model, tok = smollm2

@@ -9,7 +9,8 @@ from test_fused_linear_grpo_loss import TOL, LargestAllocation, linear_batch, ru
 
 from gxpo_kernels import fused_linear_grpo_loss
 from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
-from gxpo_kernels.ops.reference import LOSS_AGGS, grpo_loss_reference
+from gxpo_kernels.ops.loss_layout import LOSS_AGGS
+from gxpo_kernels.ops.reference import grpo_loss_reference
 
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)

@@ -6,12 +6,12 @@ import torch
 from helpers import rel_err
 
 pytest.importorskip("transformers")
+from trainer.closure import LossClosure  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.models import load_policy  # noqa: E402
 from trainer.packing import pack, plan_bins  # noqa: E402
 from trainer.policy import PolicyRunner  # noqa: E402
 from trainer.rollout import RolloutBatch  # noqa: E402
-from trainer.step import LossClosure  # noqa: E402
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 

@@ -120,10 +120,10 @@ def test_one_rank_mixed_precision_keeps_loss_inputs_fp32(monkeypatch):
     old log-probs stay fp32 (the root must not cast its inputs)."""
     import trainer.policy
     from gxpo_bench.step import synthetic_batch
+    from trainer.closure import LossClosure
     from trainer.config import load_config
     from trainer.distributed import init_single_rank_group, shard_policy
     from trainer.policy import PolicyRunner
-    from trainer.step import LossClosure
 
     seen = []
     fused = trainer.policy.fused_linear_grpo_loss

@@ -84,8 +84,8 @@ def test_unknown_rules_and_fields_are_named():
 
 def test_a_new_rule_is_one_file_and_one_registry_line(sign_rule, tmp_path):
     pytest.importorskip("transformers")
+    from trainer.closure import make_update_rule
     from trainer.config import load_config, to_toml
-    from trainer.step import make_update_rule
 
     cfg = load_config(overrides=[("algo", "sign"), ("sign.scale", "0.5"), ("optim.weight_decay", "0")])
     assert cfg.rule == sign_rule(scale=0.5) and "[sign]\nscale = 0.5" in to_toml(cfg)

@@ -6,10 +6,10 @@ import torch
 
 pytest.importorskip("transformers")
 from gxpo_bench.step import synthetic_batch  # noqa: E402
+from trainer.closure import LossClosure, make_update_rule, run_update, skips_zero_advantages  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.models import load_policy  # noqa: E402
 from trainer.policy import PolicyRunner  # noqa: E402
-from trainer.step import LossClosure, make_update_rule, run_update, skips_zero_advantages  # noqa: E402
 
 RULES = {"grpo": [], "gxpo": [("gxpo.preset", "paper"), ("gxpo.gate", "never")],
          "sfpo": [("sfpo.gate", "never"), ("sfpo.K", "2")]}

@@ -76,10 +76,10 @@ def test_three_steps_with_each_rule(tmp_path, algo, passes_per_step):
 
 
 def test_micro_batches_give_the_whole_batch_gradient(tmp_path):
+    from trainer.closure import LossClosure
     from trainer.engines import make_engine
     from trainer.models import load_policy
     from trainer.policy import PolicyRunner
-    from trainer.step import LossClosure
 
     for loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         grads = []
@@ -296,11 +296,11 @@ def test_capo_masks_tokens_with_a_huge_predicted_kl(tmp_path, mode):
     they leave the loss's token count; with a tiny one none is. The official mode models an SGD step
     before its moments are fed (so it masks from the first step) and feeds them only with kept tokens;
     the variant waits for the optimizer's first step."""
+    from trainer.closure import LossClosure, make_update_rule
     from trainer.engines import make_engine
     from trainer.models import load_policy
     from trainer.plugins.capo import capo_token_mask, make_moments
     from trainer.policy import PolicyRunner
-    from trainer.step import LossClosure, make_update_rule
 
     cfg = tiny_cfg(tmp_path, "grpo", recipe="capo", **{"capo.mode": mode})
     model, tok = load_policy("tiny-random", torch.float32)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import tomllib
 
-from gxpo_kernels.ops.reference import LOSS_AGGS
+from gxpo_kernels.ops.loss_layout import LOSS_AGGS
 from gxpo_kernels.optim import RULES
 
 from .hf_tasks import ANSWER_FROM, is_local, parse_filter
@@ -51,7 +51,7 @@ class LossConfig:
     max_completion_len: int | None = None  # Dr. GRPO constant; None: rollout.max_new_tokens
     log_ratio_clamp: float | None = None  # verl's guard: clamp logp - old_logp to [-c, c] before exp (verl: 20)
     skip_zero_advantage: bool = True  # zero-advantage completions leave the passes where exact (beta 0, no
-    # entropy gate; trainer/step.py skips_zero_advantages)
+    # entropy gate; trainer/closure.py skips_zero_advantages)
     pack: bool = True  # padding-free packed micro-batches (trainer/packing.py); false: padded rows
     max_tokens_per_micro_batch: int = 0  # packed: token budget per micro-batch; 0: the whole batch in one
     micro_batch_size: int = 0  # padded (pack = false): sequences per micro-batch; 0: the whole batch

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from .blocks import checkpoint_blocks, compile_blocks
+from .closure import make_update_rule
 from .config import TrainConfig
 from .distributed import init_single_rank_group, shard_policy
 from .models import apply_liger_patches, apply_lora, load_policy
 from .policy import PolicyRunner
-from .step import make_update_rule
 
 
 def stack_dtypes(cfg: TrainConfig, device: torch.device) -> tuple:

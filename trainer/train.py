@@ -13,6 +13,7 @@ import torch
 
 from .advantages import group_normalized_ragged
 from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .closure import LossClosure, run_update
 from .collect import collect
 from .config import TrainConfig, to_toml
 from .data import held_out_sets, problems_for_step, task_problems
@@ -23,7 +24,6 @@ from .flops import peak_flops, train_flops_per_token
 from .plugins import enabled_plugins
 from .policy_stack import build_policy_stack
 from .sampling import row_seed
-from .step import LossClosure, run_update
 from .tasks import make_reward
 
 

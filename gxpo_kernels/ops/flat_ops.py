@@ -230,15 +230,26 @@ def _table(group, tensors):
     return group.pointer_table(tensors), aligned(tensors)
 
 
-def snapshot(group: FlatGroup, grads) -> torch.Tensor:
-    """theta0 <- params, g0 <- grads (0 where None); returns sum(g0^2) (0-d, float64)."""
+def _on_backend(group, empty, cpp, torch_loop, kernel):
+    """The op where the group's state lives (backend.flat_path): cpp() on the C++ extension, torch_loop() in
+    torch, kernel(path) as the Triton program or its csrc CUDA twin; empty() for a group without parameters."""
     if group.total == 0:
-        return torch.zeros((), dtype=torch.float64, device=group.device)
+        return empty()
     path = backend.flat_path(group.theta0)
     if path == "cpp":
+        return cpp()
+    if path == "torch":
+        return torch_loop()
+    return kernel(path)
+
+
+def snapshot(group: FlatGroup, grads) -> torch.Tensor:
+    """theta0 <- params, g0 <- grads (0 where None); returns sum(g0^2) (0-d, float64)."""
+    def cpp():
         total = backend._C.snapshot(group.local_params(), grads, group.theta0, group.g0, group.offsets)
         return torch.tensor(total, dtype=torch.float64)
-    if path == "torch":
+
+    def torch_loop():
         total = torch.zeros((), dtype=torch.float64, device=group.device)
         for i, (p, g) in enumerate(zip(group.local_params(), grads, strict=True)):
             group.view(group.theta0, i).copy_(p)
@@ -248,38 +259,38 @@ def snapshot(group: FlatGroup, grads) -> torch.Tensor:
                 group.view(group.g0, i).copy_(g)
                 total += g.double().square().sum()
         return total
-    partial = backend.empty(num_programs(group), dtype=torch.float32, device=group.device)
-    grad_table, grads_aligned = _table(group, grads)
-    _launch(path, group, _snapshot_kernel, "snapshot_cuda", (group.pointer_table(group.local_params()), grad_table),
-            (group.theta0, group.g0, partial), group.params_aligned and grads_aligned)
-    return partial.double().sum()
+
+    def kernel(path):
+        partial = backend.empty(num_programs(group), dtype=torch.float32, device=group.device)
+        grad_table, grads_aligned = _table(group, grads)
+        _launch(path, group, _snapshot_kernel, "snapshot_cuda",
+                (group.pointer_table(group.local_params()), grad_table), (group.theta0, group.g0, partial),
+                group.params_aligned and grads_aligned)
+        return partial.double().sum()
+
+    return _on_backend(group, lambda: torch.zeros((), dtype=torch.float64, device=group.device), cpp, torch_loop,
+                       kernel)
 
 
 def restore(group: FlatGroup) -> None:
     """params <- theta0."""
-    if group.total == 0:
-        return
-    path = backend.flat_path(group.theta0)
-    if path == "cpp":
-        backend._C.restore(group.local_params(), group.theta0, group.offsets)
-        return
-    if path == "torch":
+    def torch_loop():
         for i, p in enumerate(group.local_params()):
             p.copy_(group.view(group.theta0, i))
-        return
-    _launch(path, group, _restore_kernel, "restore_cuda", (group.pointer_table(group.local_params()),),
-            (group.theta0,), group.params_aligned)
+
+    _on_backend(group, lambda: None, lambda: backend._C.restore(group.local_params(), group.theta0, group.offsets),
+                torch_loop, lambda path: _launch(path, group, _restore_kernel, "restore_cuda",
+                                                 (group.pointer_table(group.local_params()),), (group.theta0,),
+                                                 group.params_aligned))
 
 
 def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
     """[sum(g^2), sum(g0 * g)] (float64; the second is 0 unless with_g0)."""
-    if group.total == 0:
-        return torch.zeros(2, dtype=torch.float64, device=group.device)
-    path = backend.flat_path(group.theta0)
-    if path == "cpp":
+    def cpp():
         dots = backend._C.grad_dots(group.local_params(), grads, group.g0, group.offsets, with_g0)
         return torch.tensor(dots, dtype=torch.float64)
-    if path == "torch":
+
+    def torch_loop():
         out = torch.zeros(2, dtype=torch.float64, device=group.device)
         for i, g in enumerate(grads):
             if g is not None:
@@ -287,11 +298,16 @@ def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
                 if with_g0:
                     out[1] += (group.view(group.g0, i).double() * g.double()).sum()
         return out
-    partial = backend.empty(num_programs(group), 2, dtype=torch.float32, device=group.device)
-    grad_table, grads_aligned = _table(group, grads)
-    _launch(path, group, _grad_dots_kernel, "grad_dots_cuda", (grad_table,), (group.g0, partial), grads_aligned,
-            WITH_G0=with_g0)
-    return partial.double().sum(0)
+
+    def kernel(path):
+        partial = backend.empty(num_programs(group), 2, dtype=torch.float32, device=group.device)
+        grad_table, grads_aligned = _table(group, grads)
+        _launch(path, group, _grad_dots_kernel, "grad_dots_cuda", (grad_table,), (group.g0, partial), grads_aligned,
+                WITH_G0=with_g0)
+        return partial.double().sum(0)
+
+    return _on_backend(group, lambda: torch.zeros(2, dtype=torch.float64, device=group.device), cpp, torch_loop,
+                       kernel)
 
 
 def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, g1_scale: float = 1.0):
@@ -299,16 +315,19 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
 
     Returns the float64 vector of EXTRAP_STATS (sums over the group; scale_max is a max)."""
     n_stats = len(EXTRAP_STATS)
-    if group.total == 0:
+    scalars = kernel_scalars(K, alpha, delta, g1_scale)
+
+    def empty():
         out = torch.zeros(n_stats, dtype=torch.float64, device=group.device)
         out[EXTRAP_STATS.index(MAX_STAT)] = 1.0
         return out
-    path = backend.flat_path(group.theta0)
-    if path == "cpp":
+
+    def cpp():
         sums = backend._C.extrapolate(group.local_params(), grads, group.theta0, group.g0, group.offsets, K,
-                                      *kernel_scalars(K, alpha, delta, g1_scale))
+                                      *scalars)
         return torch.tensor(sums, dtype=torch.float64)
-    if path == "torch":
+
+    def torch_loop():
         rows = []
         for i, (p, g) in enumerate(zip(group.local_params(), grads, strict=True)):
             g1 = torch.zeros_like(p) if g is None else g * g1_scale
@@ -317,13 +336,16 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
             p.copy_(theta_tilde)
             rows.append(stats.double())
         return combine_stats(torch.stack(rows))
-    partial = backend.empty(num_programs(group), n_stats, dtype=torch.float32, device=group.device)
-    grad_table, grads_aligned = _table(group, grads)
-    params = group.pointer_table(group.local_params())
-    _launch(path, group, _extrapolate_kernel, "extrapolate_cuda", (params, grad_table),
-            (group.theta0, group.g0, partial, *kernel_scalars(K, alpha, delta, g1_scale)),
-            group.params_aligned and grads_aligned, K=K)
-    return combine_stats(partial.double())
+
+    def kernel(path):
+        partial = backend.empty(num_programs(group), n_stats, dtype=torch.float32, device=group.device)
+        grad_table, grads_aligned = _table(group, grads)
+        params = group.pointer_table(group.local_params())
+        _launch(path, group, _extrapolate_kernel, "extrapolate_cuda", (params, grad_table),
+                (group.theta0, group.g0, partial, *scalars), group.params_aligned and grads_aligned, K=K)
+        return combine_stats(partial.double())
+
+    return _on_backend(group, empty, cpp, torch_loop, kernel)
 
 
 def interpolate(group: FlatGroup, *, alpha: float) -> torch.Tensor:

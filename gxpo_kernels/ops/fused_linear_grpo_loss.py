@@ -2,7 +2,7 @@
 
 - tiled (TiledLMHeadGRPOLossFunction): the logits never reach memory (lm_head_grpo_loss.py kernels);
   peak extra memory O(N) plus fp32 gradient accumulators; the backward recomputes the logit tiles.
-- chunked (FusedLinearGRPOLossFunction): logits_chunk = hidden_chunk @ W^T (+ b) in memory, the loss
+- chunked (ChunkedLMHeadGRPOLossFunction): logits_chunk = hidden_chunk @ W^T (+ b) in memory, the loss
   kernel turns them into dlogits in place, and d_hidden, d_weight, d_bias are accumulated right away.
   Peak extra memory O(chunk_tokens x V). The backward only rescales the stored gradients by grad_output.
 """
@@ -13,7 +13,7 @@ import triton
 from .. import backend
 from .grpo_loss import grpo_rows, scale_grad_, take_saved_grads, token_terms
 from .lm_head_grpo_loss import lm_head_grads, lm_head_lse
-from .reference import STAT_NAMES
+from .loss_layout import STAT_NAMES
 
 
 def default_chunk_tokens(N: int, V: int, H: int) -> int:
@@ -23,7 +23,7 @@ def default_chunk_tokens(N: int, V: int, H: int) -> int:
     return min(N, max(256, min(2048, triton.next_power_of_2(triton.cdiv(N, chunks)))))
 
 
-class FusedLinearGRPOLossFunction(torch.autograd.Function):
+class ChunkedLMHeadGRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, bias_V, ids_N, adv_N, weight_N, old_N, ref_N, cfg, chunk_tokens):
         N, H = hidden_NH.shape

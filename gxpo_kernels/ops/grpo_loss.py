@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import backend
-from .reference import STAT_NAMES
+from .loss_layout import STAT_NAMES
 
 
 @dataclass(frozen=True)

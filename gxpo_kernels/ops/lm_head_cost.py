@@ -90,7 +90,7 @@ def three_gemms_at_peak(dev: DeviceProfile, N: int, V: int, H: int, dtype="bf16"
 
 
 def chunked(dev: DeviceProfile, N: int, V: int, H: int, C: int, dtype: str = "bf16") -> Plan:
-    """ops/fused_linear_grpo_loss.py FusedLinearGRPOLossFunction: per chunk of C tokens the logits GEMM writes
+    """ops/fused_linear_grpo_loss.py ChunkedLMHeadGRPOLossFunction: per chunk of C tokens the logits GEMM writes
     [C, V], the row kernels read it (pass 1) and read+write dlogits in place (pass 2), the d_hidden GEMM reads
     it and the d_weight GEMM adds into d_weight (read+write); the backward scales the two gradients."""
     e = ELEMENT_BYTES[dtype]

@@ -1,14 +1,10 @@
-"""Plain PyTorch reference of the GRPO token-level clipped loss.
+"""Plain PyTorch reference of the GRPO token-level clipped loss: the tests' oracle.
 
-Same math as the Triton kernels, written the obvious way with autograd; works in float64.
-Tests compare the kernels against it, and it is the CPU fallback (see gxpo_kernels.backend).
+Same math as the Triton kernels, written the obvious way with autograd; works in float64. Tests and
+benchmarks compare the kernels against it; the CPU path of the loss is grpo_loss.py's own torch rows.
 """
 
 import torch
-
-# Rows of the per-token statistics buffer the kernels write ([len(STAT_NAMES), N]).
-STAT_NAMES = ("loss", "logp", "ratio", "kl", "entropy", "clip_low", "clip_high", "clip_dual")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def grpo_per_token_reference(

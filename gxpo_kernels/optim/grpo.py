@@ -1,4 +1,4 @@
-"""GRPO as an update rule: one pass, clip, one base step; the interface SFPO and GXPO share."""
+"""GRPO as an update rule: one pass, clip, one base step (UpdateRule, optim/rule.py, as SFPO and GXPO)."""
 
 import math
 from dataclasses import dataclass
