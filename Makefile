@@ -11,8 +11,10 @@ INTERP  = $(if $(filter 1,$(HAS_GPU)),,TRITON_INTERPRET=1)
 
 install: $(STAMP)
 
-# --no-build-isolation: the C++ extension (csrc/) builds against the venv's torch.
-$(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp csrc/flat_ops_cuda.cu gxpo_kernels/extrapolation.py
+# --no-build-isolation: the C++ extension ($(CSRC)) builds against the venv's torch.
+FLAT   := gxpo_kernels/optim/flat
+CSRC   := $(FLAT)/csrc
+$(STAMP): pyproject.toml setup.py $(CSRC)/flat_ops.cpp $(CSRC)/flat_ops_cuda.cu $(FLAT)/extrapolation.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml setup.py csrc/flat_ops.cpp csrc/flat_ops_cuda.cu gxpo_k
 test: $(STAMP)
 	$(INTERP) GXPO_REQUIRE_CPP=1 $(PY) -m pytest -q tests
 
-# On the GPU machine: gxpo_kernels._C in place, with the CUDA kernels when torch has CUDA and nvcc is found.
+# On the GPU machine: gxpo_kernels.optim.flat._C in place, with the CUDA kernels when torch has CUDA and nvcc is found.
 build-ext:
 	$(SYSPY) setup.py -q build_ext --inplace || echo "build-ext failed: the C++/CUDA extension tests will say so"
 
@@ -61,7 +63,7 @@ static: $(STAMP)
 
 # Compile-only check of the CUDA source where there is nvcc but no GPU (CPU torch is enough).
 check-cuda: $(STAMP)
-	csrc/check_cuda_compiles.sh $(PY)
+	$(CSRC)/check_cuda_compiles.sh $(PY)
 
 # One harness, gxpo-bench: each writes bench/results/DATE-DEVICE-KIND.json and .md (the table with ratios).
 bench: $(STAMP)

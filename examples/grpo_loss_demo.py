@@ -6,7 +6,7 @@ import time
 import torch
 
 from gxpo_kernels import backend, fused_linear_grpo_loss, grpo_loss
-from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.loss.reference import grpo_loss_reference
 
 
 def main():

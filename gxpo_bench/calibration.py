@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from gxpo_kernels.devices import A100_SXM4, H200
-from gxpo_kernels.ops import lm_head_cost as cost
+from gxpo_kernels.loss import lm_head_cost as cost
 
 MIB = 1 << 20
 LIGER_SOURCE = "linkedin/Liger-Kernel benchmark/data/all_benchmark_data.csv"

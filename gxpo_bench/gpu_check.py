@@ -19,8 +19,8 @@ import torch
 
 from gxpo_kernels import fused_linear_grpo_loss, grpo_loss
 from gxpo_kernels.devices import profile_for
-from gxpo_kernels.ops import lm_head_cost as cost
-from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
+from gxpo_kernels.loss import lm_head_cost as cost
+from gxpo_kernels.loss.lm_head_kernels import tile_config
 
 from . import lm_head_peers
 from .timing import copy_bandwidth, matmul_rate, measure
@@ -94,8 +94,8 @@ def _grpo_loss_liger(logits, ids, adv, mask, old):
 
 def flat_cases(params: int, device):
     """(name, fn, setup, bytes moved) of the GXPO flat kernels over one group of `params` fp32 parameters."""
-    from gxpo_kernels.flat import BLOCK, FlatGroup
-    from gxpo_kernels.ops import flat_ops
+    from gxpo_kernels.optim.flat import ops as flat_ops
+    from gxpo_kernels.optim.flat.buffers import BLOCK, FlatGroup
 
     sizes = [params // 2, params // 3, params - params // 2 - params // 3]
     weights = [torch.randn(n, device=device) for n in sizes]

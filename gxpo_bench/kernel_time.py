@@ -10,7 +10,7 @@ operand bytes come from the HGMMA shapes in the SASS. A model of the chip, not a
 import math
 
 from gxpo_kernels.devices import DeviceProfile
-from gxpo_kernels.ops.lm_head_cost import Step, matmul_peak
+from gxpo_kernels.loss.lm_head_cost import Step, matmul_peak
 
 RESOURCES = ("hbm", "l2", "tensor", "smem", "issue", "mufu", "atomics")
 

@@ -15,11 +15,12 @@ from functools import partial
 import torch
 
 from gxpo_kernels import backend, fused_linear_grpo_loss, grpo_loss
-from gxpo_kernels.flat import BLOCK, build_groups
-from gxpo_kernels.ops import flat_ops
-from gxpo_kernels.ops.capo import capo_scores, top_rows
-from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.loss.reference import grpo_loss_reference
+from gxpo_kernels.optim.flat import native
+from gxpo_kernels.optim.flat import ops as flat_ops
+from gxpo_kernels.optim.flat.buffers import BLOCK, build_groups
 from gxpo_kernels.optim.flat_adamw import FlatAdamW
+from trainer.plugins.capo.kernels import capo_scores, top_rows
 
 from . import shapes
 from .per_tensor import bookkeeping as per_tensor_bookkeeping
@@ -100,7 +101,7 @@ def ours_bookkeeping(groups, g0, g1, gt, K=5, alpha=0.5):
 
 def csrc_cuda_bookkeeping(groups, g0, g1, gt):
     """ours_bookkeeping with the CUDA kernels of csrc/ instead of Triton."""
-    with backend.flat_cuda("csrc"):
+    with native.flat_cuda("csrc"):
         ours_bookkeeping(groups, g0, g1, gt)
 
 
@@ -182,12 +183,12 @@ def _bookkeeping_case(size, device, dtype, cuda, compile_):
     params = [torch.randn(s, device=device, generator=g) for s in param_shapes]
     g0, g1, gt = ([torch.randn(s, device=device, generator=g) for s in param_shapes] for _ in range(3))
     groups = build_groups(params, BLOCK)
-    ours_ok = cuda or backend.HAS_CPP
+    ours_ok = cuda or native.HAS_CPP
     impls = {"ours": (partial(ours_bookkeeping, groups, g0, g1, gt), tuple) if ours_ok else None,
              "per_tensor": (partial(per_tensor_bookkeeping, params, g0, g1, gt), tuple)}
     if cuda:
         impls["csrc_cuda"] = (partial(csrc_cuda_bookkeeping, groups, g0, g1, gt), tuple) \
-            if backend.HAS_CUDA_CSRC else None
+            if native.HAS_CUDA_CSRC else None
     return impls, BOOKKEEPING_BYTES_PER_PARAM * sum(p.numel() for p in params), 0
 
 

@@ -1,10 +1,10 @@
-"""The peers' fused LM heads in the time model of gxpo_kernels/ops/lm_head_cost.py, step by step as their
+"""The peers' fused LM heads in the time model of gxpo_kernels/loss/lm_head_cost.py, step by step as their
 sources run them (read from the installed release wheels; the op lists below cite the lines that settle
 each step). Modelled like ours, on the same profile, in the same run: a model of the chip, not a timing."""
 
 import math
 
-from gxpo_kernels.ops.lm_head_cost import Plan, chunks, gemm, memory_pass
+from gxpo_kernels.loss.lm_head_cost import Plan, chunks, gemm, memory_pass
 
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE; trainer/utils.py
 LIGER_TILE_TOKENS, LIGER_TILE_VOCAB = 2048, 4096  # liger_kernel/chunked_loss/fused_linear_ppo.py tiles

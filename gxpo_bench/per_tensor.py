@@ -1,10 +1,10 @@
 """GXPO bookkeeping written the obvious way, per tensor (the baseline our flat kernels are timed against):
 clones for the snapshot, float64 norms and dot products with temporaries, the extrapolation as a chain of
-elementwise torch ops per parameter. Same math as gxpo_kernels.ops.flat_reference."""
+elementwise torch ops per parameter. Same math as gxpo_kernels.optim.flat.reference."""
 
 import torch
 
-from gxpo_kernels.ops.flat_reference import retention_scale
+from gxpo_kernels.optim.flat.reference import retention_scale
 
 
 def snapshot(params, grads):

@@ -50,23 +50,23 @@ def captured_launches():
     from triton.runtime.jit import JITFunction
 
     from gxpo_kernels import backend
-    from gxpo_kernels.ops import grpo_loss, lm_head_grpo_loss
+    from gxpo_kernels.loss import lm_head_kernels, logits_kernels
 
-    launches, run, use_triton, block_v = [], JITFunction.run, backend.use_triton, grpo_loss.default_block_v
-    tiles = lm_head_grpo_loss.tile_config
+    launches, run, use_triton, block_v = [], JITFunction.run, backend.use_triton, logits_kernels.default_block_v
+    tiles = lm_head_kernels.tile_config
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, tuple(grid(kwargs) if callable(grid) else grid), args, kwargs))
 
     JITFunction.run = record
     backend.use_triton = lambda t: t.dtype in backend.KERNEL_DTYPES
-    grpo_loss.default_block_v = lambda V, device: block_v(V, torch.device("cuda"))  # the GPU's launch config
-    lm_head_grpo_loss.tile_config = lambda N, V, H, device: tiles(N, V, H, torch.device("cuda"))
+    logits_kernels.default_block_v = lambda V, device: block_v(V, torch.device("cuda"))  # the GPU's launch config
+    lm_head_kernels.tile_config = lambda N, V, H, device: tiles(N, V, H, torch.device("cuda"))
     try:
         yield launches
     finally:
-        JITFunction.run, backend.use_triton, grpo_loss.default_block_v = run, use_triton, block_v
-        lm_head_grpo_loss.tile_config = tiles
+        JITFunction.run, backend.use_triton, logits_kernels.default_block_v = run, use_triton, block_v
+        lm_head_kernels.tile_config = tiles
 
 
 @contextmanager
@@ -266,9 +266,9 @@ ONE_UNALIGNED = "_one_unaligned"  # flat launches whose group has one tensor off
 
 def flat_launches(numels=(4096, 1000, 16, 4100)):
     """Every flat-op and fused-AdamW launch of one GXPO active step (unfused and fused), on a small group."""
-    from gxpo_kernels.flat import BLOCK, FlatGroup
-    from gxpo_kernels.ops import flat_ops
-    from gxpo_kernels.ops.fused_adamw import adamw_step
+    from gxpo_kernels.optim.flat import ops as flat_ops
+    from gxpo_kernels.optim.flat.adamw_kernel import adamw_step
+    from gxpo_kernels.optim.flat.buffers import BLOCK, FlatGroup
 
     params = [torch.randn(n) for n in numels]
     grads = [torch.randn(n) for n in numels]
@@ -429,7 +429,7 @@ def tiled_launches(N=256, V=4096, H=256):
 def _time_tiled_row(row: dict, launch: Launch, N: int, V: int, H: int) -> dict:
     """A tiled LM-head kernel at [N, H] x [V, H]: its tiles, H-chunks, programs and the HBM bytes of its half
     of fused_linear_bytes' tiled terms."""
-    from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
+    from gxpo_kernels.loss.lm_head_kernels import tile_config
 
     kw, cfg = launch.kwargs, tile_config(N, V, H, torch.device("cuda"))
     terms = fused_linear_bytes(N, V, H)["tiled_terms"]
@@ -453,8 +453,8 @@ def fused_linear_bytes(N: int, V: int, H: int, dtype_bytes: int = 2) -> dict:
     tiles, and both fp32 accumulators are cast to the weights' dtype at the end."""
     import triton
 
-    from gxpo_kernels.ops.fused_linear_grpo_loss import default_chunk_tokens
-    from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
+    from gxpo_kernels.loss.lm_head_autograd import default_chunk_tokens
+    from gxpo_kernels.loss.lm_head_kernels import tile_config
 
     h, w, logits = N * H * dtype_bytes, V * H * dtype_bytes, N * V * dtype_bytes
 
@@ -482,8 +482,8 @@ def fused_linear_bytes(N: int, V: int, H: int, dtype_bytes: int = 2) -> dict:
 
 def capo_launches(H=1536, V=4096, K=50, n=8):
     """Both CAPO modes' kernels: the variant's gathered quadratic form, the official prospective Adam terms."""
-    from gxpo_kernels.ops.capo import gathered_quadratic
-    from gxpo_kernels.ops.capo_adam import prospective_adam_terms
+    from trainer.plugins.capo.kernels import gathered_quadratic
+    from trainer.plugins.capo.official_kernels import prospective_adam_terms
 
     rows = torch.randint(0, V, (n, K))
     with captured_launches() as launches:

@@ -1,6 +1,6 @@
-"""The csrc CUDA flat kernels (csrc/flat_ops_cuda.cu, GXPO_FLAT_CUDA=csrc) in the static sm_90 model: compiled
-with nvcc by csrc/check_cuda_compiles.sh (which keeps the object and ptxas' report), read with the same SASS
-tools as the Triton kernels. Only where nvcc is installed; a model of sm_90, not a timing."""
+"""The csrc CUDA flat kernels (gxpo_kernels/optim/flat/csrc/flat_ops_cuda.cu, GXPO_FLAT_CUDA=csrc) in the static
+sm_90 model: compiled with nvcc by csrc/check_cuda_compiles.sh (which keeps the object and ptxas' report), read
+with the same SASS tools as the Triton kernels. Only where nvcc is installed; a model of sm_90, not a timing."""
 
 import re
 import shutil
@@ -12,6 +12,7 @@ from pathlib import Path
 from . import sass
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECK_SCRIPT = ROOT / "gxpo_kernels" / "optim" / "flat" / "csrc" / "check_cuda_compiles.sh"
 THREADS = 128  # kThreads in flat_ops_cuda.cu
 DTYPES = {"f": "float32", "N3c108BFloat16E": "bfloat16"}  # the instantiations reported (float16 is as bfloat16)
 _NAME = re.compile(r"([a-z_]+_kernel)I(f|N3c108BFloat16E)E")
@@ -39,7 +40,7 @@ def report() -> list:
     if not available():
         return []
     with tempfile.TemporaryDirectory(prefix="gxpo_csrc_") as tmp:
-        subprocess.run(["bash", str(ROOT / "csrc" / "check_cuda_compiles.sh"), sys.executable, tmp], check=True,
+        subprocess.run(["bash", str(CHECK_SCRIPT), sys.executable, tmp], check=True,
                        capture_output=True, text=True)
         log = (Path(tmp) / "ptxas.log").read_text()
         dump = subprocess.run([sass.tool("cuobjdump"), "-sass", str(Path(tmp) / "flat_ops_cuda.o")], check=True,
@@ -70,7 +71,8 @@ def to_markdown(rows: list) -> list:
     if not rows:
         return ["", "## csrc CUDA flat kernels", "", "Not compiled: nvcc was not found."]
     out = ["", "## csrc CUDA flat kernels (GXPO_FLAT_CUDA=csrc)", "",
-           "Compiled by `csrc/check_cuda_compiles.sh` (nvcc, sm_90). Widths of the global accesses in the whole "
+           "Compiled by `gxpo_kernels/optim/flat/csrc/check_cuda_compiles.sh` (nvcc, sm_90). Widths of the global "
+           "accesses in the whole "
            "kernel and in its innermost loops (a full block's 128-bit path, the scalar path of tails and unaligned "
            "tensors).", "",
            "| kernel | config | regs | spill B | CTAs/SM | LDG bits | STG bits | generic LD/ST | barriers "

@@ -5,9 +5,9 @@ chunk, TRL 1.16's and Liger 0.8.5's fused heads), and the calibration table. A m
 import torch
 
 from gxpo_kernels.devices import H100_SXM, H200
-from gxpo_kernels.ops import lm_head_cost as cost
-from gxpo_kernels.ops.fused_linear_grpo_loss import default_chunk_tokens
-from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
+from gxpo_kernels.loss import lm_head_cost as cost
+from gxpo_kernels.loss.lm_head_autograd import default_chunk_tokens
+from gxpo_kernels.loss.lm_head_kernels import tile_config
 
 from . import calibration, lm_head_peers
 
@@ -64,7 +64,7 @@ def to_markdown(tm: dict) -> list:
             for p in tm["profiles"]]
     out += ["", "Sources: " + "; ".join(tm["profiles"][0]["sources"]) + ".", "",
             "## LM-head GRPO loss: modelled time of one forward+backward (H100 SXM profile, bf16)", "",
-            "Each design's steps (gxpo_kernels/ops/lm_head_cost.py, gxpo_bench/lm_head_peers.py) as the largest of "
+            "Each design's steps (gxpo_kernels/loss/lm_head_cost.py, gxpo_bench/lm_head_peers.py) as the largest of "
             "their resource times, summed; `bound`: the resource that takes the most of it. Floor: the three GEMMs "
             "(logits, d_hidden, d_weight) at the dense tensor-core peak. Extra memory: beyond the inputs and the "
             "gradients handed back.", "",

@@ -1,6 +1,6 @@
 """GPU profiles for the time model: peak rates with their sources, and the achievable fractions fit to
 published measurements (gxpo_bench/calibration.py shows the fit). The LM-head loss's impl="auto" reads
-them (ops/lm_head_cost.py) and so does `gxpo-bench static`."""
+them (loss/lm_head_cost.py) and so does `gxpo-bench static`."""
 
 from dataclasses import dataclass
 

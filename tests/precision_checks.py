@@ -5,7 +5,7 @@ One comparison for the bf16 GPU test and its CPU twin (fp32 under the interprete
 import torch
 
 from gxpo_kernels import fused_linear_grpo_loss
-from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.loss.reference import grpo_loss_reference
 
 SETTINGS = {"beta": 0.04, "eps_low": 0.2, "eps_high": 0.28, "temperature": 0.9, "return_entropy": True}
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import rel_err
 
-from gxpo_kernels.ops import capo
-from gxpo_kernels.ops.capo import capo_reference, capo_scores, gathered_quadratic
+from trainer.plugins.capo import kernels as capo
+from trainer.plugins.capo.kernels import capo_reference, capo_scores, gathered_quadratic
 
 
 def inputs(N, H, V, seed, dtype=torch.float32):

@@ -10,10 +10,11 @@ import pytest
 import torch
 from helpers import rel_err
 
-from gxpo_kernels.ops import capo, capo_adam
-from gxpo_kernels.ops.capo import capo_reference, capo_scores
-from gxpo_kernels.ops.capo_adam import CAPOMoments, capo_official_reference, capo_official_scores
-from trainer.plugins.capo import keep_tokens
+from trainer.plugins.capo import kernels as capo
+from trainer.plugins.capo import official_kernels as capo_adam
+from trainer.plugins.capo.kernels import capo_reference, capo_scores
+from trainer.plugins.capo.official_kernels import CAPOMoments, capo_official_reference, capo_official_scores
+from trainer.plugins.capo.plugin import keep_tokens
 
 
 def case(N=3, H=5, V=11, seed=0):

@@ -5,7 +5,7 @@ import torch
 from helpers import rel_err
 
 from gxpo_kernels import backend
-from gxpo_kernels.flat import BLOCK, build_groups
+from gxpo_kernels.optim.flat.buffers import BLOCK, build_groups
 from gxpo_kernels.optim.flat_adamw import FlatAdamW
 
 SHAPES = [(3, 5), (1030,), (7,), (2, 1025)]  # around and across the 1024-element blocks

@@ -9,9 +9,11 @@ import torch
 from helpers import rel_err
 
 from gxpo_kernels import backend
-from gxpo_kernels.flat import FlatGroup
-from gxpo_kernels.ops import flat_ops, flat_tiles
-from gxpo_kernels.ops.flat_reference import EXTRAP_STATS, extrapolate_reference, retention_scale
+from gxpo_kernels.optim.flat import native
+from gxpo_kernels.optim.flat import ops as flat_ops
+from gxpo_kernels.optim.flat import tiles as flat_tiles
+from gxpo_kernels.optim.flat.buffers import FlatGroup
+from gxpo_kernels.optim.flat.reference import EXTRAP_STATS, extrapolate_reference, retention_scale
 
 SIZES = [1, 63, 64, 65, 200, 7, 0, 129]  # odd sizes around the block (64), and an empty tensor
 
@@ -45,12 +47,12 @@ def ops_path(request, monkeypatch):
     """Triton (interpreter on CPU), the C++ extension, and the torch fallback."""
     if request.param != "triton":
         monkeypatch.setattr(backend, "use_triton", lambda t: False)
-    if request.param == "cpp" and not backend.HAS_CPP:
+    if request.param == "cpp" and not native.HAS_CPP:
         if os.environ.get("GXPO_REQUIRE_CPP") == "1":
-            pytest.fail("gxpo_kernels._C was not built (GXPO_REQUIRE_CPP=1)")
-        pytest.skip("gxpo_kernels._C not built")
+            pytest.fail("gxpo_kernels.optim.flat._C was not built (GXPO_REQUIRE_CPP=1)")
+        pytest.skip("gxpo_kernels.optim.flat._C not built")
     if request.param == "torch":
-        monkeypatch.setattr(backend, "use_cpp", lambda t: False)
+        monkeypatch.setattr(native, "use_cpp", lambda t: False)
     assert backend.use_triton(torch.zeros(1)) == (request.param == "triton")
     return request.param
 
@@ -139,14 +141,14 @@ def test_retention_scale_rules():
 
 def test_flat_cuda_choice_is_validated():
     with pytest.raises(ValueError, match="'triton' or 'csrc'"):
-        with backend.flat_cuda("cuda"):
+        with native.flat_cuda("cuda"):
             pass
     env = {**os.environ, "GXPO_FLAT_CUDA": "cublas"}
     done = subprocess.run([sys.executable, "-c", "import gxpo_kernels"], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "GXPO_FLAT_CUDA='cublas'" in done.stderr
-    with backend.flat_cuda("csrc"):
-        assert backend.flat_path(torch.zeros(1)) in ("triton", "cpp")  # CPU tensors never take the CUDA kernels
-    assert backend.FLAT_CUDA == "triton"
+    with native.flat_cuda("csrc"):
+        assert native.flat_path(torch.zeros(1)) in ("triton", "cpp")  # CPU tensors never take the CUDA kernels
+    assert native.FLAT_CUDA == "triton"
 
 
 @pytest.mark.parametrize("alpha", [0.8, 1.0, 0.3])

@@ -6,8 +6,8 @@ from helpers import loss_batch, loss_close, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gxpo_kernels import fused_linear_grpo_loss, grpo_loss
-from gxpo_kernels.ops.loss_layout import LOSS_AGGS
-from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.loss.reference import grpo_loss_reference
+from gxpo_kernels.loss.settings import LOSS_AGGS
 
 TOL = 1e-5
 

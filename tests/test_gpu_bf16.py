@@ -10,7 +10,7 @@ from helpers import loss_batch
 from precision_checks import SETTINGS, assert_within_twice_torch, err, fused_linear_vs_torch
 
 from gxpo_kernels import grpo_loss
-from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.loss.reference import grpo_loss_reference
 
 pytestmark = pytest.mark.gpu
 

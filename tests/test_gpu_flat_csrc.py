@@ -6,9 +6,9 @@ import torch
 from helpers import rel_err
 from test_flat_ops import check_extrapolated, check_many_blocks_per_program, g1_like
 
-from gxpo_kernels import backend
-from gxpo_kernels.flat import FlatGroup
-from gxpo_kernels.ops import flat_ops
+from gxpo_kernels.optim.flat import native
+from gxpo_kernels.optim.flat import ops as flat_ops
+from gxpo_kernels.optim.flat.buffers import FlatGroup
 
 pytestmark = pytest.mark.gpu
 
@@ -17,14 +17,14 @@ SIZES = [1, 1023, 1024, 1025, 7, 0, 3000, 100_003]  # around the block (1024), a
 
 @pytest.fixture(params=["csrc", "triton"])
 def impl(request, monkeypatch):
-    if request.param == "csrc" and not backend.HAS_CUDA_CSRC:
+    if request.param == "csrc" and not native.HAS_CUDA_CSRC:
         from torch.utils.cpp_extension import CUDA_HOME
 
         if CUDA_HOME is not None:  # setup.py had what it needs: a missing build is a failure
-            pytest.fail(f"gxpo_kernels._C has no CUDA kernels although a CUDA toolkit is at {CUDA_HOME}: "
+            pytest.fail(f"gxpo_kernels.optim.flat._C has no CUDA kernels although a CUDA toolkit is at {CUDA_HOME}: "
                         "run `make build-ext` (or pip install -e .) and read its errors")
-        pytest.skip("no CUDA toolkit (CUDA_HOME): setup.py builds gxpo_kernels._C without its CUDA kernels")
-    monkeypatch.setattr(backend, "FLAT_CUDA", request.param)
+        pytest.skip("no CUDA toolkit (CUDA_HOME): setup.py builds gxpo_kernels.optim.flat._C without its CUDA kernels")
+    monkeypatch.setattr(native, "FLAT_CUDA", request.param)
     return request.param
 
 
@@ -42,7 +42,7 @@ def make_group(dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_snapshot_restore_grad_dots(impl, dtype):
     group, params, g0 = make_group(dtype, 0)
-    assert backend.flat_path(group.theta0) == ("cuda_csrc" if impl == "csrc" else "triton")
+    assert native.flat_path(group.theta0) == ("cuda_csrc" if impl == "csrc" else "triton")
     grads = [g if i != 2 else None for i, g in enumerate(g0)]
     g0_sq = flat_ops.snapshot(group, grads)
     for i, p in enumerate(params):

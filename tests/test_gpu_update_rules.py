@@ -6,9 +6,9 @@ from helpers import rel_err
 from test_gxpo_surrogate import closure_for, gd, quadratic_problem
 
 from gxpo_kernels import GXPO, backend
-from gxpo_kernels.flat import FlatGroup
-from gxpo_kernels.ops import flat_ops
-from gxpo_kernels.ops.flat_reference import extrapolate_reference
+from gxpo_kernels.optim.flat import ops as flat_ops
+from gxpo_kernels.optim.flat.buffers import FlatGroup
+from gxpo_kernels.optim.flat.reference import extrapolate_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -50,7 +50,8 @@ def test_extrapolate_on_cuda_matches_reference(dtype, tol):
 def test_steady_state_active_steps_upload_nothing_on_cuda(monkeypatch, base):
     """With CUDA's caching allocator handing backward the same gradient buffers step after step, every pointer
     table of an active GXPO step comes from its group's cache: no host-to-device upload at all."""
-    from gxpo_kernels import FlatAdamW, flat
+    from gxpo_kernels import FlatAdamW
+    from gxpo_kernels.optim.flat import buffers as flat
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8)).cuda()

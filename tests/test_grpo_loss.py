@@ -7,10 +7,10 @@ import torch
 from helpers import loss_batch, loss_close, rel_err
 
 from gxpo_kernels import grpo_loss
-from gxpo_kernels.loss_inputs import make_config, prepare_token_inputs, summarize
-from gxpo_kernels.ops.grpo_loss import GRPOLossFunction
-from gxpo_kernels.ops.loss_layout import LOSS_AGGS
-from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.loss.inputs import make_config, prepare_token_inputs, summarize
+from gxpo_kernels.loss.logits_autograd import GRPOLossFunction
+from gxpo_kernels.loss.reference import grpo_loss_reference
+from gxpo_kernels.loss.settings import LOSS_AGGS
 
 TOL = 1e-5
 CASES = {

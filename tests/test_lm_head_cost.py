@@ -1,4 +1,4 @@
-"""The LM-head time model that impl="auto" picks by (ops/lm_head_cost.py), the peers in it
+"""The LM-head time model that impl="auto" picks by (loss/lm_head_cost.py), the peers in it
 (gxpo_bench/lm_head_peers.py), fp32 precision and deterministic routing. A model of sm_90, not a timing."""
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 from gxpo_bench import lm_head_peers
 from gxpo_kernels import fused_linear_grpo_loss
 from gxpo_kernels.devices import H100_SXM, H200, profile_for
-from gxpo_kernels.ops import lm_head_cost
-from gxpo_kernels.ops.lm_head_grpo_loss import _dot_precision, tile_config
+from gxpo_kernels.loss import lm_head_cost
+from gxpo_kernels.loss.lm_head_kernels import _dot_precision, tile_config
 
 SHAPES = [(N, V, H) for N in (4096, 16384, 65536) for V in (151936, 262144) for H in (1536, 4096)]
 

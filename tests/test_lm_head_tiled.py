@@ -8,9 +8,9 @@ from helpers import rel_err
 from test_fused_linear_grpo_loss import TOL, LargestAllocation, linear_batch, run_both
 
 from gxpo_kernels import fused_linear_grpo_loss
-from gxpo_kernels.ops.lm_head_grpo_loss import tile_config
-from gxpo_kernels.ops.loss_layout import LOSS_AGGS
-from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.loss.lm_head_kernels import tile_config
+from gxpo_kernels.loss.reference import grpo_loss_reference
+from gxpo_kernels.loss.settings import LOSS_AGGS
 
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)

@@ -6,8 +6,8 @@ import torch
 from helpers import loss_batch, loss_close, rel_err
 
 from gxpo_kernels import fused_linear_grpo_loss, grpo_loss
-from gxpo_kernels.ops.loss_layout import LOSS_AGGS
-from gxpo_kernels.ops.reference import grpo_loss_reference
+from gxpo_kernels.loss.reference import grpo_loss_reference
+from gxpo_kernels.loss.settings import LOSS_AGGS
 
 
 def _overflowing_batch(seed, B=4, T=6, V=37, offset=100.0):

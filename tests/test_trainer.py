@@ -299,7 +299,7 @@ def test_capo_masks_tokens_with_a_huge_predicted_kl(tmp_path, mode):
     from trainer.closure import LossClosure, make_update_rule
     from trainer.engines import make_engine
     from trainer.models import load_policy
-    from trainer.plugins.capo import capo_token_mask, make_moments
+    from trainer.plugins.capo.plugin import capo_token_mask, make_moments
     from trainer.policy import PolicyRunner
 
     cfg = tiny_cfg(tmp_path, "grpo", recipe="capo", **{"capo.mode": mode})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gxpo_kernels import GXPO, SFPO
-from gxpo_kernels.ops.flat_reference import retention_scale
+from gxpo_kernels.optim.flat.reference import retention_scale
 
 
 def tiny_problem(seed=0):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import tomllib
 
-from gxpo_kernels.ops.loss_layout import LOSS_AGGS
+from gxpo_kernels.loss.settings import LOSS_AGGS
 from gxpo_kernels.optim import RULES
 
 from .hf_tasks import ANSWER_FROM, is_local, parse_filter

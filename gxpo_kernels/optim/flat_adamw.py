@@ -1,15 +1,15 @@
 """FlatAdamW: torch.optim.AdamW whose step is one Triton launch per (device, dtype) group (CUDA, or the
 interpreter in tests), with the same state_dict; elsewhere it is torch's AdamW. As GXPO's base
-optimizer it also takes the pass-1 snapshot inside the AdamW pass (gxpo_kernels/ops/fused_adamw.py)."""
+optimizer it also takes the pass-1 snapshot inside the AdamW pass (gxpo_kernels/optim/flat/adamw_kernel.py)."""
 
 import math
 
 import torch
 
 from .. import backend
-from ..flat import BLOCK, GroupCache, local
-from ..ops.flat_ops import combine_stats
-from ..ops.fused_adamw import adamw_step
+from .flat.adamw_kernel import adamw_step
+from .flat.buffers import BLOCK, GroupCache, local
+from .flat.ops import combine_stats
 from .precision import check_master_dtype
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..extrapolation import EXTRAP_STATS, TINY_G0_NORM
-from ..ops import flat_ops
+from .flat import ops as flat_ops
+from .flat.extrapolation import EXTRAP_STATS, TINY_G0_NORM
 from .lookahead import LookaheadConfig, LookaheadRule
 
 __all__ = ["GXPO", "GXPORuleConfig", "GATE_STATS"]

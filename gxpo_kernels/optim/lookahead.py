@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..extrapolation import DELTA
-from ..flat import BLOCK, DTensor, GroupCache, local
-from ..ops import flat_ops
 from .config import RuleConfig
+from .flat import ops as flat_ops
+from .flat.buffers import BLOCK, DTensor, GroupCache, local
+from .flat.extrapolation import DELTA
 from .flat_adamw import FlatAdamW
 from .gate import ZScoreGate, gate_checks
 from .rule import UpdateRule

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import flat_ops
+from .flat import ops as flat_ops
 from .lookahead import LookaheadConfig, LookaheadRule
 
 

@@ -4,7 +4,7 @@ Every kernel walks the group's block map (block -> tensor index, start) and its 
 tables, reads the flat theta0 / g0 state at the tensor's offset, and writes per-program partial sums
 that torch reduces (deterministic, no atomics). A gradient pointer of 0 means "no grad": g = 0.
 On CUDA, csrc/flat_ops_cuda.cu has the same kernels with the same programs (GXPO_FLAT_CUDA=csrc).
-On CPU without the interpreter the C++ extension (csrc/flat_ops.cpp) runs the same math; the
+On CPU without the interpreter the C++ extension (csrc/flat_ops.cpp here) runs the same math; the
 torch path (the per-tensor reference) is the fallback when neither is there.
 """
 
@@ -12,11 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backend
-from ..extrapolation import DELTA, EXTRAP_STATS, MAX_STAT, kernel_scalars
-from ..flat import FlatGroup, aligned
-from .flat_reference import extrapolate_reference
-from .flat_tiles import (
+from ... import backend
+from . import native
+from .buffers import FlatGroup, aligned
+from .extrapolation import DELTA, EXTRAP_STATS, MAX_STAT, kernel_scalars
+from .reference import extrapolate_reference
+from .tiles import (
     BLOCKS_PER_PROGRAM,
     add_stats,
     address,
@@ -215,10 +216,10 @@ def _extrapolate_kernel(param_ptrs, grad_ptrs, numels, offsets, block_tensor, bl
 
 
 def _launch(path, group, kernel, csrc_name, head, tail, aligned, **constexprs):
-    """kernel over the group's programs, or on path "cuda_csrc" its twin backend._C.<csrc_name> over the same
+    """kernel over the group's programs, or on path "cuda_csrc" its twin native._C.<csrc_name> over the same
     programs, which takes the constexprs' values positionally after its arguments, then the layout."""
     if path == "cuda_csrc":
-        getattr(backend._C, csrc_name)(*head, *map_tables(group), *tail, *constexprs.values(), group.block,
+        getattr(native._C, csrc_name)(*head, *map_tables(group), *tail, *constexprs.values(), group.block,
                                        group.num_full, BLOCKS_PER_PROGRAM, aligned)
     else:
         kernel[(num_programs(group),)](*head, *map_tables(group), group.num_full, *tail, **constexprs,
@@ -231,11 +232,11 @@ def _table(group, tensors):
 
 
 def _on_backend(group, empty, cpp, torch_loop, kernel):
-    """The op where the group's state lives (backend.flat_path): cpp() on the C++ extension, torch_loop() in
+    """The op where the group's state lives (native.flat_path): cpp() on the C++ extension, torch_loop() in
     torch, kernel(path) as the Triton program or its csrc CUDA twin; empty() for a group without parameters."""
     if group.total == 0:
         return empty()
-    path = backend.flat_path(group.theta0)
+    path = native.flat_path(group.theta0)
     if path == "cpp":
         return cpp()
     if path == "torch":
@@ -246,7 +247,7 @@ def _on_backend(group, empty, cpp, torch_loop, kernel):
 def snapshot(group: FlatGroup, grads) -> torch.Tensor:
     """theta0 <- params, g0 <- grads (0 where None); returns sum(g0^2) (0-d, float64)."""
     def cpp():
-        total = backend._C.snapshot(group.local_params(), grads, group.theta0, group.g0, group.offsets)
+        total = native._C.snapshot(group.local_params(), grads, group.theta0, group.g0, group.offsets)
         return torch.tensor(total, dtype=torch.float64)
 
     def torch_loop():
@@ -278,7 +279,7 @@ def restore(group: FlatGroup) -> None:
         for i, p in enumerate(group.local_params()):
             p.copy_(group.view(group.theta0, i))
 
-    _on_backend(group, lambda: None, lambda: backend._C.restore(group.local_params(), group.theta0, group.offsets),
+    _on_backend(group, lambda: None, lambda: native._C.restore(group.local_params(), group.theta0, group.offsets),
                 torch_loop, lambda path: _launch(path, group, _restore_kernel, "restore_cuda",
                                                  (group.pointer_table(group.local_params()),), (group.theta0,),
                                                  group.params_aligned))
@@ -287,7 +288,7 @@ def restore(group: FlatGroup) -> None:
 def grad_dots(group: FlatGroup, grads, with_g0: bool) -> torch.Tensor:
     """[sum(g^2), sum(g0 * g)] (float64; the second is 0 unless with_g0)."""
     def cpp():
-        dots = backend._C.grad_dots(group.local_params(), grads, group.g0, group.offsets, with_g0)
+        dots = native._C.grad_dots(group.local_params(), grads, group.g0, group.offsets, with_g0)
         return torch.tensor(dots, dtype=torch.float64)
 
     def torch_loop():
@@ -323,7 +324,7 @@ def extrapolate(group: FlatGroup, grads, *, K: int, alpha: float, delta: float, 
         return out
 
     def cpp():
-        sums = backend._C.extrapolate(group.local_params(), grads, group.theta0, group.g0, group.offsets, K,
+        sums = native._C.extrapolate(group.local_params(), grads, group.theta0, group.g0, group.offsets, K,
                                       *scalars)
         return torch.tensor(sums, dtype=torch.float64)
 

@@ -4,12 +4,12 @@ import functools
 
 import torch
 
-from . import backend, devices
-from .loss_inputs import extend_positions, make_config, prepare_token_inputs, summarize
-from .ops import lm_head_cost
-from .ops.fused_linear_grpo_loss import ChunkedLMHeadGRPOLossFunction, TiledLMHeadGRPOLossFunction
-from .ops.grpo_loss import GRPOLossFunction
-from .ops.lm_head_grpo_loss import tile_config
+from .. import backend, devices
+from . import lm_head_cost
+from .inputs import extend_positions, make_config, prepare_token_inputs, summarize
+from .lm_head_autograd import ChunkedLMHeadGRPOLossFunction, TiledLMHeadGRPOLossFunction
+from .lm_head_kernels import tile_config
+from .logits_autograd import GRPOLossFunction
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -90,7 +90,7 @@ def fused_linear_grpo_loss(
     - "chunked": chunk_tokens tokens at a time through a logits buffer of [chunk_tokens, V] (default: on
       CUDA the time model's chunk, at most H tokens; elsewhere about the size of the hidden states); runs
       anywhere (torch ops on CPU).
-    - "auto": on CUDA the faster by the time model (ops/lm_head_cost.py, the GPU's profile) at this shape
+    - "auto": on CUDA the faster by the time model (loss/lm_head_cost.py, the GPU's profile) at this shape
       and dtype, chunk size included: the chunked path at the reference shapes (its GEMMs run in cuBLAS);
       under the interpreter tiled; chunked elsewhere or when chunk_tokens is given.
     fp32 inputs follow torch.get_float32_matmul_precision() ("high" / "medium": tf32 tensor cores).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only check of csrc/flat_ops_cuda.cu with nvcc (and of the bindings with c++) against the given python's torch headers, for
 # machines with a CUDA toolkit but no GPU (or CPU torch, whose missing generated
-# c10/cuda/impl/cuda_cmake_macros.h is stubbed). Usage: csrc/check_cuda_compiles.sh [python] [keep_dir]
+# c10/cuda/impl/cuda_cmake_macros.h is stubbed). Usage: gxpo_kernels/optim/flat/csrc/check_cuda_compiles.sh [python] [keep_dir]
 # keep_dir: where to keep the object (flat_ops_cuda.o) and ptxas' report (ptxas.log), for `gxpo-bench static`.
 set -euo pipefail
 PY=${1:-python3}

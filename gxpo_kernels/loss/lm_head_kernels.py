@@ -4,7 +4,7 @@ class, Wijmans et al. 2025), with the entropy and a temperature, which the GRPO 
 Forward: a [BLOCK_N, BLOCK_V] logit tile at a time from tl.dot over H (fp32 accumulation), an online
 log-sum-exp, the entropy's sum of p z and the target logit per row; each program covers one of
 `splits` slices of the vocabulary and writes [N]-sized partials, combined in torch. The per-token GRPO
-math then runs on [N] vectors (grpo_loss.token_terms). Backward: every (token tile, vocabulary tile)
+math then runs on [N] vectors (objective.token_terms). Backward: every (token tile, vocabulary tile)
 recomputes its logits, forms dlogits = c (onehot - p) in registers (c = w dloss/dlogp / T times
 grad_output, read on the device) and accumulates d_hidden = dlogits @ W and d_weight = dlogits^T @ h
 with fp32 atomic adds. filter_eps > 0 skips a tile whose every p < filter_eps and which holds no target:

@@ -27,7 +27,7 @@ MAX_STAT = "scale_max"  # reduced by max (starting at 1); every other statistic 
 
 def c_header() -> str:
     """csrc/extrapolation.h: these constants for the C++ and CUDA kernels."""
-    lines = ["// Generated from gxpo_kernels/extrapolation.py by setup.py; edit that file, not this one.",
+    lines = ["// Generated from gxpo_kernels/optim/flat/extrapolation.py by setup.py; edit that file, not this one.",
              "#pragma once", "",
              f"constexpr double kRMin = {R_MIN!r};", f"constexpr double kRMax = {R_MAX!r};",
              f"constexpr int kNumStats = {len(EXTRAP_STATS)};",

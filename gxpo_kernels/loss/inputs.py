@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.grpo_loss import LossParams
-from .ops.loss_layout import LOSS_AGGS, STAT_NAMES
+from .settings import LOSS_AGGS, STAT_NAMES, LossParams
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """CAPO's per-token curvature scores on the LM head, our variant (`capo.mode = "optimizer_moments"`),
-without the [N, K, H] per-token gradients. The authors' computation is in capo_adam.py.
+without the [N, K, H] per-token gradients. The authors' computation is in official_kernels.py.
 
 For token n with final hidden state h (H), sampled token a, advantage A and the top-K rows S of its
 distribution at temperature T (a forced into S), pi = softmax(z_S / T), v = e_a - pi. The LM-head
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backend
+from gxpo_kernels import backend
 
 MAX_BLOCK_H = 1024
 

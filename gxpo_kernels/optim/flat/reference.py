@@ -5,7 +5,7 @@ all parameters in one launch per dtype group and reduce the same diagnostics.
 
 import torch
 
-from ..extrapolation import DELTA, EXTRAP_STATS, R_MAX, R_MIN, scale_cap
+from .extrapolation import DELTA, EXTRAP_STATS, R_MAX, R_MIN, scale_cap
 
 __all__ = ["EXTRAP_STATS", "R_MAX", "R_MIN", "extrapolate_reference", "geometric_sum", "retention_scale"]
 

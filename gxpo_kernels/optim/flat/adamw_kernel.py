@@ -10,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import backend
-from ..extrapolation import EXTRAP_STATS, kernel_scalars
-from ..flat import FlatGroup, aligned
-from .flat_ops import combine_stats
-from .flat_tiles import (
+from ... import backend
+from .buffers import FlatGroup, aligned
+from .extrapolation import EXTRAP_STATS, kernel_scalars
+from .ops import combine_stats
+from .tiles import (
     add_stats,
     address,
     block_at,

@@ -90,7 +90,7 @@ def three_gemms_at_peak(dev: DeviceProfile, N: int, V: int, H: int, dtype="bf16"
 
 
 def chunked(dev: DeviceProfile, N: int, V: int, H: int, C: int, dtype: str = "bf16") -> Plan:
-    """ops/fused_linear_grpo_loss.py ChunkedLMHeadGRPOLossFunction: per chunk of C tokens the logits GEMM writes
+    """loss/lm_head_autograd.py ChunkedLMHeadGRPOLossFunction: per chunk of C tokens the logits GEMM writes
     [C, V], the row kernels read it (pass 1) and read+write dlogits in place (pass 2), the d_hidden GEMM reads
     it and the d_weight GEMM adds into d_weight (read+write); the backward scales the two gradients."""
     e = ELEMENT_BYTES[dtype]
@@ -108,7 +108,7 @@ def chunked(dev: DeviceProfile, N: int, V: int, H: int, C: int, dtype: str = "bf
 
 
 def tiled(dev: DeviceProfile, N: int, V: int, H: int, cfg: dict, dtype: str = "bf16") -> Plan:
-    """ops/lm_head_grpo_loss.py: the forward's (token tile, split) programs and the backward's (token tile,
+    """loss/lm_head_kernels.py: the forward's (token tile, split) programs and the backward's (token tile,
     vocabulary tile) programs; every tile reloads its operands from L2; the backward recomputes the logits
     and adds fp32 d_hidden and d_weight tiles atomically ((BLOCK_N + BLOCK_V) x H adds per tile)."""
     e, bn, bv = ELEMENT_BYTES[dtype], cfg["BLOCK_N"], cfg["BLOCK_V"]

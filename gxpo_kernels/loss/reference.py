@@ -1,7 +1,7 @@
 """Plain PyTorch reference of the GRPO token-level clipped loss: the tests' oracle.
 
 Same math as the Triton kernels, written the obvious way with autograd; works in float64. Tests and
-benchmarks compare the kernels against it; the CPU path of the loss is grpo_loss.py's own torch rows.
+benchmarks compare the kernels against it; the CPU path of the loss is rows.py's torch rows.
 """
 
 import torch

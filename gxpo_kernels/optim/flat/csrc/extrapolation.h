@@ -1,4 +1,4 @@
-// Generated from gxpo_kernels/extrapolation.py by setup.py; edit that file, not this one.
+// Generated from gxpo_kernels/optim/flat/extrapolation.py by setup.py; edit that file, not this one.
 #pragma once
 
 constexpr double kRMin = -2.0;

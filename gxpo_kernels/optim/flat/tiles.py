@@ -1,4 +1,4 @@
-"""The flat-buffer kernels' shared pieces (flat_ops.py, fused_adamw.py): launch constants, the block map
+"""The flat-buffer kernels' shared pieces (ops.py, adamw_kernel.py): launch constants, the block map
 (programs [0, cdiv(num_full, BPP)) walk BPP full blocks each with unmasked 128-bit accesses; each later
 program takes one partial block, a tensor's tail, with masks), masked and unmasked tile loads and stores,
 the extrapolation of one tile with its statistics, and the launch arguments."""
@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..extrapolation import EXTRAP_STATS, MAX_STAT, R_MAX, R_MIN
-from ..flat import ALIGN_BYTES, FlatGroup
+from .buffers import ALIGN_BYTES, FlatGroup
+from .extrapolation import EXTRAP_STATS, MAX_STAT, R_MAX, R_MIN
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _R_MIN, _R_MAX = tl.constexpr(R_MIN), tl.constexpr(R_MAX)  # Triton reads module constants as constexpr

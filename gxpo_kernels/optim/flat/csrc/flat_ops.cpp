@@ -106,7 +106,7 @@ inline T geometric_sum(T r, int64_t k_runtime) {
 }
 
 template <typename T>
-struct ExtrapSums {  // the order of EXTRAP_STATS in gxpo_kernels/extrapolation.py
+struct ExtrapSums {  // the order of EXTRAP_STATS in extrapolation.py
   T g0_sq, g1_sq, g0_g1, n_active, r_sum, r_sq, n_clipped, scale_sum, scale_max, d_sq, scaled_d_sq;
 };
 

@@ -7,20 +7,19 @@ rows); tokens whose m_F >= tau_F, or whose m_H is outside (-tau_H, tau_H) (symme
 capo.mode "official" computes what the authors' code computes (github luckeciano/stable-pg-llm,
 GRPOEntropyTrainer, capo_only): untempered logits, no forced sampled token, a prospective Adam step from
 moments CAPO keeps itself (an SGD step while they are empty), fed after each mask with the kept tokens'
-batch-mean gradient per vocabulary row (gxpo_kernels/ops/capo_adam.py). "optimizer_moments", our variant,
+batch-mean gradient per vocabulary row (official_kernels.py). "optimizer_moments", our variant,
 models the step the optimizer will actually take: the real AdamW's second moment of the LM head as the
 preconditioner (nothing masked before its first step), the sampled token forced into the rows, at the
-sampling temperature (gxpo_kernels/ops/capo.py). With a frozen LM head (LoRA) neither can run."""
+sampling temperature (kernels.py). With a frozen LM head (LoRA) neither can run."""
 
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from gxpo_kernels.ops.capo import capo_scores
-from gxpo_kernels.ops.capo_adam import CAPOMoments, capo_official_scores
-
-from . import Plugin
+from .. import Plugin
+from .kernels import capo_scores
+from .official_kernels import CAPOMoments, capo_official_scores
 
 QUANTILES = (0.5, 0.9, 0.99)
 CAPO_PRESETS = {"grpo": (1e-4, 0.01), "dr-grpo": (1e-3, 5e-4)}  # (tau_F, tau_H) of the two published recipes

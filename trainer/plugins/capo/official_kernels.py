@@ -11,14 +11,15 @@ pi = softmax over S, v = e_a - pi, g_k = A v_k h. With moments m, s (rows S_k) a
     Delta_k = (m' / (1 - b1^(t+1))) / (sqrt(s' / (1 - b2^(t+1))) + eps),
 and the kernel reduces each (n, k) to <g_k, Delta_k> and u_k = Delta_k . h; m_H and m_F follow from them
 as in capo.scores_from_terms. Delta is not linear in g, so there is no gathered-quadratic shortcut: the
-kernel reads two [K, H] moment rows per token (the variant in capo.py reads one)."""
+kernel reads two [K, H] moment rows per token (the variant in kernels.py reads one)."""
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import backend
-from .capo import MAX_BLOCK_H, scores_from_terms, top_rows
+from gxpo_kernels import backend
+
+from .kernels import MAX_BLOCK_H, scores_from_terms, top_rows
 
 GATHER_BYTES = 1 << 26  # the torch paths materialize [tokens, K, H] float32 up to this size at a time
 

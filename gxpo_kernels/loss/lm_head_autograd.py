@@ -1,6 +1,6 @@
 """GRPO loss fused with the LM head, two autograd Functions:
 
-- tiled (TiledLMHeadGRPOLossFunction): the logits never reach memory (lm_head_grpo_loss.py kernels);
+- tiled (TiledLMHeadGRPOLossFunction): the logits never reach memory (lm_head_kernels.py);
   peak extra memory O(N) plus fp32 gradient accumulators; the backward recomputes the logit tiles.
 - chunked (ChunkedLMHeadGRPOLossFunction): logits_chunk = hidden_chunk @ W^T (+ b) in memory, the loss
   kernel turns them into dlogits in place, and d_hidden, d_weight, d_bias are accumulated right away.
@@ -11,9 +11,11 @@ import torch
 import triton
 
 from .. import backend
-from .grpo_loss import grpo_rows, scale_grad_, take_saved_grads, token_terms
-from .lm_head_grpo_loss import lm_head_grads, lm_head_lse
-from .loss_layout import STAT_NAMES
+from .lm_head_kernels import lm_head_grads, lm_head_lse
+from .logits_autograd import scale_grad_, take_saved_grads
+from .objective import token_terms
+from .rows import grpo_rows
+from .settings import STAT_NAMES
 
 
 def default_chunk_tokens(N: int, V: int, H: int) -> int:

@@ -1,4 +1,5 @@
-"""GRPO token-level clipped loss from logits: Triton kernels, launchers, autograd.Function.
+"""GRPO token-level clipped loss from logits: the Triton kernels and their launchers (the autograd layer
+is logits_autograd.py).
 
 One program per token row (a 1-D grid, so any number of tokens). Pass 1 (forward) reads the row once:
 an online log-sum-exp over in-thread groups (and entropy), the per-token loss and statistics, and the row's gradient
@@ -8,28 +9,12 @@ coefficient (read on the device), in place of the logits if the caller allows: r
 only write their zero gradient in pass 2.
 """
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import backend
-from .loss_layout import STAT_NAMES
-
-
-@dataclass(frozen=True)
-class LossParams:
-    """The loss's scalar settings as the kernels take them (validated by loss_inputs.make_config)."""
-
-    temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip_c: float | None = None
-    beta: float = 0.0
-    with_entropy: bool = False
-    log_ratio_clamp: float | None = None  # verl's clamp of logp - old_logp before exp (their default: 20)
-
+from .settings import STAT_NAMES
 
 _LOG2E, _LN2 = tl.constexpr(1.4426950408889634), tl.constexpr(0.6931471805599453)  # Triton reads constexprs
 
@@ -182,10 +167,6 @@ def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
 
-def _log_ratio_max(cfg: LossParams) -> float:
-    return float("inf") if cfg.log_ratio_clamp is None else cfg.log_ratio_clamp
-
-
 def _row_strided(logits_BTV):
     return logits_BTV if logits_BTV.stride(-1) == 1 else logits_BTV.contiguous()
 
@@ -207,7 +188,7 @@ def triton_pass1(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, block_v=
         cfg.dual_clip_c or 0.0, cfg.beta,
         HAS_OLD=old_N is not None, HAS_REF=ref_N is not None, HAS_DUAL=cfg.dual_clip_c is not None,
         WITH_ENTROPY=cfg.with_entropy, BLOCK_V=block_v, FAST_EXP=not backend.INTERPRET,
-        log_ratio_max=_log_ratio_max(cfg),
+        log_ratio_max=cfg.log_ratio_max,
         num_warps=_num_warps(block_v),
     )
     return stats, coef_N, lse_N
@@ -227,137 +208,3 @@ def triton_pass2(logits_BTV, ids_N, coef_N, lse_N, grad_out, cfg, inplace, block
         BLOCK_V=block_v, FAST_EXP=not backend.INTERPRET, num_warps=_num_warps(block_v),
     )
     return dlogits
-
-
-def token_terms(logp, adv, old, ref, cfg: LossParams):
-    """The per-token GRPO math of pass 1 in torch ops on [n] vectors: the statistics (entropy 0; the caller
-    sets it) and d loss / d logp. Shared by the torch path and the tiled LM-head loss."""
-    in_range = torch.ones_like(logp, dtype=torch.bool)
-    if old is None:
-        ratio = torch.ones_like(logp)
-    else:
-        log_ratio, c = logp - old, _log_ratio_max(cfg)
-        in_range = log_ratio.abs() <= c
-        ratio = torch.exp(log_ratio.clamp(-c, c))
-    unclipped = torch.where(adv == 0, 0.0, ratio * adv)  # 0, not inf * 0, where the ratio overflowed
-    clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv
-    loss = -torch.minimum(unclipped, clipped)
-    dloss_dratio = torch.where(unclipped <= clipped, -adv, 0.0)
-    clip_dual = torch.zeros_like(loss)
-    if cfg.dual_clip_c is not None:
-        dual = -cfg.dual_clip_c * adv
-        is_dual = (adv < 0) & (dual < loss)
-        loss = torch.where(is_dual, dual, loss)
-        dloss_dratio = torch.where(is_dual, 0.0, dloss_dratio)
-        clip_dual = is_dual.to(loss.dtype)
-    dloss_dlogp = torch.where((dloss_dratio == 0) | ~in_range, 0.0, dloss_dratio * ratio)
-    kl = torch.zeros_like(loss)
-    if ref is not None:
-        diff = ref - logp
-        kl = torch.exp(diff) - diff - 1
-        loss = loss + cfg.beta * kl
-        dloss_dlogp = dloss_dlogp + cfg.beta * (1 - torch.exp(diff))
-    per_row = dict(loss=loss, logp=logp, ratio=ratio, kl=kl, entropy=torch.zeros_like(loss),
-                   clip_low=((adv < 0) & (ratio < 1 - cfg.eps_low)).to(loss.dtype),
-                   clip_high=((adv > 0) & (ratio > 1 + cfg.eps_high)).to(loss.dtype), clip_dual=clip_dual)
-    return per_row, dloss_dlogp
-
-
-def _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad):
-    """The kernel's math in torch ops, on the unmasked rows only: the CPU and float64 path."""
-    B, T, V = logits_BTV.shape
-    acc = torch.float64 if logits_BTV.dtype == torch.float64 else torch.float32
-    rows = (weight_N != 0).nonzero().squeeze(1)
-    b, t = rows // T, rows % T
-    logits = logits_BTV.detach()
-    rows_per_b = logits.stride(0) // V
-    if logits.stride(2) == 1 and logits.stride(1) == V and logits.stride(0) == rows_per_b * V:
-        # every row is a V-run of one [*, V] matrix (also a causal LM's logits[:, :-1] slice): index_select
-        matrix = logits.as_strided(((B - 1) * rows_per_b + T, V), (V, 1))
-        logq_nV = matrix.index_select(0, b * rows_per_b + t).to(acc)
-    else:
-        logq_nV = logits[b, t].to(acc)
-    if cfg.temperature != 1.0:
-        logq_nV *= 1.0 / cfg.temperature
-    logq_nV = torch.log_softmax(logq_nV, -1)
-    ids_n = ids_N[rows, None]
-    logp = logq_nV.gather(1, ids_n).squeeze(1)
-    per_row, dloss_dlogp = token_terms(logp, adv_N[rows], None if old_N is None else old_N[rows],
-                                       None if ref_N is None else ref_N[rows], cfg)
-    p_nV = logq_nV.exp()
-    if cfg.with_entropy:
-        per_row["entropy"] = -torch.special.xlogy(p_nV, p_nV).sum(-1)
-    stats = torch.zeros(len(STAT_NAMES), B * T, dtype=acc, device=logits_BTV.device)
-    stats[:, rows] = torch.stack([per_row[k] for k in STAT_NAMES])
-    dlogits = None
-    if compute_grad:
-        coef = weight_N[rows] * dloss_dlogp / cfg.temperature
-        grad_nV = p_nV.mul_(-coef[:, None]).scatter_add_(1, ids_n, coef[:, None])
-        # contiguous whatever the logits' strides; no in-place reuse here: it only costs time on CPU
-        dlogits = torch.zeros(B, T, V, dtype=logits_BTV.dtype, device=logits_BTV.device)
-        dlogits.view(B * T, V).index_copy_(0, rows, grad_nV.to(dlogits.dtype))
-    return stats, dlogits
-
-
-def grpo_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg: LossParams, compute_grad: bool,
-              inplace: bool = False, block_v: int | None = None):
-    """Per-token statistics [len(STAT_NAMES), N] and, if compute_grad, d(sum_t w_t loss_t)/dlogits, both
-    passes at once (the fused-linear loss consumes each chunk's gradient right away)."""
-    if backend.use_triton(logits_BTV):
-        stats, coef_N, lse_N = triton_pass1(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, block_v)
-        if not compute_grad:
-            return stats, None
-        one = torch.ones(1, dtype=torch.float32, device=logits_BTV.device)
-        return stats, triton_pass2(logits_BTV, ids_N, coef_N, lse_N, one, cfg, inplace, block_v)
-    return _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, compute_grad)
-
-
-def take_saved_grads(ctx, what: str):
-    """The gradients a loss Function computed in its forward, handed out once."""
-    grads, ctx.saved_grads = ctx.saved_grads, None
-    if grads is None:
-        raise RuntimeError(f"{what}: backward ran twice; the gradient buffers were already handed out. "
-                           "Recompute the loss for another backward.")
-    return grads
-
-
-def scale_grad_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
-    """grad * grad_output, in place; on an accelerator without a host sync (grad_output stays on the
-    device), on CPU skipped when grad_output is 1."""
-    if grad is None or (grad_output.device.type == "cpu" and bool(grad_output == 1)):
-        return grad
-    return grad.mul_(grad_output.to(grad.dtype))
-
-
-PASS2_IN_BACKWARD = object()  # the Triton path's saved "gradient": pass 2 runs in the backward
-
-
-class GRPOLossFunction(torch.autograd.Function):
-    """Triton: the forward reads the logits once (statistics, lse, row coefficients); the backward reads
-    them again and writes dlogits with grad_output folded into each row's coefficient. Torch path: the
-    gradient is computed in the forward and scaled in the backward."""
-
-    @staticmethod
-    def forward(ctx, logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, inplace, block_v):
-        need_grad = ctx.needs_input_grad[0]
-        ctx.cfg, ctx.inplace, ctx.block_v, ctx.saved_grads = cfg, inplace, block_v, None
-        if backend.use_triton(logits_BTV):
-            stats, coef_N, lse_N = triton_pass1(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, block_v)
-            if need_grad:
-                ctx.save_for_backward(logits_BTV, ids_N, coef_N, lse_N)
-                ctx.saved_grads = PASS2_IN_BACKWARD
-        else:
-            stats, ctx.saved_grads = _torch_rows(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, need_grad)
-        ctx.mark_non_differentiable(stats)
-        return (weight_N.to(stats.dtype) * stats[0]).sum(), stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        saved = take_saved_grads(ctx, "grpo_loss")
-        if saved is PASS2_IN_BACKWARD:
-            logits_BTV, ids_N, coef_N, lse_N = ctx.saved_tensors
-            grad_out = grad_loss.reshape(1).to(torch.float32)
-            dlogits = triton_pass2(logits_BTV, ids_N, coef_N, lse_N, grad_out, ctx.cfg, ctx.inplace, ctx.block_v)
-        else:
-            dlogits = scale_grad_(saved, grad_loss)
-        return dlogits, None, None, None, None, None, None, None, None
