@@ -241,8 +241,11 @@ def _loss_inputs(V, rows, dtype=torch.bfloat16, extra_position=False):
 
 
 def run_loss_call(impl: str, call: str, V: int, rows: int = ROWS):
-    """(captured launches, torch-op bytes) of one forward+backward of a loss call at `rows` token rows."""
+    """(captured launches, torch-op bytes) of one forward+backward of a loss call at `rows` token rows; impl
+    "ours_vocab": the vocabulary primitive (log-probs and entropies, entropy gradient on) and TRL's dapo loss
+    with an entropy bonus on its [B, T] vectors."""
     from gxpo_kernels import grpo_loss
+    from gxpo_kernels.loss import PolicyObjective, policy_loss, token_logprobs
 
     causal = impl == "liger" or call in ("sliced", "sliced_view")
     x, ids, mask, adv, old, ref = _loss_inputs(V, rows, extra_position=causal)
@@ -251,6 +254,10 @@ def run_loss_call(impl: str, call: str, V: int, rows: int = ROWS):
         if impl == "ours":
             logits = x[:, :-1] if call == "sliced_view" else x
             loss, _ = grpo_loss(logits, ids, adv, mask, old, ref, beta=0.04, eps_low=0.2, eps_high=0.28, inplace=True)
+        elif impl == "ours_vocab":
+            logp, entropy = token_logprobs(x, ids, mask, inplace=True)
+            objective = PolicyObjective(loss_type="dapo", epsilon_high=0.28, beta=0.04, entropy_coef=0.001)
+            loss, _ = policy_loss(objective, logp, entropy, adv, mask, old, ref)
         else:
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
@@ -320,17 +327,18 @@ class Compiler:
 def loss_report(compile_, N: int, V: int, T: int, with_liger: bool) -> list:
     """Per implementation and calling convention: the GB one forward+backward over N tokens moves."""
     rows = []
-    for impl in ("ours", "liger") if with_liger else ("ours",):
+    for impl in ("ours", "ours_vocab", "liger") if with_liger else ("ours", "ours_vocab"):
         for call in LOSS_CALLS:
-            if impl == "liger" and call == "sliced_view":
+            if impl in ("liger", "ours_vocab") and call == "sliced_view":
                 continue
             launches, trace = run_loss_call(impl, call, V, rows=T)
             # ours on a causal LM's logits: the extra position's row is masked (it only writes its zero
             # gradient); Liger's grid leaves that row out and zero-fills it with torch
-            masked = 1 if impl == "ours" and call in ("sliced", "sliced_view") else 0
+            masked = 1 if impl != "liger" and call in ("sliced", "sliced_view") else 0
             kernel_bytes, kernel_ms = 0, 0.0
             for launch in launches:
-                m = compile_(impl, launch, V / _block_of(launch))  # masked tail lanes move no bytes
+                kernel_impl = "ours" if impl == "ours_vocab" else impl  # our kernels, whichever call launched them
+                m = compile_(kernel_impl, launch, V / _block_of(launch))  # masked tail lanes move no bytes
                 kernel_bytes += (sum(m["program_bytes"].values()) * (launch.num_programs - masked)
                                  + sum(m["masked_program_bytes"].values()) * masked)
                 kernel_ms += _time_logit_rows(m, launch, N / T, V)["ms"]
@@ -423,7 +431,13 @@ def tiled_launches(N=256, V=4096, H=256):
                                              filter_eps=filter_eps)
             torch.autograd.grad(loss, (hidden, weight, bias))
         launches += captured if filter_eps == 0 else captured[1:]
-    return launches
+    from gxpo_kernels.loss import fused_linear_token_logprobs
+
+    with captured_launches() as captured:  # the vocabulary primitive's backward, entropy coefficient on
+        logp, entropy = fused_linear_token_logprobs(hidden, weight, ids, torch.ones(1, N), lm_head_bias_V=bias,
+                                                    impl="tiled")
+        torch.autograd.grad((logp + 0.01 * entropy).sum(), (hidden, weight, bias))
+    return launches + captured[1:]
 
 
 def _time_tiled_row(row: dict, launch: Launch, N: int, V: int, H: int) -> dict:

@@ -15,30 +15,44 @@ last_stats) and cumulative `backward_passes`; checkpoints and resume go through 
 Needs one optimizer step per generation batch: gradient_accumulation_steps 1, steps_per_generation 1,
 num_iterations 1 (ValueErrors say so).
 
-fused_loss=True (any update_rule) replaces TRL's loss by ours, fused with the LM head
-(gxpo_kernels.fused_linear_grpo_loss: on CUDA the tiled Triton kernels, which never hold the
-[tokens x vocab] logits and compute log-probs, entropy, the clipped loss and its gradient in one pass):
-the same loss and gradient as TRL's for loss_type grpo, bnpo, dr_grpo and dapo with token-level
-importance sampling, and TRL's entropy, kl and clip_ratio/{low,high,region}_mean metrics. TRL options the
-fused loss does not implement are ValueErrors (FUSED_LOSS_OFF names them)."""
+fused_loss=True (any update_rule) computes TRL's loss through our kernels: the log-probs and entropies of
+the completion tokens from the vocabulary primitive fused with the LM head
+(gxpo_kernels.loss.fused_linear_token_logprobs: the [tokens x vocab] logits never in memory on the tiled
+path), then the objective TRL's config names on those [B, T] vectors (gxpo_kernels.loss.policy_loss): every
+loss_type, token or sequence importance sampling, delta, the bias-corrected KL, the entropy bonus (with its
+gradient) and adaptive entropy control, top-entropy-quantile and off-policy masks, vLLM's importance-sampling
+correction in all four modes, with TRL's normalizers and metric names. FUSED_LOSS_OFF names what it does not
+do, and why."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from .loss import fused_linear_grpo_loss
+from .loss import PolicyObjective, fused_linear_token_logprobs, policy_loss
 from .optim import RULES, rule_config
 
 PER_SEQUENCE_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")  # a micro-batch weighs its share of sequences
 PER_TOKEN_LOSSES = ("bnpo",)  # its share of tokens; dapo / cispo / vespo normalize by the whole batch already
-FUSED_LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-                  "dapo": "token-mean"}  # TRL loss_type -> our loss_agg (dapo rescaled to TRL's normalizer)
-# (field, the value the fused loss needs, why): TRL options our loss does not implement
-FUSED_LOSS_OFF = (("importance_sampling_level", "token", "sequence-level ratios"),
-                  ("delta", None, "two-sided clipping"), ("off_policy_mask_threshold", None, "off-policy masks"),
-                  ("top_entropy_quantile", 1.0, "entropy masks"), ("entropy_coef", 0.0, "entropy bonuses"),
-                  ("use_adaptive_entropy", False, "adaptive entropy"))
+# (field, the value the fused loss needs, why): none; the MoE router's aux loss is refused in GXPOTrainer
+# (it needs the router logits of the model's own forward, which the fused path does not run through TRL's).
+FUSED_LOSS_OFF = ()
+
+
+def objective_of(args) -> PolicyObjective:
+    """The objective a GRPOConfig names."""
+    vllm_correction = args.use_vllm and args.vllm_importance_sampling_correction
+    return PolicyObjective(
+        loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
+        importance_sampling_level=args.importance_sampling_level, beta=args.beta,
+        use_bias_correction_kl=args.use_bias_correction_kl, sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg, vespo_k_pos=args.vespo_k_pos,
+        vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
+        top_entropy_quantile=args.top_entropy_quantile, off_policy_mask_threshold=args.off_policy_mask_threshold,
+        entropy_coef=args.entropy_coef, rollout_correction=args.vllm_importance_sampling_mode if vllm_correction
+        else None, rollout_clip_min=args.vllm_importance_sampling_clip_min,
+        rollout_clip_max=args.vllm_importance_sampling_clip_max, max_completion_length=args.max_completion_length)
 
 
 @dataclass
@@ -75,17 +89,14 @@ class GXPOConfig(GRPOConfig):
         return rule_config(self.update_rule, **preset, **self.rule_kwargs).resolved()
 
     def _check_fused_loss(self):
-        if self.loss_type not in FUSED_LOSS_AGG:
-            raise ValueError(f"fused_loss supports loss_type {tuple(FUSED_LOSS_AGG)}, got {self.loss_type!r}")
         for name, needed, what in FUSED_LOSS_OFF:
             if getattr(self, name) != needed:
                 raise ValueError(f"fused_loss does not implement {what}: set {name}={needed!r} or fused_loss=False "
                                  f"(got {getattr(self, name)!r})")
-        if self.beta != 0.0 and self.use_bias_correction_kl:
-            raise ValueError("fused_loss computes the plain k3 KL: set use_bias_correction_kl=False with beta != 0")
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            raise ValueError("fused_loss has no vLLM importance-sampling correction: set "
-                             "vllm_importance_sampling_correction=False or fused_loss=False")
+        try:
+            objective_of(self)
+        except ValueError as e:
+            raise ValueError(f"fused_loss: {e} (the GRPOConfig field of that name)") from None
 
 
 class RuleOptimizer(torch.optim.Optimizer):
@@ -193,24 +204,50 @@ class GXPOTrainer(GRPOTrainer):
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         hidden_BTH = self._final_hidden(model, ids, attention)[:, -L - 1:-1]  # each predicts a completion token
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        loss, metrics = fused_linear_grpo_loss(
-            hidden_BTH, head.weight.to(hidden_BTH.dtype), completion_ids, inputs["advantages"], mask,
-            old_logp_BT=inputs.get("old_per_token_logps"),
-            ref_logp_BT=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None, beta=self.beta,
-            eps_low=self.epsilon_low, eps_high=self.epsilon_high, temperature=self.temperature,
-            loss_agg=FUSED_LOSS_AGG[self.loss_type], max_completion_len=self.max_completion_length,
-            return_entropy=True, lm_head_bias_V=None if head.bias is None else head.bias.to(hidden_BTH.dtype))
+        logp_BT, entropy_BT = fused_linear_token_logprobs(
+            hidden_BTH, head.weight.to(hidden_BTH.dtype), completion_ids, mask,
+            lm_head_bias_V=None if head.bias is None else head.bias.to(hidden_BTH.dtype), temperature=self.temperature)
         mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type == "dapo":  # TRL: the token sum over the generation batch's token count per process
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * accumulation / self.args.steps_per_generation
-            loss = loss * mask.sum().clamp(min=1.0) / normalizer
-        else:
-            loss = loss / accumulation
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        bonus = self.entropy_coef if not self.use_adaptive_entropy or \
+            self._last_world_entropy <= self.args.entropy_target else 0.0
+        objective = dataclasses.replace(objective_of(self.args), entropy_coef=bonus if self._entropy_bonus_enabled
+                                        else 0.0)
+        loss, metrics = policy_loss(
+            objective, logp_BT, entropy_BT, inputs["advantages"], mask, inputs.get("old_per_token_logps"),
+            inputs.get("ref_per_token_logps"), inputs.get("sampling_per_token_logps"),
+            num_items_in_batch=inputs["num_items_in_batch"], accumulation_steps=accumulation,
+            steps_per_generation=self.args.steps_per_generation if mode == "train" else 1,
+            num_processes=self.accelerator.num_processes, rollout_weight=inputs.get("importance_sampling_ratio"),
+            gather=self._gather_all)
+        if self.use_adaptive_entropy and mode == "train":
+            self._adapt_entropy(entropy_BT.detach(), mask)
+        if not self._entropy_bonus_enabled:
+            metrics.pop("policy_loss")
+        elif mode == "train" and self.accelerator.sync_gradients:
+            self._metrics["train"]["entropy_coef"].append(self.entropy_coef)
         self._log_fused_metrics(mode, metrics, mask)
         return loss
+
+    def _gather_all(self, values):
+        """Every process's values of a 1-d tensor (of any length per process)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        padded = self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=0, pad_index=-1e9))
+        return padded[padded != -1e9]
+
+    def _adapt_entropy(self, entropy_BT, mask):
+        """Skywork-OR1's adaptive entropy coefficient, as TRL steps it: at each optimizer step the window's
+        token-mean entropy over all processes moves entropy_coef by entropy_coef_delta toward entropy_target."""
+        stats = torch.stack([(entropy_BT * mask).sum(), mask.sum()]).float()
+        self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world = (totals[0] / totals[1].clamp(min=1.0)).item()
+        step = self.args.entropy_coef_delta if world <= self.args.entropy_target else -self.args.entropy_coef_delta
+        self.entropy_coef = min(max(self.entropy_coef + step, self.args.entropy_coef_min), self.args.entropy_coef_max)
+        self._last_world_entropy, self._entropy_window_stats = world, None
 
     def _final_hidden(self, model, ids, attention):
         """The decoder's last hidden state [B, T, H], taken from a forward of the (wrapped) model that projects
@@ -229,16 +266,17 @@ class GXPOTrainer(GRPOTrainer):
         return captured[0]
 
     def _log_fused_metrics(self, mode, metrics, mask):
-        """TRL's metric names, each a token mean over all processes."""
+        """TRL's metric names: minima and maxima over all processes, the rest token-weighted means over them."""
         count = mask.sum().float()
-        names = {"entropy": "entropy_mean", "clip_ratio/low_mean": "clip_frac_low",
-                 "clip_ratio/high_mean": "clip_frac_high", **({"kl": "kl_mean"} if "kl_mean" in metrics else {})}
-        sums = torch.stack([metrics[ours].detach().float() * count for ours in names.values()] + [count])
+        extremes = {k: v for k, v in metrics.items() if k.endswith(("_min", "_max", "/min", "/max"))}
+        means = {k: v for k, v in metrics.items() if k not in extremes}
+        sums = torch.stack([v.detach().float() * count for v in means.values()] + [count])
         totals = self.accelerator.reduce(sums, reduction="sum")
-        means = dict(zip(names, (totals[:-1] / totals[-1].clamp(min=1.0)).tolist(), strict=True))
-        means["clip_ratio/region_mean"] = means["clip_ratio/low_mean"] + means["clip_ratio/high_mean"]
-        for key, value in means.items():
+        for key, value in zip(means, (totals[:-1] / totals[-1].clamp(min=1.0)).tolist(), strict=True):
             self._metrics[mode][key].append(value)
+        for key, value in extremes.items():
+            gathered = self.accelerator.gather(value.detach().float().reshape(1))
+            self._metrics[mode][key].append((gathered.min() if key.endswith("min") else gathered.max()).item())
 
     def log(self, logs, start_time=None):
         if self.rule is not None and self.model.training:

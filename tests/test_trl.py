@@ -16,7 +16,8 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from gxpo_kernels import GXPO  # noqa: E402
-from gxpo_kernels.trl import GXPOConfig, GXPOTrainer  # noqa: E402
+from gxpo_kernels.loss.objectives import LOSS_TYPES  # noqa: E402
+from gxpo_kernels.trl import FUSED_LOSS_OFF, GXPOConfig, GXPOTrainer  # noqa: E402
 from trainer.models import tiny_random_model, tiny_tokenizer  # noqa: E402
 
 COMMON = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, learning_rate=1e-3,
@@ -113,12 +114,23 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     torch.testing.assert_close(params(resumed), params(whole), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_fused_loss_steps_as_stock_trl(tmp_path, loss_type):
-    """Our loss fused with the LM head in place of TRL's: the same parameters after two steps and TRL's
-    metrics; and the same gradient and metrics on a batch whose old log-probs are perturbed (TRL's loop is
-    on-policy here, ratio 1), so that the ratio, both clips and the KL term are live."""
-    kw = dict(steps=2, loss_type=loss_type, epsilon=0.05, max_grad_norm=1.0)
+FUSED_CASES = [dict(loss_type=t) for t in LOSS_TYPES] + [
+    dict(loss_type="grpo", importance_sampling_level="sequence"), dict(loss_type="luspo", importance_sampling_level=
+                                                                       "sequence"),
+    dict(loss_type="dapo", delta=1.02), dict(loss_type="dapo", entropy_coef=0.01),
+    dict(loss_type="bnpo", top_entropy_quantile=0.5), dict(loss_type="dapo", off_policy_mask_threshold=0.01),
+    dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=100.0),
+    dict(loss_type="cispo", epsilon_high=1.02)]
+
+
+@pytest.mark.parametrize("options", FUSED_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_fused_loss_steps_as_stock_trl(tmp_path, options):
+    """TRL's loss through our kernels (the vocabulary primitive fused with the LM head, then the objective on
+    its vectors) in place of TRL's: the same parameters after two steps and TRL's metrics, for every loss type
+    and option; and the same gradient and metrics on a batch whose old log-probs are perturbed (TRL's loop is
+    on-policy here, ratio 1), so that the ratio, the clips, the masks and the KL term are live."""
+    kw = dict(steps=2, epsilon=0.05, max_grad_norm=1.0, **options)
+    loss_type = options["loss_type"]
     stock = make(GRPOTrainer, GRPOConfig, tmp_path / "a", **kw)
     stock.train()
     fused = make(GXPOTrainer, GXPOConfig, tmp_path / "b", update_rule="grpo", fused_loss=True, **kw)
@@ -126,12 +138,16 @@ def test_fused_loss_steps_as_stock_trl(tmp_path, loss_type):
     compute = fused._compute_loss
     fused._compute_loss = lambda model, inputs: batches.append(copy.copy(inputs)) or compute(model, inputs)
     fused.train()
-    # AdamW's first steps divide by sqrt(v) ~ |g|: a 1e-9 gradient difference becomes ~1e-6 on a few weights
-    torch.testing.assert_close(params(fused), params(stock), rtol=0, atol=1e-5)
-    for key in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+    # AdamW's first steps divide by sqrt(v) ~ |g|: a 1e-9 gradient difference becomes ~1e-6 on a few weights (an
+    # entropy bonus puts a small gradient on every logit: ~1e-5); the gradient itself is compared below
+    torch.testing.assert_close(params(fused), params(stock), rtol=0, atol=3e-5 if "entropy_coef" in options else 1e-5)
+    logged = {k for h in stock.state.log_history for k in h} - {"loss", "grad_norm", "learning_rate", "epoch",
+                                                                 "step_time", "train_runtime", "train_loss"}
+    for key in sorted(k for k in logged if not k.startswith(("completions/", "rewards/", "reward", "frac_", "num_",
+                                                             "train_", "total_flos", "step", "epoch"))):
         theirs, ours = [h[key] for h in stock.state.log_history if key in h], \
             [h[key] for h in fused.state.log_history if key in h]
-        assert len(ours) == 2 and ours == pytest.approx(theirs, abs=1e-6), key
+        assert len(ours) == len(theirs) and ours == pytest.approx(theirs, abs=1e-6), key
 
     batch = dict(batches[-1])
     noise = torch.randn(batch["completion_ids"].shape, generator=torch.Generator().manual_seed(0))
@@ -143,16 +159,18 @@ def test_fused_loss_steps_as_stock_trl(tmp_path, loss_type):
     for trainer in (stock, fused):
         model.zero_grad(set_to_none=True)
         trainer.current_gradient_accumulation_steps = 1
-        trainer.beta, trainer.args.use_bias_correction_kl = 0.3, False
+        trainer.beta, trainer.args.beta, trainer.args.use_bias_correction_kl = 0.3, 0.3, loss_type != "grpo"
         compute_loss = GRPOTrainer._compute_loss.__get__(trainer) if trainer is stock else compute
         compute_loss(model, batch).backward()
         grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                                 for p in model.parameters()]))
-        metrics.append({k: v[-1] for k, v in trainer._metrics["train"].items() if k in
-                        ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")})
+        metrics.append({k: v[-1] for k, v in trainer._metrics["train"].items() if k != "entropy_coef"})
+        trainer._metrics["train"].clear()
     assert rel_err(grads[1], grads[0]) < 1e-5 and grads[0].abs().max() > 0
-    assert metrics[0]["clip_ratio/low_mean"] > 0 and metrics[0]["clip_ratio/high_mean"] > 0
-    assert metrics[1] == pytest.approx(metrics[0], abs=1e-6)
+    if loss_type in ("grpo", "dapo") and "delta" not in options:
+        assert metrics[0]["clip_ratio/low_mean"] > 0 and metrics[0]["clip_ratio/high_mean"] > 0
+    assert set(metrics[0]) <= set(metrics[1]) and metrics[1] == pytest.approx(
+        {k: metrics[1][k] for k in metrics[0]} | metrics[0], abs=1e-6)
 
 
 def test_fused_loss_under_gxpo_matches_trls_loss(tmp_path):
@@ -167,15 +185,15 @@ def test_fused_loss_under_gxpo_matches_trls_loss(tmp_path):
     torch.testing.assert_close(params(runs[1]), params(runs[0]), rtol=0, atol=1e-5)
 
 
-def test_fused_loss_refuses_what_it_does_not_implement():
+def test_fused_loss_takes_every_loss_option():
+    """FUSED_LOSS_OFF is empty: every GRPOConfig loss option runs through the fused path; what the objective
+    cannot take names the field."""
+    assert FUSED_LOSS_OFF == ()
     base = dict(output_dir="x", fused_loss=True, use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match="loss_type"):
-        GXPOConfig(**base, loss_type="cispo")
-    with pytest.raises(ValueError, match="importance_sampling_level"):
-        GXPOConfig(**base, importance_sampling_level="sequence")
-    with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        GXPOConfig(**base, beta=0.1)
-    GXPOConfig(**base, beta=0.1, use_bias_correction_kl=False)
+    for options in FUSED_CASES + [dict(beta=0.1), dict(importance_sampling_level="sequence", loss_type="cispo")]:
+        GXPOConfig(**base, **options)
+    with pytest.raises(ValueError, match="epsilon"):
+        GXPOConfig(**base, epsilon=1.5)
 
 
 def test_config_errors_name_the_field():

@@ -124,6 +124,30 @@ def prepare_token_inputs(B, T, V, device, stats_dtype, completion_ids_BT, advant
     )
 
 
+def token_rows(B, T, V, device, completion_ids_BT, completion_mask_BT, L) -> tuple:
+    """The vocabulary primitive's per-row inputs over L >= T logit positions: (ids_N, active_N), ids 0 and
+    active 0.0 at masked tokens and at the last L - T positions; checked as grpo_loss checks them."""
+    if B * T == 0:
+        raise ValueError(f"empty batch: B={B}, T={T}; needs at least one token position")
+    _check_tensor("completion_ids_BT", completion_ids_BT, (B, T), device)
+    if completion_ids_BT.dtype.is_floating_point or completion_ids_BT.dtype == torch.bool:
+        raise ValueError(f"completion_ids_BT must be an integer tensor, got {completion_ids_BT.dtype}")
+    if completion_mask_BT is None:
+        completion_mask_BT = torch.ones(B, T, device=device)
+    _check_tensor("completion_mask_BT", completion_mask_BT, (B, T), device)
+    mask_BT = completion_mask_BT.to(torch.float32)
+    on = mask_BT != 0
+    ids_BT = completion_ids_BT.long()
+    mask_ok, ids_ok = torch.stack([((mask_BT == 0) | (mask_BT == 1)).all(),
+                                   ((ids_BT >= 0) & (ids_BT < V) | ~on).all()]).tolist()
+    if not mask_ok:
+        raise ValueError("completion_mask_BT must hold only 0/1 (or bool) values")
+    if not ids_ok:
+        raise ValueError(f"completion_ids_BT has ids outside [0, {V}) at unmasked tokens; the vocabulary has V={V}")
+    pad = lambda x: torch.nn.functional.pad(x, (0, L - T)).reshape(B * L).contiguous()  # noqa: E731
+    return pad(torch.where(on, ids_BT, 0)), pad(mask_BT)
+
+
 def extend_positions(inputs: TokenInputs, L: int) -> TokenInputs:
     """The per-token vectors over L >= T logit positions per sequence: the last L - T positions score no
     token (weight 0), as a causal LM's final position does. The kernels then read and write the logits

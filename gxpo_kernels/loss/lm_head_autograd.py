@@ -11,9 +11,9 @@ import torch
 import triton
 
 from .. import backend
+from .grpo_terms import token_terms
 from .lm_head_kernels import lm_head_grads, lm_head_lse
 from .logits_autograd import scale_grad_, take_saved_grads
-from .objective import token_terms
 from .rows import grpo_rows
 from .settings import STAT_NAMES
 

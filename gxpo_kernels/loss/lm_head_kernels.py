@@ -4,7 +4,7 @@ class, Wijmans et al. 2025), with the entropy and a temperature, which the GRPO 
 Forward: a [BLOCK_N, BLOCK_V] logit tile at a time from tl.dot over H (fp32 accumulation), an online
 log-sum-exp, the entropy's sum of p z and the target logit per row; each program covers one of
 `splits` slices of the vocabulary and writes [N]-sized partials, combined in torch. The per-token GRPO
-math then runs on [N] vectors (objective.token_terms). Backward: every (token tile, vocabulary tile)
+math then runs on [N] vectors (grpo_terms.token_terms). Backward: every (token tile, vocabulary tile)
 recomputes its logits, forms dlogits = c (onehot - p) in registers (c = w dloss/dlogp / T times
 grad_output, read on the device) and accumulates d_hidden = dlogits @ W and d_weight = dlogits^T @ h
 with fp32 atomic adds. filter_eps > 0 skips a tile whose every p < filter_eps and which holds no target:
@@ -85,7 +85,7 @@ def _lm_head_bwd_kernel(
     N, V, H, stride_h, stride_w, inv_temp, filter_eps, group_n,
     HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     FILTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ent_coef_ptr=None, entropy_ptr=None, HAS_ENT: tl.constexpr = False,
 ):
     """Program (token tile, vocabulary tile), grouped so that group_n token tiles sweep the vocabulary
     together (their d_hidden rows stay in L2; each d_weight tile takes group_n adds while it is there):
@@ -100,18 +100,27 @@ def _lm_head_bwd_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     coef = tl.load(coef_ptr + rows, mask=rows < N, other=0.0) * tl.load(grad_out_ptr).to(tl.float32)
-    if tl.max(tl.abs(coef), 0) == 0.0:  # no gradient from any row of this tile (zero advantages)
-        return
+    if HAS_ENT:
+        ent_coef = tl.load(ent_coef_ptr + rows, mask=rows < N, other=0.0) * tl.load(grad_out_ptr).to(tl.float32)
+        if tl.max(tl.abs(coef), 0) + tl.max(tl.abs(ent_coef), 0) == 0.0:
+            return
+    else:
+        if tl.max(tl.abs(coef), 0) == 0.0:  # no gradient from any row of this tile (zero advantages)
+            return
     z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_temp,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
     # rows >= N: lse +inf, so p = 0 whatever their logits (a large bias would overflow exp and 0 x inf is NaN)
-    p = tl.exp(z - tl.load(lse_ptr + rows, mask=rows < N, other=float("inf"))[:, None])
+    lse = tl.load(lse_ptr + rows, mask=rows < N, other=float("inf"))
+    p = tl.exp(z - lse[:, None])
     ids = tl.load(ids_ptr + rows, mask=rows < N, other=-1)
     is_target = cols[None, :] == ids[:, None]
     if FILTER:
         if (tl.max(tl.max(p, 1), 0) < filter_eps) & (tl.max(tl.max(is_target.to(tl.int32), 1), 0) == 0):
             return
     d = coef[:, None] * (tl.where(is_target, 1.0, 0.0) - p)  # 0 at columns >= V (p = 0) and rows >= N
+    if HAS_ENT:  # the entropy's gradient -p (log p + H); 0 where p = 0 (log p is -inf there)
+        ent = tl.load(entropy_ptr + rows, mask=rows < N, other=0.0)
+        d -= tl.where(p > 0.0, ent_coef[:, None] * p * (z - lse[:, None] + ent[:, None]), 0.0)
     d_in = d.to(h_ptr.dtype.element_ty)
     ks = tl.arange(0, BLOCK_H)
     h_rows, w_rows = h_ptr + _row_offsets(rows, stride_h), w_ptr + _row_offsets(cols, stride_w)
@@ -179,7 +188,7 @@ def lm_head_lse(hidden_NH, weight_VH, bias_V, ids_N, temperature: float, with_en
 
 
 def lm_head_grads(hidden_NH, weight_VH, bias_V, ids_N, coef_N, lse_N, grad_out, temperature: float,
-                  needs: tuple, filter_eps: float = 0.0, config=None):
+                  needs: tuple, filter_eps: float = 0.0, config=None, entropy_coef_N=None, entropy_N=None):
     """(d_hidden, d_weight, d_bias) in the inputs' dtypes (None where not needed) of sum_n c_n logp_n, c =
     coef * grad_out (a one-element device tensor), accumulated in fp32 without the logits in memory."""
     N, H = hidden_NH.shape
@@ -198,6 +207,7 @@ def lm_head_grads(hidden_NH, weight_VH, bias_V, ids_N, coef_N, lse_N, grad_out, 
         HAS_BIAS=bias_V is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, FILTER=filter_eps > 0,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
         DOT_PRECISION=_dot_precision(hidden_NH.dtype), num_warps=cfg["num_warps"],
+        **({} if entropy_coef_N is None else dict(ent_coef_ptr=entropy_coef_N, entropy_ptr=entropy_N, HAS_ENT=True)),
     )
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return cast(dh, hidden_NH), cast(dw, weight_VH), None if db is None else db.to(bias_V.dtype)

@@ -132,8 +132,10 @@ def _grpo_loss_bwd_kernel(
     ids_ptr, coef_ptr, lse_ptr, grad_out_ptr,
     T, V, inv_temp,
     BLOCK_V: tl.constexpr, FAST_EXP: tl.constexpr,
+    ent_coef_ptr=None, entropy_ptr=None, HAS_ENT: tl.constexpr = False,
 ):
-    """Pass 2: dlogits_j = grad_out * coef * (onehot_j - p_j); a zero coefficient (masked row) only writes
+    """Pass 2: dlogits_j = grad_out * (coef * (onehot_j - p_j) - ent_coef * p_j (log p_j + H)) (the entropy
+    term with HAS_ENT: the vocabulary primitive's entropy gradient); zero coefficients (masked row) only write
     zeros. grad_out is read from device memory: no host sync, no separate rescale pass."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -142,7 +144,13 @@ def _grpo_loss_bwd_kernel(
     dlogits_row = dlogits_ptr + b * stride_db + t * stride_dt
     cols = tl.arange(0, BLOCK_V)
     coef = tl.load(coef_ptr + row) * tl.load(grad_out_ptr).to(tl.float32)
-    if coef == 0.0:
+    if HAS_ENT:
+        ent_coef = tl.load(ent_coef_ptr + row) * tl.load(grad_out_ptr).to(tl.float32)
+        ent = tl.load(entropy_ptr + row)
+        skip = (coef == 0.0) & (ent_coef == 0.0)
+    else:
+        skip = coef == 0.0
+    if skip:
         zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
@@ -154,7 +162,10 @@ def _grpo_loss_bwd_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             z2 = tl.load(logits_row + offs, mask=offs < V, other=0.0).to(tl.float32) * scale2
-            grad = -coef * _exp2(z2 - lse2, FAST_EXP)
+            p = _exp2(z2 - lse2, FAST_EXP)
+            grad = -coef * p
+            if HAS_ENT:
+                grad -= ent_coef * p * ((z2 - lse2) * _LN2 + ent)
             grad = tl.where(offs == token, grad + coef, grad)
             tl.store(dlogits_row + offs, grad.to(dlogits_ptr.dtype.element_ty), mask=offs < V)
 
@@ -194,9 +205,11 @@ def triton_pass1(logits_BTV, ids_N, adv_N, weight_N, old_N, ref_N, cfg, block_v=
     return stats, coef_N, lse_N
 
 
-def triton_pass2(logits_BTV, ids_N, coef_N, lse_N, grad_out, cfg, inplace, block_v=None):
+def triton_pass2(logits_BTV, ids_N, coef_N, lse_N, grad_out, cfg, inplace, block_v=None, entropy_coef_N=None,
+                 entropy_N=None):
     """dlogits = grad_out * d(sum_t w_t loss_t)/dlogits, over the logits (inplace) or into a new buffer;
-    grad_out is a one-element device tensor."""
+    grad_out is a one-element device tensor. entropy_coef_N (with entropy_N): each row's coefficient of its
+    entropy, 1 / T folded in as in coef_N."""
     B, T, V = logits_BTV.shape
     logits_BTV = _row_strided(logits_BTV)
     dlogits = logits_BTV if inplace else backend.empty(B, T, V, dtype=logits_BTV.dtype, device=logits_BTV.device)
@@ -206,5 +219,6 @@ def triton_pass2(logits_BTV, ids_N, coef_N, lse_N, grad_out, cfg, inplace, block
         dlogits, dlogits.stride(0), dlogits.stride(1),
         ids_N, coef_N, lse_N, grad_out, T, V, 1.0 / cfg.temperature,
         BLOCK_V=block_v, FAST_EXP=not backend.INTERPRET, num_warps=_num_warps(block_v),
+        **({} if entropy_coef_N is None else dict(ent_coef_ptr=entropy_coef_N, entropy_ptr=entropy_N, HAS_ENT=True)),
     )
     return dlogits

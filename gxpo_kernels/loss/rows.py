@@ -4,8 +4,8 @@ interpreter), the same math in torch ops elsewhere (CPU, float64). The chunked L
 import torch
 
 from .. import backend
+from .grpo_terms import token_terms
 from .logits_kernels import triton_pass1, triton_pass2
-from .objective import token_terms
 from .settings import STAT_NAMES, LossParams
 
 

@@ -1,4 +1,4 @@
-"""The per-token GRPO objective in torch ops on [n] vectors: the math of the logits kernel's pass 1, shared by
+"""The per-token GRPO clipped loss in torch ops on [n] vectors: the math of the logits kernel's pass 1, shared by
 the torch path (rows.py) and the tiled LM-head loss."""
 
 import torch
