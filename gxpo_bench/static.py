@@ -317,7 +317,8 @@ class Compiler:
         self.cache = {}
 
     def __call__(self, impl: str, launch: Launch, loop_trips: int) -> dict:
-        key = (launch.name, repr(sorted((k, _short(v)) for k, v in launch.kwargs.items())),
+        key = (launch.name, repr(sorted((k, str(v.dtype) if torch.is_tensor(v) else _short(v))
+                                        for k, v in launch.kwargs.items())),
                tuple(str(a.dtype) if torch.is_tensor(a) else type(a).__name__ for a in launch.args), loop_trips)
         if key not in self.cache:
             self.cache[key] = {"impl": impl, **compile_launch(launch, loop_trips, _block_of(launch))}

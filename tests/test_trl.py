@@ -201,3 +201,48 @@ def test_config_errors_name_the_field():
         GXPOConfig(output_dir="x", update_rule="gxpo", gradient_accumulation_steps=2, use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="update_rule must be one of"):
         GXPOConfig(output_dir="x", update_rule="ppo", use_cpu=True, report_to=[])
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_fused_loss_rollout_correction_equals_trl(tmp_path, mode):
+    """vLLM's importance-sampling correction through the fused path: on a batch carrying the engine's log-probs
+    and TRL's importance_sampling_ratio (as _generate_and_score_completions leaves them with use_vllm), the same
+    gradient and metrics as stock TRL's loss. (No vLLM here: the two trainers are switched to it after
+    construction.)"""
+    kw = dict(steps=1, loss_type="dapo", epsilon=0.05)
+    stock = make(GRPOTrainer, GRPOConfig, tmp_path / "a", **kw)
+    fused = make(GXPOTrainer, GXPOConfig, tmp_path / "b", update_rule="grpo", fused_loss=True, **kw)
+    batches = []
+    compute = fused._compute_loss
+    fused._compute_loss = lambda model, inputs: batches.append(copy.copy(inputs)) or compute(model, inputs)
+    fused.train()
+    batch = dict(batches[-1])
+    g = torch.Generator().manual_seed(1)
+    logps = fused._sampling_logps(fused.model, batch)
+    batch["old_per_token_logps"] = logps + 0.1 * torch.randn(logps.shape, generator=g)
+    batch["sampling_per_token_logps"] = batch["old_per_token_logps"] + 0.05 * torch.randn(logps.shape, generator=g)
+    batch["advantages"] = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    from gxpo_kernels.loss.objectives import rollout_ratio
+
+    ratio, _ = rollout_ratio(batch["old_per_token_logps"], batch["sampling_per_token_logps"], batch["completion_mask"],
+                             mode, 0.9, 1.1)
+    batch["importance_sampling_ratio"] = ratio
+    bound = (ratio == 0) if mode.endswith("mask") else (ratio == 0.9) | (ratio == 1.1)
+    assert bound.any() and ((ratio > 0.9) & (ratio < 1.1) & (ratio != 1)).any()  # the bounds and the weights live
+    grads, metrics = [], []
+    for trainer in (stock, fused):
+        trainer.use_vllm = trainer.args.use_vllm = True
+        trainer.vllm_importance_sampling_correction = trainer.args.vllm_importance_sampling_correction = True
+        trainer.vllm_importance_sampling_mode = trainer.args.vllm_importance_sampling_mode = mode
+        trainer.args.vllm_importance_sampling_clip_min, trainer.args.vllm_importance_sampling_clip_max = 0.9, 1.1
+        trainer.current_gradient_accumulation_steps = 1
+        trainer._metrics["train"].clear()
+        fused.model.zero_grad(set_to_none=True)
+        compute_loss = GRPOTrainer._compute_loss.__get__(trainer) if trainer is stock else compute
+        compute_loss(fused.model, batch).backward()
+        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                for p in fused.model.parameters()]))
+        metrics.append({k: v[-1] for k, v in trainer._metrics["train"].items()})
+    assert rel_err(grads[1], grads[0]) < 1e-5 and grads[0].abs().max() > 0
+    assert set(metrics[0]) <= set(metrics[1])
+    assert {k: metrics[1][k] for k in metrics[0]} == pytest.approx(metrics[0], abs=1e-6)
