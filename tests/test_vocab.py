@@ -167,3 +167,22 @@ def test_objective_errors_name_the_argument():
         policy_loss(PolicyObjective(), logp, entropy, torch.tensor([float("nan"), 1.0]), mask)
     with pytest.raises(ValueError, match="old_logp_BT must have"):
         policy_loss(PolicyObjective(), logp, entropy, adv, mask, old_logp_BT=torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("impl", ["logits", "tiled", "chunked"])
+def test_without_entropy_the_entropy_takes_no_gradient(impl):
+    """with_entropy=False: the entropy is not computed (zeros) and adding it to the loss changes no gradient."""
+    logits, ids, mask = logits_batch(2, 5, 40, seed=4)
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(2, 5, 16, generator=g), torch.randn(40, 16, generator=g)
+    grads = []
+    for with_h in (False, True):
+        x = (logits if impl == "logits" else hidden).clone().requires_grad_()
+        if impl == "logits":
+            logp, entropy = token_logprobs(x, ids, mask, with_entropy=False)
+        else:
+            logp, entropy = fused_linear_token_logprobs(x, weight, ids, mask, with_entropy=False, impl=impl)
+        assert not entropy.any()
+        (logp.sum() + (3.0 * entropy.sum() if with_h else 0)).backward()
+        grads.append(x.grad)
+    assert grads[0].abs().max() > 0 and torch.equal(grads[0], grads[1])

@@ -3,7 +3,7 @@ distribution, differentiable, from logits or fused with the LM head. Its backwar
 token for each output: dL/dz_j = (g_logp (onehot_j - p_j) - g_H p_j (log p_j + H)) / T. Any objective written on
 the [B, T] vectors it returns (objectives.py) then trains through the same kernels, with no [N, V] tensor
 beyond the logits themselves (none at all fused with the LM head). Masked tokens get log-prob 0 and entropy 0
-and take no gradient."""
+and take no gradient; with with_entropy=False the entropy is not computed and takes no gradient."""
 
 import torch
 
@@ -16,12 +16,14 @@ from .settings import STAT_NAMES, LossParams
 _LOGP, _ENTROPY = STAT_NAMES.index("logp"), STAT_NAMES.index("entropy")
 
 
-def _coefs(grad_logp_N, grad_entropy_N, active_N, temperature):
-    """Per-token coefficients of the backward kernels: zero at masked tokens, 1 / T folded in."""
-    zero = torch.zeros_like(active_N, dtype=torch.float32)
-    c_N = zero if grad_logp_N is None else grad_logp_N.float() * active_N / temperature
-    ch_N = None if grad_entropy_N is None else grad_entropy_N.float() * active_N / temperature
-    return c_N.contiguous(), None if ch_N is None else ch_N.contiguous()
+def _coefs(grad_logp_N, grad_entropy_N, like_N, temperature, active_N=None):
+    """Per-token coefficients of the backward kernels: 1 / T folded in, zero at masked tokens (active_N 0)."""
+    def coef(grad_N):
+        c_N = grad_N.float() / temperature
+        return (c_N if active_N is None else c_N * active_N).contiguous()
+
+    c_N = torch.zeros_like(like_N, dtype=torch.float32) if grad_logp_N is None else coef(grad_logp_N)
+    return c_N, None if grad_entropy_N is None else coef(grad_entropy_N)
 
 
 def _torch_logq(logits_nV, temperature):
@@ -37,6 +39,7 @@ class LogitsTokenLogprobs(torch.autograd.Function):
     def forward(ctx, logits_BTV, ids_N, active_N, temperature, with_entropy, inplace):
         B, T, V = logits_BTV.shape
         ctx.temperature, ctx.inplace, ctx.triton = temperature, inplace, backend.use_triton(logits_BTV)
+        ctx.with_entropy = with_entropy
         if ctx.triton:
             cfg = LossParams(temperature=temperature, with_entropy=with_entropy)
             zeros = torch.zeros_like(active_N)
@@ -53,14 +56,17 @@ class LogitsTokenLogprobs(torch.autograd.Function):
                 entropy_N[rows] = -(logq_nV.exp() * logq_nV).sum(-1)
             lse_N = None
         ctx.save_for_backward(logits_BTV, ids_N, active_N, lse_N, entropy_N)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy_N)
         return logp_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_logp_N, grad_entropy_N):
         logits_BTV, ids_N, active_N, lse_N, entropy_N = ctx.saved_tensors
         B, T, V = logits_BTV.shape
+        grad_entropy_N = grad_entropy_N if ctx.with_entropy else None
         if ctx.triton:
-            c_N, ch_N = _coefs(grad_logp_N, grad_entropy_N, active_N, ctx.temperature)
+            c_N, ch_N = _coefs(grad_logp_N, grad_entropy_N, active_N, ctx.temperature, active_N)
             one = torch.ones(1, dtype=torch.float32, device=logits_BTV.device)
             dlogits = triton_pass2(logits_BTV, ids_N, c_N, lse_N, one, LossParams(temperature=ctx.temperature),
                                    ctx.inplace, entropy_coef_N=ch_N, entropy_N=entropy_N)
@@ -88,26 +94,27 @@ class TiledLMHeadTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden_NH, weight_VH, bias_V, ids_N, temperature, with_entropy):
         lse_N, target_N, entropy_N = lm_head_lse(hidden_NH, weight_VH, bias_V, ids_N, temperature, with_entropy)
         entropy_N = torch.zeros_like(lse_N) if entropy_N is None else entropy_N
-        ctx.needs, ctx.temperature = tuple(ctx.needs_input_grad[:3]), temperature
+        ctx.needs, ctx.temperature, ctx.with_entropy = tuple(ctx.needs_input_grad[:3]), temperature, with_entropy
         ctx.save_for_backward(hidden_NH, weight_VH, bias_V, ids_N, lse_N, entropy_N)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy_N)
         return target_N - lse_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_logp_N, grad_entropy_N):
         hidden_NH, weight_VH, bias_V, ids_N, lse_N, entropy_N = ctx.saved_tensors
-        ones = torch.ones_like(lse_N)
-        c_N, ch_N = _coefs(grad_logp_N, grad_entropy_N, ones, 1.0)
+        c_N, ch_N = _coefs(grad_logp_N, grad_entropy_N if ctx.with_entropy else None, lse_N, ctx.temperature)
         grad_out = torch.ones(1, dtype=torch.float32, device=lse_N.device)
-        grads = lm_head_grads(hidden_NH, weight_VH, bias_V, ids_N, c_N / ctx.temperature, lse_N, grad_out,
-                              ctx.temperature, ctx.needs, entropy_coef_N=None if ch_N is None else
-                              ch_N / ctx.temperature, entropy_N=entropy_N)
+        grads = lm_head_grads(hidden_NH, weight_VH, bias_V, ids_N, c_N, lse_N, grad_out, ctx.temperature, ctx.needs,
+                              entropy_coef_N=ch_N, entropy_N=entropy_N)
         return (*grads, None, None, None)
 
 
 class ChunkedLMHeadTokenLogprobs(torch.autograd.Function):
-    """chunk_tokens tokens at a time through a [chunk, V] logits buffer: the forward's GEMM and pass 1 per chunk;
-    the backward recomputes each chunk's logits, turns them into dlogits in place and accumulates the gradients
-    (one GEMM more than a loss whose per-token coefficients are known in the forward)."""
+    """chunk_tokens tokens at a time through a [chunk, V] logits buffer: the forward's GEMM and pass 1 per chunk
+    (each chunk's lse and entropy kept, [chunk] each); the backward recomputes each chunk's logits, turns them
+    into dlogits in place (pass 2) and accumulates the gradients (one GEMM more than a loss whose per-token
+    coefficients are known in the forward)."""
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, bias_V, ids_N, temperature, with_entropy, chunk_tokens):
@@ -115,34 +122,36 @@ class ChunkedLMHeadTokenLogprobs(torch.autograd.Function):
         V = weight_VH.shape[0]
         chunk_tokens = chunk_tokens or default_chunk_tokens(N, V, H)
         ones = torch.ones(N, dtype=torch.float32, device=hidden_NH.device)
-        outs = [LogitsTokenLogprobs.forward(_Ctx(), _logits(hidden_NH[s:s + chunk_tokens], weight_VH, bias_V)[None],
-                                            ids_N[s:s + chunk_tokens], ones[s:s + chunk_tokens], temperature,
-                                            with_entropy, True)
-                for s in range(0, N, chunk_tokens)]
-        ctx.chunk_tokens, ctx.temperature, ctx.needs = chunk_tokens, temperature, tuple(ctx.needs_input_grad[:3])
+        ctx.chunks, outs = [], []
+        for s in range(0, N, chunk_tokens):
+            chunk, rows = _Ctx(), slice(s, s + chunk_tokens)
+            logits_1CV = _logits(hidden_NH[rows], weight_VH, bias_V)[None]
+            outs.append(LogitsTokenLogprobs.forward(chunk, logits_1CV, ids_N[rows], ones[rows], temperature,
+                                                    with_entropy, True))
+            chunk.saved_tensors = (None, *chunk.saved[1:])  # the chunk's logits: recomputed in the backward
+            ctx.chunks.append((rows, chunk))
+        ctx.needs, ctx.with_entropy = tuple(ctx.needs_input_grad[:3]), with_entropy
+        ctx.save_for_backward(hidden_NH, weight_VH, bias_V)
         logp_N, entropy_N = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-        ctx.save_for_backward(hidden_NH, weight_VH, bias_V, ids_N, entropy_N)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy_N)
         return logp_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_logp_N, grad_entropy_N):
-        hidden_NH, weight_VH, bias_V, ids_N, entropy_N = ctx.saved_tensors
+        hidden_NH, weight_VH, bias_V = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs
-        N = hidden_NH.shape[0]
         acc = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
         grad_hidden = torch.empty_like(hidden_NH) if need_hidden else None
         grad_weight = torch.zeros_like(weight_VH) if need_weight else None
         grad_bias = torch.zeros(weight_VH.shape[0], dtype=acc, device=hidden_NH.device) if need_bias else None
-        ones = torch.ones(N, dtype=torch.float32, device=hidden_NH.device)
-        for s in range(0, N, ctx.chunk_tokens):
-            rows = slice(s, s + ctx.chunk_tokens)
+        grad_entropy_N = grad_entropy_N if ctx.with_entropy else None
+        chunks, ctx.chunks = ctx.chunks, None
+        for rows, chunk in chunks:
             hidden_CH = hidden_NH[rows]
-            sub = _Ctx()
-            LogitsTokenLogprobs.forward(sub, _logits(hidden_CH, weight_VH, bias_V)[None], ids_N[rows], ones[rows],
-                                        ctx.temperature, grad_entropy_N is not None, True)
-            sub.saved_tensors = sub.saved
+            chunk.saved_tensors = (_logits(hidden_CH, weight_VH, bias_V)[None], *chunk.saved_tensors[1:])
             dlogits_CV = LogitsTokenLogprobs.backward(
-                sub, None if grad_logp_N is None else grad_logp_N[rows],
+                chunk, None if grad_logp_N is None else grad_logp_N[rows],
                 None if grad_entropy_N is None else grad_entropy_N[rows])[0][0]
             if need_hidden:
                 torch.mm(dlogits_CV, weight_VH, out=grad_hidden[rows])
@@ -160,6 +169,9 @@ class _Ctx:
 
     def save_for_backward(self, *tensors):
         self.saved = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        pass
 
 
 def _logits(hidden_CH, weight_VH, bias_V):
