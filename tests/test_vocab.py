@@ -186,3 +186,23 @@ def test_without_entropy_the_entropy_takes_no_gradient(impl):
         (logp.sum() + (3.0 * entropy.sum() if with_h else 0)).backward()
         grads.append(x.grad)
     assert grads[0].abs().max() > 0 and torch.equal(grads[0], grads[1])
+
+
+def test_dual_clip_objective_equals_the_grpo_kernels():
+    """PolicyObjective's dual clip (bnpo: a token mean) against grpo_loss's own kernels: loss, dlogits and the
+    dual-clipped fraction."""
+    from gxpo_kernels import grpo_loss
+
+    logits, ids, mask = logits_batch(4, 7, 90, seed=8)
+    adv = torch.tensor([1.5, -2.0, 0.5, -0.7])
+    noise = torch.rand(4, 7, generator=torch.Generator().manual_seed(8))
+    old = reference(logits, ids, mask, 1.0)[0].float() - 0.8 * noise
+    x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    want, want_metrics = grpo_loss(x, ids, adv, mask, old, dual_clip_c=1.5)
+    got, metrics = grpo_loss(y, ids, adv, mask, old, objective=PolicyObjective(loss_type="bnpo", epsilon_high=0.2,
+                                                                                  dual_clip_c=1.5))
+    want.backward()
+    got.backward()
+    assert float(want_metrics["clip_frac_dual"]) > 0
+    assert rel_err(got, want) < TOL and rel_err(y.grad, x.grad) < TOL
+    assert float(metrics["clip_ratio/dual_mean"]) == pytest.approx(float(want_metrics["clip_frac_dual"]), abs=1e-6)

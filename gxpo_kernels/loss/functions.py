@@ -2,6 +2,7 @@
 through (vocab.py, objectives.py), each from logits or fused with the LM head."""
 
 import functools
+import inspect
 
 import torch
 
@@ -151,10 +152,9 @@ def fused_linear_grpo_loss(
 def _check_no_grpo_args(beta, eps_low, eps_high, dual_clip_c, loss_agg, max_completion_len, log_ratio_clamp):
     given = dict(beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c, loss_agg=loss_agg,
                  max_completion_len=max_completion_len, log_ratio_clamp=log_ratio_clamp)
-    defaults = dict(beta=0.0, eps_low=0.2, eps_high=0.2, dual_clip_c=None, loss_agg="token-mean",
-                    max_completion_len=None, log_ratio_clamp=None)
+    defaults = inspect.signature(grpo_loss).parameters  # fused_linear_grpo_loss has the same defaults
     for name, value in given.items():
-        if value != defaults[name]:
+        if value != defaults[name].default:
             raise ValueError(f"{name}={value!r} with objective=: set it in the PolicyObjective instead (beta, "
                              "epsilon, epsilon_high, dual_clip_c, loss_type, max_completion_length)")
 
@@ -238,9 +238,8 @@ def fused_linear_token_logprobs(hidden_BTH, lm_head_weight_VH, completion_ids_BT
     ids_N, active_N = token_rows(B, T, V, hidden_BTH.device, completion_ids_BT, completion_mask_BT, T)
     rows = active_N.nonzero().squeeze(1)
     hidden_nH = hidden_BTH.reshape(B * T, H).index_select(0, rows)
-    out_dtype = torch.float64 if hidden_BTH.dtype == torch.float64 else torch.float32
     if rows.numel() == 0:
-        zero = _zero_connected(hidden_nH, lm_head_weight_VH, lm_head_bias_V, out_dtype)
+        zero = _zero_connected(hidden_nH, lm_head_weight_VH, lm_head_bias_V, _stats_dtype(hidden_BTH))
         return (zero.expand(B, T),) * 2
     if impl == "tiled":
         logp_n, entropy_n = TiledLMHeadTokenLogprobs.apply(hidden_nH.contiguous(), lm_head_weight_VH.contiguous(),

@@ -35,6 +35,30 @@ def _check_float(name, x):
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+def _check_ids_and_mask(B, T, device, completion_ids_BT, completion_mask_BT):
+    """Shapes, device and dtype of the completion ids and mask: what every loss function checks first."""
+    if B * T == 0:
+        raise ValueError(f"empty batch: B={B}, T={T}; the loss needs at least one token position")
+    _check_tensor("completion_ids_BT", completion_ids_BT, (B, T), device)
+    if completion_ids_BT.dtype.is_floating_point or completion_ids_BT.dtype == torch.bool:
+        raise ValueError(f"completion_ids_BT must be an integer tensor, got {completion_ids_BT.dtype}")
+    _check_tensor("completion_mask_BT", completion_mask_BT, (B, T), device)
+
+
+def _ids_and_mask_checks(ids_BT, mask_BT, on, V) -> list:
+    """The device-side value checks of the ids and the mask (mask_ok, ids_ok), stacked with the caller's into one
+    host sync; _raise_for_ids_and_mask reads them."""
+    return [((mask_BT == 0) | (mask_BT == 1)).all(), ((ids_BT >= 0) & (ids_BT < V) | ~on).all()]
+
+
+def _raise_for_ids_and_mask(mask_ok, ids_ok, V):
+    if not mask_ok:
+        raise ValueError("completion_mask_BT must hold only 0/1 (or bool) values")
+    if not ids_ok:
+        raise ValueError(f"completion_ids_BT has ids outside [0, {V}) at unmasked tokens; the vocabulary "
+                         f"of the logits / LM head has V={V}")
+
+
 def make_config(*, beta, eps_low, eps_high, dual_clip_c, temperature, loss_agg, max_completion_len,
                 return_entropy, ref_logp_BT, log_ratio_clamp=None) -> LossParams:
     for name, eps in (("eps_low", eps_low), ("eps_high", eps_high)):
@@ -63,16 +87,11 @@ def make_config(*, beta, eps_low, eps_high, dual_clip_c, temperature, loss_agg, 
 
 def prepare_token_inputs(B, T, V, device, stats_dtype, completion_ids_BT, advantages_B, completion_mask_BT,
                          old_logp_BT, ref_logp_BT, loss_agg, max_completion_len) -> TokenInputs:
-    if B * T == 0:
-        raise ValueError(f"empty batch: B={B}, T={T}; grpo_loss needs at least one token position")
-    _check_tensor("completion_ids_BT", completion_ids_BT, (B, T), device)
-    if completion_ids_BT.dtype.is_floating_point or completion_ids_BT.dtype == torch.bool:
-        raise ValueError(f"completion_ids_BT must be an integer tensor, got {completion_ids_BT.dtype}")
+    _check_ids_and_mask(B, T, device, completion_ids_BT, completion_mask_BT)
     if not torch.is_tensor(advantages_B) or advantages_B.dim() not in (1, 2):
         raise ValueError("advantages_B must be a tensor of shape [B] or per-token [B, T]")
     _check_tensor("advantages_B", advantages_B, (B,) if advantages_B.dim() == 1 else (B, T), device)
     _check_float("advantages_B", advantages_B)
-    _check_tensor("completion_mask_BT", completion_mask_BT, (B, T), device)
     for name, x in (("old_logp_BT", old_logp_BT), ("ref_logp_BT", ref_logp_BT)):
         if x is not None:
             _check_tensor(name, x, (B, T), device)
@@ -83,24 +102,15 @@ def prepare_token_inputs(B, T, V, device, stats_dtype, completion_ids_BT, advant
     adv_BT = adv_BT[:, None].expand(B, T) if adv_BT.dim() == 1 else adv_BT
     on = mask_BT != 0
     ids_BT = completion_ids_BT.long()
-    checks = [
-        ((mask_BT == 0) | (mask_BT == 1)).all(),
-        (torch.isfinite(adv_BT) | ~on).all(),
-        ((ids_BT >= 0) & (ids_BT < V) | ~on).all(),
-        on.sum(),
-    ]
+    checks = [*_ids_and_mask_checks(ids_BT, mask_BT, on, V), (torch.isfinite(adv_BT) | ~on).all(), on.sum()]
     for x in (old_logp_BT, ref_logp_BT):
         checks.append(True if x is None else (torch.isfinite(x) | ~on).all())
-    mask_ok, adv_ok, ids_ok, num_active, old_ok, ref_ok = torch.stack(
+    mask_ok, ids_ok, adv_ok, num_active, old_ok, ref_ok = torch.stack(
         [torch.as_tensor(c, device=device).to(torch.int64) for c in checks]).tolist()
-    if not mask_ok:
-        raise ValueError("completion_mask_BT must hold only 0/1 (or bool) values")
+    _raise_for_ids_and_mask(mask_ok, ids_ok, V)
     if not adv_ok:
         raise ValueError("advantages_B has NaN or inf at unmasked tokens; check the rewards (NaN rewards, "
                          "or a zero-variance group divided by std without an epsilon)")
-    if not ids_ok:
-        raise ValueError(f"completion_ids_BT has ids outside [0, {V}) at unmasked tokens; the vocabulary "
-                         f"of the logits / LM head has V={V}")
     if not old_ok:
         raise ValueError("old_logp_BT has NaN or inf at unmasked tokens")
     if not ref_ok:
@@ -127,23 +137,13 @@ def prepare_token_inputs(B, T, V, device, stats_dtype, completion_ids_BT, advant
 def token_rows(B, T, V, device, completion_ids_BT, completion_mask_BT, L) -> tuple:
     """The vocabulary primitive's per-row inputs over L >= T logit positions: (ids_N, active_N), ids 0 and
     active 0.0 at masked tokens and at the last L - T positions; checked as grpo_loss checks them."""
-    if B * T == 0:
-        raise ValueError(f"empty batch: B={B}, T={T}; needs at least one token position")
-    _check_tensor("completion_ids_BT", completion_ids_BT, (B, T), device)
-    if completion_ids_BT.dtype.is_floating_point or completion_ids_BT.dtype == torch.bool:
-        raise ValueError(f"completion_ids_BT must be an integer tensor, got {completion_ids_BT.dtype}")
     if completion_mask_BT is None:
         completion_mask_BT = torch.ones(B, T, device=device)
-    _check_tensor("completion_mask_BT", completion_mask_BT, (B, T), device)
+    _check_ids_and_mask(B, T, device, completion_ids_BT, completion_mask_BT)
     mask_BT = completion_mask_BT.to(torch.float32)
     on = mask_BT != 0
     ids_BT = completion_ids_BT.long()
-    mask_ok, ids_ok = torch.stack([((mask_BT == 0) | (mask_BT == 1)).all(),
-                                   ((ids_BT >= 0) & (ids_BT < V) | ~on).all()]).tolist()
-    if not mask_ok:
-        raise ValueError("completion_mask_BT must hold only 0/1 (or bool) values")
-    if not ids_ok:
-        raise ValueError(f"completion_ids_BT has ids outside [0, {V}) at unmasked tokens; the vocabulary has V={V}")
+    _raise_for_ids_and_mask(*torch.stack(_ids_and_mask_checks(ids_BT, mask_BT, on, V)).tolist(), V)
     pad = lambda x: torch.nn.functional.pad(x, (0, L - T)).reshape(B * L).contiguous()  # noqa: E731
     return pad(torch.where(on, ids_BT, 0)), pad(mask_BT)
 

@@ -142,25 +142,25 @@ def vespo_weight(obj, adv_B1, log_ratio_BT, mask_BT, rollout_ratio_BT):
 
 
 def _per_token_loss(obj, logp_BT, ratio, adv, log_ratio_BT, mask_BT, rollout_ratio_BT, metrics):
-    """The policy term per token ([B, T], or [B, 1] at sequence level) and the ratio the clip metrics read."""
+    """(the policy term per token ([B, T], or [B, 1] at sequence level), the ratio the clip metrics read, the
+    dual clip's tokens or None)."""
     if obj.loss_type == "cispo":
-        return -torch.clamp(ratio, max=obj.eps_high).detach() * adv * logp_BT, ratio
+        return -torch.clamp(ratio, max=obj.eps_high).detach() * adv * logp_BT, ratio, None
     if obj.loss_type == "sapo":
         tau = torch.where(adv > 0, obj.sapo_temperature_pos, obj.sapo_temperature_neg)
-        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, ratio
+        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, ratio, None
     if obj.loss_type == "vespo":
         phi_B1 = vespo_weight(obj, adv, log_ratio_BT, mask_BT, rollout_ratio_BT)
         metrics["vespo/phi_seq_mean"] = phi_B1.mean()
-        return -phi_B1 * adv * logp_BT, ratio
+        return -phi_B1 * adv * logp_BT, ratio, None
     clipped = torch.clamp(ratio, 1 - obj.epsilon, 1 + obj.eps_high)
     if obj.delta is not None:
         ratio = torch.clamp(ratio, max=obj.delta)
     loss = -torch.min(ratio * adv, clipped * adv)
-    if obj.dual_clip_c is not None:
-        is_dual = (adv < 0) & (-obj.dual_clip_c * adv < loss)
-        loss = torch.where(is_dual, -obj.dual_clip_c * adv, loss)
-        metrics["clip_ratio/dual_mean"] = is_dual
-    return loss, ratio
+    if obj.dual_clip_c is None:
+        return loss, ratio, None
+    is_dual = (adv < 0) & (-obj.dual_clip_c * adv < loss)
+    return torch.where(is_dual, -obj.dual_clip_c * adv, loss), ratio, is_dual
 
 
 def _aggregate(obj, per_token_BT, mask_BT, num_items, accumulation_steps, steps_per_generation, num_processes):
@@ -194,19 +194,19 @@ def policy_loss(obj: PolicyObjective, logp_BT, entropy_BT, advantages, mask_BT, 
     quantile over every process's tokens, as TRL takes it)."""
     _check_inputs(logp_BT, entropy_BT, advantages, mask_BT, old_logp_BT=old_logp_BT, ref_logp_BT=ref_logp_BT,
                   sampling_logp_BT=sampling_logp_BT)
+    if obj.beta != 0 and ref_logp_BT is None:
+        raise ValueError("beta > 0 needs ref_logp_BT, the reference policy's log-probs")
+    if obj.rollout_correction is not None and rollout_weight is None and sampling_logp_BT is None:
+        raise ValueError(f"rollout_correction={obj.rollout_correction!r} needs sampling_logp_BT, the rollout "
+                         "engine's log-probs of the sampled tokens")
     mask_BT = mask_BT.to(logp_BT.dtype)
     adv = advantages.to(logp_BT.dtype)
     adv = adv[:, None] if adv.dim() == 1 else adv
     old_logp_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT
     steps_per_generation = accumulation_steps if steps_per_generation is None else steps_per_generation
     metrics = {}
-    rollout_BT = None
-    if obj.rollout_correction is not None and rollout_weight is not None:
-        rollout_BT = rollout_weight
-    elif obj.rollout_correction is not None:
-        if sampling_logp_BT is None:
-            raise ValueError(f"rollout_correction={obj.rollout_correction!r} needs sampling_logp_BT, the rollout "
-                             "engine's log-probs of the sampled tokens")
+    rollout_BT = rollout_weight if obj.rollout_correction is not None else None
+    if obj.rollout_correction is not None and rollout_weight is None:
         rollout_BT, rollout_metrics = rollout_ratio(old_logp_BT, sampling_logp_BT, mask_BT, obj.rollout_correction,
                                                     obj.rollout_clip_min, obj.rollout_clip_max)
         metrics.update(rollout_metrics)
@@ -220,8 +220,8 @@ def policy_loss(obj: PolicyObjective, logp_BT, entropy_BT, advantages, mask_BT, 
     else:
         log_weight = log_ratio_BT
     ratio = torch.exp(log_weight)
-    per_token, clip_ratio = _per_token_loss(obj, logp_BT, ratio, adv, log_ratio_BT, mask_BT, rollout_BT, metrics)
-    dual = metrics.pop("clip_ratio/dual_mean", None)
+    per_token, clip_ratio, dual = _per_token_loss(obj, logp_BT, ratio, adv, log_ratio_BT, mask_BT, rollout_BT,
+                                                  metrics)
 
     if obj.off_policy_mask_threshold is not None:
         behaviour = old_logp_BT if sampling_logp_BT is None else sampling_logp_BT
@@ -231,8 +231,6 @@ def policy_loss(obj: PolicyObjective, logp_BT, entropy_BT, advantages, mask_BT, 
     if rollout_BT is not None and obj.loss_type != "vespo":
         per_token = per_token * rollout_BT
     if obj.beta != 0:
-        if ref_logp_BT is None:
-            raise ValueError("beta > 0 needs ref_logp_BT, the reference policy's log-probs")
         diff_BT = ref_logp_BT - logp_BT
         kl_BT = torch.exp(diff_BT) - diff_BT - 1
         if obj.use_bias_correction_kl:
