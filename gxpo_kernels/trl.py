@@ -31,9 +31,9 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from .loss import PolicyObjective, fused_linear_token_logprobs, policy_loss
+from .loss.objectives import PER_SEQUENCE_LOSSES, adapted_entropy_coef
 from .optim import RULES, rule_config
 
-PER_SEQUENCE_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")  # a micro-batch weighs its share of sequences
 PER_TOKEN_LOSSES = ("bnpo",)  # its share of tokens; dapo / cispo / vespo normalize by the whole batch already
 # (field, the value the fused loss needs, why): none; the MoE router's aux loss is refused in GXPOTrainer
 # (it needs the router logits of the model's own forward, which the fused path does not run through TRL's).
@@ -245,8 +245,9 @@ class GXPOTrainer(GRPOTrainer):
             return
         totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
         world = (totals[0] / totals[1].clamp(min=1.0)).item()
-        step = self.args.entropy_coef_delta if world <= self.args.entropy_target else -self.args.entropy_coef_delta
-        self.entropy_coef = min(max(self.entropy_coef + step, self.args.entropy_coef_min), self.args.entropy_coef_max)
+        self.entropy_coef = adapted_entropy_coef(self.entropy_coef, world, self.args.entropy_target,
+                                                 self.args.entropy_coef_delta, self.args.entropy_coef_min,
+                                                 self.args.entropy_coef_max)
         self._last_world_entropy, self._entropy_window_stats = world, None
 
     def _final_hidden(self, model, ids, attention):

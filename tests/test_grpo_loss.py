@@ -181,7 +181,9 @@ def test_causal_lm_logits_with_one_extra_position(path, inplace, loss_agg):
     buf = x * 1.0 if inplace else x
     loss, metrics = grpo_loss(buf, batch["ids"], batch["adv"], batch["mask"], batch["old"], batch["ref"], beta=0.1,
                               loss_agg=loss_agg, return_entropy=True, inplace=inplace)
-    assert type(loss.grad_fn.next_functions[0][0]).__name__ == ("MulBackward0" if inplace else "AccumulateGrad")
+    function = loss.grad_fn.next_functions[0][0]  # past the add that makes a non-finite log-prob's loss NaN
+    assert type(function).__name__ == "GRPOLossFunctionBackward"
+    assert type(function.next_functions[0][0]).__name__ == ("MulBackward0" if inplace else "AccumulateGrad")
     (loss * -1.5).backward()
     x64 = full.clone().requires_grad_()
     loss64, metrics64 = grpo_loss_reference(x64[:, :-1], batch["ids"], batch["adv"].double(), batch["mask"],

@@ -14,7 +14,7 @@ pytest.importorskip("datasets")
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from gxpo_kernels.loss.objectives import LOSS_TYPES, PolicyObjective, policy_loss, rollout_ratio  # noqa: E402
+from gxpo_kernels.loss.objectives import LOSS_TYPES, PolicyObjective, metric_names, policy_loss, rollout_ratio  # noqa: E402
 from trainer.models import tiny_random_model, tiny_tokenizer  # noqa: E402
 
 B, T = 6, 7
@@ -177,3 +177,12 @@ def test_rollout_correction_needs_the_engines_log_probs():
     with pytest.raises(ValueError, match="sampling_logp_BT"):
         policy_loss(PolicyObjective(rollout_correction="token_truncate"), data["logp"], data["entropy"], data["adv"],
                     data["mask"])
+
+
+@pytest.mark.parametrize("loss_type,level,mode", CASES[::3])
+@pytest.mark.parametrize("extra", [dict(beta=0.0), dict(beta=0.04, dual_clip_c=3.0)])
+def test_metric_names_are_the_keys_policy_loss_returns(loss_type, level, mode, extra):
+    obj = PolicyObjective(loss_type=loss_type, importance_sampling_level=level, rollout_correction=mode,
+                          max_completion_length=T, rollout_clip_min=0.5 if mode else None, **extra)
+    _, _, metrics = ours(obj, batch(5))
+    assert tuple(sorted(metrics)) == metric_names(obj)

@@ -8,7 +8,7 @@ import torch
 
 from .. import backend, devices
 from . import lm_head_cost
-from .inputs import extend_positions, make_config, prepare_token_inputs, summarize, token_rows
+from .inputs import extend_positions, make_config, nan_if_nonfinite, prepare_token_inputs, summarize, token_rows
 from .lm_head_autograd import ChunkedLMHeadGRPOLossFunction, TiledLMHeadGRPOLossFunction
 from .lm_head_kernels import tile_config
 from .logits_autograd import GRPOLossFunction
@@ -78,7 +78,7 @@ def grpo_loss(
                                          inputs.old_N, inputs.ref_N, cfg, inplace, None)
     metrics = summarize(stats, inputs, cfg, ref_logp_BT is not None)
     metrics["logp_BT"] = metrics["logp_BT"][:, :T]
-    return loss, metrics
+    return nan_if_nonfinite(loss, stats, inputs), metrics
 
 
 def fused_linear_grpo_loss(
@@ -146,7 +146,7 @@ def fused_linear_grpo_loss(
     if active_idx is not None:
         stats = torch.zeros(stats.shape[0], B * T, dtype=stats_dtype, device=stats.device).index_copy_(
             1, active_idx, stats)
-    return loss, summarize(stats, inputs, cfg, ref_logp_BT is not None)
+    return nan_if_nonfinite(loss, stats, inputs), summarize(stats, inputs, cfg, ref_logp_BT is not None)
 
 
 def _check_no_grpo_args(beta, eps_low, eps_high, dual_clip_c, loss_agg, max_completion_len, log_ratio_clamp):

@@ -158,6 +158,14 @@ def extend_positions(inputs: TokenInputs, L: int) -> TokenInputs:
                                weight_N=pad(inputs.weight_N), old_N=pad(inputs.old_N), ref_N=pad(inputs.ref_N))
 
 
+def nan_if_nonfinite(loss, stats, inputs: TokenInputs):
+    """loss, or NaN when an unmasked token's log-prob is not finite (a NaN or inf logit, LM-head weight, bias or
+    hidden state). On-policy the GRPO loss's value does not depend on the log-probs (the ratio is 1), so without
+    this a diverged policy would report an ordinary loss; no host sync, and the gradient is left as it is."""
+    bad = (~torch.isfinite(stats[STAT_NAMES.index("logp")]) & (inputs.mask_N != 0)).any()
+    return loss + torch.where(bad, float("nan"), 0.0).to(loss.dtype)
+
+
 def summarize(stats, inputs: TokenInputs, cfg: LossParams, has_ref: bool) -> dict:
     """Masked means of the per-token statistics, and the per-token log-probs (0 at masked tokens)."""
     row = {name: stats[i] for i, name in enumerate(STAT_NAMES)}

@@ -15,6 +15,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the PPO-clip surrogate
 IS_LEVELS = ("token", "sequence")
 ROLLOUT_CORRECTIONS = (None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# A micro-batch of these weighs its share of the batch's sequences (their normalizers are per sequence); of the
+# others, its share of tokens (bnpo: local token means; dapo / cispo / vespo: the batch's token count).
+PER_SEQUENCE_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
 _VESPO_LOG_FLOOR = math.log(1e-8)
 
 
@@ -45,30 +48,7 @@ class PolicyObjective:
     max_completion_length: int | None = None  # dr_grpo's constant normalizer
 
     def __post_init__(self):
-        checks = [
-            ("loss_type", self.loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}"),
-            ("epsilon", 0 < self.epsilon < 1, "in (0, 1)"),
-            ("epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "> 0 or None"),
-            ("delta", self.delta is None or self.delta > 1, "> 1 or None"),
-            ("dual_clip_c", self.dual_clip_c is None or self.dual_clip_c > 1, "> 1 or None"),
-            ("importance_sampling_level", self.importance_sampling_level in IS_LEVELS, f"one of {IS_LEVELS}"),
-            ("beta", self.beta >= 0, ">= 0"),
-            ("top_entropy_quantile", 0 <= self.top_entropy_quantile <= 1, "in [0, 1]"),
-            ("off_policy_mask_threshold", self.off_policy_mask_threshold is None or self.off_policy_mask_threshold > 0,
-             "> 0 or None"),
-            ("rollout_correction", self.rollout_correction in ROLLOUT_CORRECTIONS, f"one of {ROLLOUT_CORRECTIONS}"),
-            ("rollout_clip_max", self.rollout_clip_min is None or self.rollout_clip_max is None
-             or self.rollout_clip_min < self.rollout_clip_max, "> rollout_clip_min"),
-            ("rollout_clip_max", not (self.rollout_correction or "").endswith("truncate")
-             or self.rollout_clip_min is not None or self.rollout_clip_max is not None,
-             "set (or rollout_clip_min) for a truncate correction"),
-            ("max_completion_length", self.loss_type != "dr_grpo" or (self.max_completion_length or 0) > 0,
-             "> 0 for loss_type 'dr_grpo'"),
-            ("rollout_correction", self.loss_type != "vespo" or self.rollout_correction in (None, "token_truncate",
-                                                                                         "token_mask"),
-             "None, 'token_truncate' or 'token_mask' for vespo (it folds the token ratios into its weight)"),
-        ]
-        for name, ok, want in checks:
+        for name, ok, want in objective_checks(self):
             if not ok:
                 raise ValueError(f"PolicyObjective.{name} = {getattr(self, name)!r}: must be {want}")
 
@@ -80,6 +60,60 @@ class PolicyObjective:
     def reads_entropy(self) -> bool:
         """Whether the loss (not only a metric) depends on the per-token entropy."""
         return self.entropy_coef != 0 or self.top_entropy_quantile < 1
+
+
+def objective_checks(obj) -> list:
+    """(field, holds, what it must be) for each of PolicyObjective's fields; obj is anything with its fields (the
+    trainer's [objective] section too)."""
+    return [
+        ("loss_type", obj.loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}"),
+        ("epsilon", 0 < obj.epsilon < 1, "in (0, 1)"),
+        ("epsilon_high", obj.epsilon_high is None or obj.epsilon_high > 0, "> 0 or None"),
+        ("delta", obj.delta is None or obj.delta > 1, "> 1 or None"),
+        ("dual_clip_c", obj.dual_clip_c is None or obj.dual_clip_c > 1, "> 1 or None"),
+        ("importance_sampling_level", obj.importance_sampling_level in IS_LEVELS, f"one of {IS_LEVELS}"),
+        ("beta", obj.beta >= 0, ">= 0"),
+        ("top_entropy_quantile", 0 <= obj.top_entropy_quantile <= 1, "in [0, 1]"),
+        ("off_policy_mask_threshold", obj.off_policy_mask_threshold is None or obj.off_policy_mask_threshold > 0,
+         "> 0 or None"),
+        ("rollout_correction", obj.rollout_correction in ROLLOUT_CORRECTIONS, f"one of {ROLLOUT_CORRECTIONS}"),
+        ("rollout_clip_max", obj.rollout_clip_min is None or obj.rollout_clip_max is None
+         or obj.rollout_clip_min < obj.rollout_clip_max, "> rollout_clip_min"),
+        ("rollout_clip_max", not (obj.rollout_correction or "").endswith("truncate")
+         or obj.rollout_clip_min is not None or obj.rollout_clip_max is not None,
+         "set (or rollout_clip_min) for a truncate correction"),
+        ("max_completion_length", obj.loss_type != "dr_grpo" or (obj.max_completion_length or 0) > 0,
+         "> 0 for loss_type 'dr_grpo'"),
+        ("rollout_correction", obj.loss_type != "vespo" or obj.rollout_correction in (None, "token_truncate",
+                                                                                   "token_mask"),
+         "None, 'token_truncate' or 'token_mask' for vespo (it folds the token ratios into its weight)"),
+    ]
+
+
+def metric_names(obj: PolicyObjective) -> tuple:
+    """The keys of policy_loss's metrics under obj, sorted (the same on every process, whatever its batch)."""
+    names = {"policy_loss", "entropy"}
+    if obj.rollout_correction is not None:
+        names |= {f"sampling/sampling_logp_difference/{s}" for s in ("mean", "max")}
+        names |= {f"sampling/importance_sampling_ratio/{s}" for s in ("min", "mean", "max")}
+    if obj.loss_type == "vespo":
+        names.add("vespo/phi_seq_mean")
+    if obj.beta != 0:
+        names.add("kl")
+    if obj.loss_type == "cispo":
+        names.add("cispo_clip_ratio")
+    if obj.loss_type in CLIP_LOSS_TYPES:
+        names |= {f"clip_ratio/{s}" for s in ("low_mean", "high_mean", "region_mean", "low_min", "high_max")}
+        if obj.dual_clip_c is not None:
+            names.add("clip_ratio/dual_mean")
+    return tuple(sorted(names))
+
+
+def adapted_entropy_coef(coef, entropy, target, delta, coef_min, coef_max) -> float:
+    """Skywork-OR1's adaptive entropy control, one optimizer step of it as TRL 1.16 takes it: the coefficient
+    moves by delta up when the token-mean entropy is at or below target, down otherwise, within [min, max]; the
+    bonus then applies (at the new coefficient) only while the entropy stays at or below target."""
+    return min(coef + delta, coef_max) if entropy <= target else max(coef - delta, coef_min)
 
 
 def rollout_ratio(old_logp_BT, sampling_logp_BT, mask_BT, mode, clip_min=None, clip_max=3.0):
