@@ -59,3 +59,51 @@ def test_fused_linear_matches_liger_chunked():
     assert loss_close(loss, loss_l)
     assert rel_err(h1.grad, h2.grad) < 1e-5
     assert rel_err(w1.grad, w2.grad) < 1e-5
+
+
+# Liger 0.8.5's luspo is TRL's earlier formula, (per_token_loss * mask.sum(1, keepdim=True)).mean() with no mask:
+# padding positions count once the per-token loss is [B, T] (token level, KL, token ratios). TRL 1.16 masks first
+# (tests/test_objectives_trl.py holds us to it), so luspo meets Liger only at sequence level with no token terms.
+LIGER_OBJECTIVE_CASES = [(t, "token", o) for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo")
+                         for o in ("plain", "delta_kl_rollout")]
+LIGER_OBJECTIVE_CASES += [(t, "sequence", o) for t in ("grpo", "bnpo", "dr_grpo", "dapo")
+                          for o in ("plain", "delta_kl_rollout")] + [("luspo", "sequence", "plain")]
+
+
+@pytest.mark.parametrize("loss_type,level,option", LIGER_OBJECTIVE_CASES)
+def test_policy_objectives_match_liger_fused_linear(loss_type, level, option):
+    """The vocabulary primitive fused with the LM head + policy_loss against Liger 0.8.5's
+    LigerFusedLinearGRPOLoss with the same options: loss and both gradients."""
+    from gxpo_kernels.loss import PolicyObjective, fused_linear_token_logprobs, policy_loss
+
+    B, T, H, V = 4, 6, 16, 97
+    batch = loss_batch(B, T, V, seed=31)
+    g = torch.Generator().manual_seed(32)
+    hidden, weight = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) / 4
+    extra = option == "delta_kl_rollout"
+    rollout = (0.5 + torch.rand((B, 1) if level == "sequence" else (B, T), generator=g)) if extra else None
+    kw = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.04 if extra else 0.0,
+              delta=1.5 if extra and loss_type not in ("cispo", "sapo", "vespo") else None,
+              epsilon_high=5.0 if loss_type == "cispo" else 0.28, use_bias_correction_kl=extra,
+              max_completion_length=T + 2)
+    temperature = 0.9
+    obj = PolicyObjective(**kw, rollout_correction="token_truncate" if extra else None)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = fused_linear_token_logprobs(h1, w1, batch["ids"], batch["mask"], temperature=temperature)
+    loss, _ = policy_loss(obj, logp, entropy, batch["adv"], batch["mask"], batch["old"],
+                          batch["ref"] if extra else None, rollout_weight=rollout)
+    loss.backward()
+
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    liger = LigerFusedLinearGRPOLoss(beta=kw["beta"], compiled=False, use_ref_model=extra, epsilon_low=0.2,
+                                     epsilon_high=kw["epsilon_high"], loss_type=loss_type,
+                                     max_completion_length=T + 2, importance_sampling_level=level,
+                                     temperature=temperature, delta=kw["delta"], use_bias_correction_kl=extra)
+    out = liger(h2, w2, batch["ids"], batch["mask"].float(), batch["adv"],
+                ref_per_token_logps=batch["ref"] if extra else None, old_per_token_logps=batch["old"],
+                vllm_is_ratio=rollout)
+    loss_l = out[0] if isinstance(out, tuple) else out
+    loss_l.backward()
+    assert loss_close(loss, loss_l)
+    assert rel_err(h1.grad, h2.grad) < 1e-5
+    assert rel_err(w1.grad, w2.grad) < 1e-5

@@ -2,11 +2,14 @@
 micro-batched, normalized over all ranks) and the update rule (GRPO, SFPO or GXPO)
 that calls it."""
 
+import dataclasses
+import math
 import time
 
 import torch
 
 from gxpo_kernels import FlatAdamW
+from gxpo_kernels.loss.objectives import PER_SEQUENCE_LOSSES, high_entropy_mask, metric_names, policy_loss
 
 from .distributed import SINGLE, Dist
 from .packing import pack, padding_fractions
@@ -25,13 +28,47 @@ def gate_reads_batch_entropy(cfg) -> bool:
     return cfg.rule.reads_batch_entropy
 
 
+def policy_objective(cfg):
+    """The [objective] section's PolicyObjective when loss.objective = "policy", else None (the GRPO kernels)."""
+    return cfg.objective.to_objective() if cfg.loss.objective == "policy" else None
+
+
+def kl_beta(cfg) -> float:
+    """The KL coefficient of the configured loss (a reference model is loaded when it is > 0)."""
+    return cfg.objective.beta if cfg.loss.objective == "policy" else cfg.loss.beta
+
+
 def skips_zero_advantages(cfg) -> bool:
     """Completions whose advantage is zero leave every pass when that is exact: no KL term (their loss and
-    gradient are then identically 0), and no gate that reads the batch's entropy (which would lose them)."""
-    return cfg.loss.skip_zero_advantage and cfg.loss.beta == 0 and not gate_reads_batch_entropy(cfg)
+    gradient are then identically 0; every objective's policy term is a multiple of the advantage), no entropy
+    term and no entropy quantile (both read every completion's tokens), and no gate that reads the batch's
+    entropy (which would lose them)."""
+    objective = cfg.objective
+    entropy_free = cfg.loss.objective != "policy" or (
+        objective.entropy_coef == 0 and not cfg.loss.use_adaptive_entropy and objective.top_entropy_quantile == 1)
+    return cfg.loss.skip_zero_advantage and kl_beta(cfg) == 0 and entropy_free and not gate_reads_batch_entropy(cfg)
 
 
 METRIC_KEYS = ("clip_frac_high", "clip_frac_low", "entropy_mean", "ratio_mean")  # grpo_loss's, as the closure calls it
+# policy_loss's metrics under the closure's names (the rest keep TRL's)
+RENAMED_METRICS = {"entropy": "entropy_mean", "kl": "kl_mean"}
+
+
+def metric_keys(cfg, with_ref: bool) -> list:
+    """The closure's loss metrics, sorted: the same keys on every rank, whatever its batch."""
+    objective = policy_objective(cfg)
+    if objective is None:
+        return sorted(METRIC_KEYS + (("kl_mean",) if with_ref else ()))
+    return sorted(RENAMED_METRICS.get(k, k) for k in metric_names(objective))
+
+
+def _extreme(key: str):
+    """max or min for a metric that is a maximum or minimum (TRL's /max, _min, ...), else None (a mean)."""
+    return max if key.endswith(("/max", "_max")) else min if key.endswith(("/min", "_min")) else None
+
+
+class NonFiniteLoss(RuntimeError):
+    """A pass's loss over the batch was not finite (a diverged policy, or non-finite inputs)."""
 
 
 class LossClosure:
@@ -45,9 +82,13 @@ class LossClosure:
     metrics are then means over the completions that train); when every completion on every rank is
     left out, no forward or backward runs and the gradients are zeros."""
 
-    def __init__(self, runner, batch, advantages_B, cfg, ref_logp_BT=None, dist: Dist = SINGLE):
+    def __init__(self, runner, batch, advantages_B, cfg, ref_logp_BT=None, dist: Dist = SINGLE, entropy_coef=None):
         self.runner, self.batch, self.adv, self.cfg, self.ref, self.dist = runner, batch, advantages_B, cfg, \
             ref_logp_BT, dist
+        self.objective = policy_objective(cfg)
+        # the entropy bonus's coefficient this step (adaptive entropy control sets it; default [objective]'s)
+        self.entropy_coef = self.objective.entropy_coef if entropy_coef is None and self.objective else entropy_coef
+        self.entropy_sums = (0.0, 0.0)  # the last pass's (sum of entropy over completion tokens, tokens), this rank
         self.old_logp_BT = None
         self.pass_times = []
         self.last_metrics = {}
@@ -90,7 +131,8 @@ class LossClosure:
         t0 = time.perf_counter()
         cfg, batch = self.cfg, self.batch
         max_len = cfg.loss.max_completion_len or cfg.rollout.max_new_tokens
-        total_loss, sums = 0.0, {}
+        total_loss, sums, extremes = 0.0, {}, {}
+        self.entropy_sums = (0.0, 0.0)
         logp_BT = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
         if not self.micro_batches:  # every completion skipped on every rank: the gradient is zero
             for p in self.runner.parameters():
@@ -99,6 +141,20 @@ class LossClosure:
         for rows, packed in self.micro_batches:
             if rows is None:
                 self.runner("zero_loss").backward()
+                continue
+            mask_mb = batch.completion_mask[rows]
+            token_share = float(mask_mb.sum()) / max(self.total_tokens, 1.0)
+            seq_share = mask_mb.shape[0] / self.total_seqs
+            metric_share = float(mask_mb.sum()) / max(self.trained_tokens, 1.0)  # means over trained tokens
+            if self.objective is not None:
+                loss, metrics, logp_mb = self._objective_pass(rows, packed, token_share, seq_share)
+                total_loss += loss
+                logp_BT[rows] = logp_mb.to(logp_BT.dtype)
+                for k, v in metrics.items():
+                    if (pick := _extreme(k)) is not None:
+                        extremes[k] = pick(extremes.get(k, v), v)
+                    else:
+                        sums[k] = sums.get(k, 0.0) + v * metric_share
                 continue
             loss_kwargs = dict(
                 old_logp_BT=None if self.old_logp_BT is None else self.old_logp_BT[rows],
@@ -110,27 +166,61 @@ class LossClosure:
                 loss, metrics = self.runner("token_loss", batch, rows, self.adv[rows], **loss_kwargs)
             else:
                 loss, metrics = self.runner("packed_token_loss", batch, packed, self.adv[rows], **loss_kwargs)
-            mask_mb = batch.completion_mask[rows]
-            token_share = float(mask_mb.sum()) / max(self.total_tokens, 1.0)
-            seq_share = mask_mb.shape[0] / self.total_seqs
             weight = token_share if cfg.loss.loss_agg == "token-mean" else seq_share
             (loss * (weight * self.dist.world)).backward()  # FSDP2 averages gradients over ranks
             total_loss += float(loss.detach()) * weight
             logp_BT[rows] = metrics.pop("logp_BT").detach().to(logp_BT.dtype)
-            metric_share = float(mask_mb.sum()) / max(self.trained_tokens, 1.0)  # means over trained tokens
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * metric_share
         if self.old_logp_BT is None:
             self.old_logp_BT = logp_BT
         # the same keys on every rank, also on one whose completions were all skipped (it ran no loss)
-        keys = sorted(METRIC_KEYS + (("kl_mean",) if self.ref is not None else ()))
-        assert set(sums) <= set(keys), f"loss metrics {sorted(set(sums) - set(keys))} missing from METRIC_KEYS"
-        reduced = self.dist.sum([total_loss] + [sums.get(k, 0.0) for k in keys])
+        keys = metric_keys(cfg, self.ref is not None)
+        means = [k for k in keys if _extreme(k) is None]
+        assert set(sums) | set(extremes) <= set(keys), f"loss metrics {sorted(set(sums) - set(keys))} not declared"
+        reduced = self.dist.sum([total_loss] + [sums.get(k, 0.0) for k in means])
         nan_if_untrained = (lambda v: v) if self.trained_tokens else (lambda v: float("nan"))  # nothing was scored
-        self.last_metrics = {"loss": reduced[0], **{k: nan_if_untrained(v) for k, v in zip(keys, reduced[1:],
+        self.last_metrics = {"loss": reduced[0], **{k: nan_if_untrained(v) for k, v in zip(means, reduced[1:],
                                                                                            strict=True)}}
+        for k in keys:
+            if _extreme(k) is max:
+                value = self.dist.max(extremes.get(k, -math.inf))
+            elif _extreme(k) is min:
+                value = -self.dist.max(-extremes.get(k, math.inf))
+            else:
+                continue
+            self.last_metrics[k] = value if math.isfinite(value) else float("nan")
         self.pass_times.append(time.perf_counter() - t0)
+        if not math.isfinite(self.last_metrics["loss"]):
+            raise NonFiniteLoss(f"pass {len(self.pass_times)}'s loss over the batch is {self.last_metrics['loss']}")
         return torch.tensor(self.last_metrics["loss"]), dict(self.last_metrics)
+
+    def _objective_pass(self, rows, packed, token_share, seq_share):
+        """loss.objective = "policy": the vocabulary primitive's log-probs and entropies, [objective]'s loss on them
+        (micro-batch-local normalizers, weighted by the micro-batch's share as the loss type's normalizer counts:
+        sequences or tokens), and the entropy bonus as a token mean over the whole batch (over the top entropy
+        quantile's tokens, that quantile taken per micro-batch as TRL takes it per micro-batch). Runs the
+        backward; returns (weighted loss, metrics as floats, detached logp [n, T])."""
+        batch, cfg = self.batch, self.cfg
+        logp, entropy = self.runner("token_logprobs", batch, rows, packed, temperature=cfg.rollout.temperature)
+        mask = batch.completion_mask[rows].to(logp.dtype)
+        sampled = None if batch.sampled_logp is None else batch.sampled_logp[rows].to(logp.dtype)
+        loss, metrics = policy_loss(
+            dataclasses.replace(self.objective, entropy_coef=0.0), logp, entropy, self.adv[rows].to(logp.dtype), mask,
+            None if self.old_logp_BT is None else self.old_logp_BT[rows].to(logp.dtype),
+            None if self.ref is None else self.ref[rows].to(logp.dtype), sampled)
+        weight = seq_share if self.objective.loss_type in PER_SEQUENCE_LOSSES else token_share
+        weighted = loss * weight
+        if self.entropy_coef:
+            effective = mask if self.objective.top_entropy_quantile == 1 else \
+                mask * high_entropy_mask(entropy, mask, self.objective.top_entropy_quantile)
+            bonus = (entropy * effective).sum() / effective.sum().clamp(min=1.0)
+            weighted = weighted - self.entropy_coef * bonus * token_share
+        (weighted * self.dist.world).backward()  # FSDP2 averages gradients over ranks
+        entropy_sum, tokens = self.entropy_sums
+        self.entropy_sums = (entropy_sum + float((entropy.detach() * mask).sum()), tokens + float(mask.sum()))
+        metrics = {RENAMED_METRICS.get(k, k): float(v) for k, v in metrics.items()}
+        return float(weighted.detach()), metrics, logp.detach()
 
 
 def run_update(rule, closure: LossClosure) -> dict:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import tomllib
 
+from gxpo_kernels.loss.objectives import PolicyObjective, objective_checks
 from gxpo_kernels.loss.settings import LOSS_AGGS
 from gxpo_kernels.optim import RULES
 
@@ -55,10 +56,30 @@ class LossConfig:
     pack: bool = True  # padding-free packed micro-batches (trainer/packing.py); false: padded rows
     max_tokens_per_micro_batch: int = 0  # packed: token budget per micro-batch; 0: the whole batch in one
     micro_batch_size: int = 0  # padded (pack = false): sequences per micro-batch; 0: the whole batch
+    objective: str = "grpo_kernels"  # | "policy": the [objective] section's loss (TRL's loss types) on the
+    # vocabulary primitive's per-token log-probs and entropies
+    # adaptive entropy control (loss.objective = "policy"), TRL's names and defaults: objective.entropy_coef is the
+    # starting coefficient, moved by entropy_coef_delta toward entropy_target once per step
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
 
     def checks(self, cfg) -> list:
         """(field, holds, what it must be) for each field; cfg is the whole config."""
+        policy = self.objective == "policy"
+        defaults = LossConfig()
         return [
+            ("objective", self.objective in LOSS_OBJECTIVES, f"one of {LOSS_OBJECTIVES}"),
+            *[(name, not policy or getattr(self, name) == getattr(defaults, name),
+               f"left at its default ({getattr(defaults, name)!r}) with loss.objective = 'policy': {instead}")
+              for name, instead in GRPO_KERNEL_FIELDS.items()],
+            *[(name, policy or getattr(self, name) == getattr(defaults, name),
+               f"left at its default ({getattr(defaults, name)!r}) unless loss.objective = 'policy'")
+              for name in ADAPTIVE_ENTROPY_FIELDS],
+            ("entropy_coef_max", self.entropy_coef_min <= self.entropy_coef_max, ">= loss.entropy_coef_min"),
+            ("entropy_coef_delta", self.entropy_coef_delta >= 0, ">= 0"),
             ("eps_low", 0 < self.eps_low < 1, "in (0, 1)"),
             ("eps_high", 0 < self.eps_high < 1, "in (0, 1)"),
             ("beta", self.beta >= 0, ">= 0 (0: no KL term, no reference model)"),
@@ -70,6 +91,40 @@ class LossConfig:
              "> 0 or none (off)"),
             ("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0, ">= 0"),
         ]
+
+
+LOSS_OBJECTIVES = ("grpo_kernels", "policy")
+# [loss]'s fields that only the GRPO kernels read, and where loss.objective = "policy" takes each from
+GRPO_KERNEL_FIELDS = {"eps_low": "set objective.epsilon", "eps_high": "set objective.epsilon_high",
+                      "beta": "set objective.beta", "loss_agg": "set objective.loss_type",
+                      "max_completion_len": "set objective.max_completion_length",
+                      "log_ratio_clamp": "the policy objectives have no log-ratio clamp (objective.delta caps the "
+                                         "ratio)"}
+ADAPTIVE_ENTROPY_FIELDS = ("use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
+                           "entropy_target")
+
+
+def _objective_checks(self, cfg) -> list:
+    """[objective]: PolicyObjective's own checks with loss.objective = "policy", else every field at its default."""
+    if cfg.loss.objective == "policy":
+        return objective_checks(self)
+    return [(f.name, getattr(self, f.name) == f.default,
+             f"left at its default ({f.default!r}) unless loss.objective = 'policy'")
+            for f in dataclasses.fields(PolicyObjective)]
+
+
+def _to_objective(self) -> PolicyObjective:
+    return PolicyObjective(**dataclasses.asdict(self))
+
+
+# PolicyObjective's fields as the [objective] section (declared once, in gxpo_kernels/loss/objectives.py)
+ObjectiveConfig = dataclasses.make_dataclass(
+    "ObjectiveConfig",
+    [(f.name, typing.get_type_hints(PolicyObjective)[f.name], field(default=f.default))
+     for f in dataclasses.fields(PolicyObjective)],
+    namespace={"checks": _objective_checks, "to_objective": _to_objective,
+               "__doc__": "The [objective] section: gxpo_kernels.loss.PolicyObjective's fields, read when "
+                          "loss.objective = 'policy'."})
 
 
 @dataclass
@@ -194,8 +249,11 @@ class TrainConfig:
     liger_patches: bool = False  # Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels in the model (CUDA)
     activation_checkpointing: str = "off"  # | "full" (every decoder block) | "selective" (every other block)
     compile: bool = False  # torch.compile each decoder block
+    on_nonfinite: str = "stop"  # a step whose loss is not finite: "stop" (raise, naming the step; resume from the
+    # last checkpoint) | "skip" (the weights and optimizer state as before the step, recorded as nonfinite_skipped)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -229,6 +287,7 @@ class TrainConfig:
             ("activation_checkpointing", self.activation_checkpointing in ("off", "full", "selective"),
              "'off', 'full' or 'selective'"),
             ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+            ("on_nonfinite", self.on_nonfinite in ("stop", "skip"), "'stop' or 'skip'"),
         ]
 
 
@@ -313,6 +372,7 @@ def load_config(toml_path=None, overrides=()) -> TrainConfig:
         raise ValueError(f"config key 'recipe' must be one of {RECIPES}")
     resolve_recipe(cfg)
     resolve_presets(cfg)
+    resolve_objective(cfg)
     cfg.eval.benchmarks = [resolve_benchmark(i, b) for i, b in enumerate(cfg.eval.benchmarks)]
     if len({b["name"] for b in cfg.eval.benchmarks}) < len(cfg.eval.benchmarks):
         raise ValueError("config key 'eval.benchmarks': names must be unique")
@@ -347,6 +407,12 @@ def resolve_benchmark(i: int, entry) -> dict:
 def resolve_presets(cfg: TrainConfig):
     """Each update rule's fields left none take its preset's values, so config.toml records what ran."""
     cfg.rules = {name: section.resolved() for name, section in cfg.rules.items()}
+
+
+def resolve_objective(cfg: TrainConfig):
+    """dr_grpo's normalizer left none is the rollout's max_new_tokens, so config.toml records it."""
+    if cfg.loss.objective == "policy" and cfg.objective.max_completion_length is None:
+        cfg.objective.max_completion_length = cfg.rollout.max_new_tokens
 
 
 def resolve_recipe(cfg: TrainConfig):

@@ -5,6 +5,7 @@ final norm, LM head) that the fused loss reads directly; with one process it is 
 import torch
 
 from gxpo_kernels import fused_linear_grpo_loss
+from gxpo_kernels.loss import fused_linear_token_logprobs
 
 
 def decoder_and_head(model):
@@ -24,6 +25,8 @@ class PolicyRunner(torch.nn.Module):
             return self._token_loss(*args, **kwargs)
         if kind == "packed_token_loss":
             return self._packed_token_loss(*args, **kwargs)
+        if kind == "token_logprobs":
+            return self._token_logprobs(*args, **kwargs)
         if kind == "zero_loss":
             return self._zero_loss()
         if kind == "completion_hidden":
@@ -33,13 +36,26 @@ class PolicyRunner(torch.nn.Module):
     def _packed_token_loss(self, batch, packed, advantages_B, **loss_kwargs):
         """The same loss over a packed micro-batch (trainer/packing.py): the decoder runs on the packed
         stream only; the completion tokens' hidden states are gathered back into [n, T] rows."""
+        hidden, head = self._packed_hidden(packed)
+        rows = packed.rows
+        return fused_linear_grpo_loss(hidden, head.weight, batch.completion_ids[rows],
+                                      advantages_B, batch.completion_mask[rows],
+                                      lm_head_bias_V=getattr(head, "bias", None), **loss_kwargs)
+
+    def _token_logprobs(self, batch, rows, packed=None, temperature=1.0):
+        """(logp [n, T], entropy [n, T]) of the completion tokens of batch[rows] (packed: that packed micro-batch,
+        rows = packed.rows), differentiable, through the vocabulary primitive: the objective is then torch on
+        these vectors (gxpo_kernels.loss.policy_loss)."""
+        hidden, head = self._completion_hidden(batch, rows) if packed is None else self._packed_hidden(packed)
+        return fused_linear_token_logprobs(hidden, head.weight, batch.completion_ids[rows], batch.completion_mask[rows],
+                                           lm_head_bias_V=getattr(head, "bias", None), temperature=temperature)
+
+    def _packed_hidden(self, packed):
+        """(final hidden states [n, T, H] of a packed micro-batch's completion tokens, the LM head module)."""
         decoder, head = decoder_and_head(self.model)
         hidden_LH = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids,
                             use_cache=False).last_hidden_state[0]
-        rows = packed.rows
-        return fused_linear_grpo_loss(hidden_LH[packed.index_nT], head.weight, batch.completion_ids[rows],
-                                      advantages_B, batch.completion_mask[rows],
-                                      lm_head_bias_V=getattr(head, "bias", None), **loss_kwargs)
+        return hidden_LH[packed.index_nT], head
 
     def _zero_loss(self):
         """A loss of 0 that runs every layer: the pass a rank makes when it has fewer micro-batches than

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .blocks import checkpoint_blocks, compile_blocks
-from .closure import make_update_rule
+from .closure import kl_beta, make_update_rule
 from .config import TrainConfig
 from .distributed import init_single_rank_group, shard_policy
 from .models import apply_liger_patches, apply_lora, load_policy
@@ -28,16 +28,16 @@ class PolicyStack:
     model: torch.nn.Module  # the trained module (LoRA-wrapped when lora is on)
     tokenizer: object
     runner: PolicyRunner  # its forward and loss entry points (the FSDP2 root when sharded)
-    ref_runner: PolicyRunner | None  # the frozen reference policy (loss.beta > 0), sharded alike
+    ref_runner: PolicyRunner | None  # the frozen reference policy (when closure.kl_beta > 0), sharded alike
     rule: torch.optim.Optimizer | None  # the configured update rule over the trainable parameters
     own_group: bool  # a one-rank process group was created here: the caller destroys it at the end
 
 
 def build_policy_stack(cfg: TrainConfig, device: torch.device, world: int = 1, reference: bool | None = None,
                        with_rule: bool = True) -> PolicyStack:
-    """reference: build the reference copy (default: when loss.beta > 0). Mixed precision is FSDP2's policy on
-    every world size: bf16 copies for compute, fp32 masters for the optimizer, the same numerics on 1 GPU as
-    on 8."""
+    """reference: build the reference copy (default: when closure.kl_beta(cfg) > 0). Mixed precision is FSDP2's
+    policy on every world size: bf16 copies for compute, fp32 masters for the optimizer, the same numerics on 1 GPU
+    as on 8."""
     param_dtype, compute_dtype = stack_dtypes(cfg, device)
     shard = world > 1 or compute_dtype != param_dtype
     own_group = bool(shard and world == 1 and init_single_rank_group(device))
@@ -45,7 +45,7 @@ def build_policy_stack(cfg: TrainConfig, device: torch.device, world: int = 1, r
     model.to(device)
     if cfg.liger_patches:
         apply_liger_patches(model)
-    with_reference = cfg.loss.beta > 0 if reference is None else reference
+    with_reference = kl_beta(cfg) > 0 if reference is None else reference
     ref_runner = PolicyRunner(copy.deepcopy(model).eval().requires_grad_(False)) if with_reference else None
     model = apply_lora(model, cfg.lora)
     checkpoint_blocks(model, cfg.activation_checkpointing)

@@ -100,7 +100,8 @@ class RolloutEngine:
 
 class HFGenerateEngine(RolloutEngine):
     """transformers generate through the PolicyRunner. Completion j of a prompt with key s samples from
-    row_seed(s, j): the same tokens whatever the batch, the padding or the number of ranks. Under FSDP2
+    row_seed(s, j): the same tokens whatever the batch, the padding or the number of ranks; their log-probs under
+    the distribution they were drawn from come back as sampled_logp (the rollout correction's). Under FSDP2
     (world > 1) ranks keep stepping until all are done (synced_gpus), as every forward is collective."""
 
     def __init__(self, runner, tokenizer, max_new_tokens, temperature, top_p, world=1):
@@ -129,5 +130,6 @@ class HFGenerateEngine(RolloutEngine):
         completion_ids = torch.where(mask, completion_ids, tok.pad_token_id)
         texts = tok.batch_decode(completion_ids, skip_special_tokens=True)
         attention_mask = torch.cat([enc["attention_mask"].bool(), mask], dim=1)
+        sampled_logp = torch.stack(sampler.logps[:completion_ids.shape[1]], dim=1).float() * mask
         return RolloutBatch(torch.cat([enc["input_ids"], completion_ids], dim=1), attention_mask, prompt_len,
-                            completion_ids, mask, texts)
+                            completion_ids, mask, texts, sampled_logp)

@@ -41,8 +41,9 @@ def uniforms(seeds_B: torch.Tensor, t: int) -> torch.Tensor:
     return (_shr(bits, 11).double() + 0.5) * 2.0**-53
 
 
-def sample_tokens(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Inverse-CDF sampling from softmax(logits / temperature) restricted to the top-p nucleus."""
+def sample_tokens(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float, top_p: float) -> tuple:
+    """Inverse-CDF sampling from softmax(logits / temperature) restricted to the top-p nucleus: (tokens [B], their
+    log-probs [B] float64 under that distribution, the nucleus renormalized, as vLLM's processed log-probs)."""
     probs_BV = torch.softmax(logits_BV.double() / temperature, dim=-1)
     if top_p < 1.0:
         probs_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
@@ -51,20 +52,24 @@ def sample_tokens(logits_BV: torch.Tensor, u_B: torch.Tensor, temperature: float
     cdf_BV = probs_BV.cumsum(-1)
     target_B1 = (u_B * cdf_BV[:, -1]).unsqueeze(1)
     idx_B = torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(1).clamp(max=probs_BV.shape[1] - 1)
-    return order_BV.gather(1, idx_B[:, None]).squeeze(1) if top_p < 1.0 else idx_B
+    logp_B = torch.log(probs_BV.gather(1, idx_B[:, None]).squeeze(1) / cdf_BV[:, -1])
+    return (order_BV.gather(1, idx_B[:, None]).squeeze(1) if top_p < 1.0 else idx_B), logp_B
 
 
 class RowKeyedSampler:
     """A transformers LogitsProcessor that samples each row from its own key and returns logits with
-    only the chosen token finite: run generate with do_sample=False and it picks that token."""
+    only the chosen token finite: run generate with do_sample=False and it picks that token. logps: the chosen
+    tokens' log-probs, one [B] tensor per generated position."""
 
     def __init__(self, seeds_B: torch.Tensor, temperature: float, top_p: float):
         self.seeds_B, self.temperature, self.top_p = seeds_B, temperature, top_p
         self.t = 0
+        self.logps = []
 
     def __call__(self, input_ids, scores_BV):
         u_B = uniforms(self.seeds_B.to(scores_BV.device), self.t)
         self.t += 1
-        tokens_B = sample_tokens(scores_BV, u_B, self.temperature, self.top_p)
+        tokens_B, logp_B = sample_tokens(scores_BV, u_B, self.temperature, self.top_p)
+        self.logps.append(logp_B)
         chosen = torch.full_like(scores_BV, float("-inf"))
         return chosen.scatter_(1, tokens_B[:, None], 0.0)

@@ -2,6 +2,7 @@
 per-phase wall-clock, metrics.jsonl, checkpoints, resume, and the final HF-format model."""
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -13,12 +14,13 @@ import torch
 
 from .advantages import group_normalized_ragged
 from .checkpoint import load_latest_checkpoint, save_checkpoint
-from .closure import LossClosure, run_update
+from .closure import LossClosure, NonFiniteLoss, run_update
 from .collect import collect
 from .config import TrainConfig, to_toml
 from .data import held_out_sets, problems_for_step, task_problems
 from .distributed import init_distributed
 from .engines import make_engine
+from .entropy_control import AdaptiveEntropy
 from .evaluate import evaluate_sets
 from .flops import peak_flops, train_flops_per_token
 from .plugins import enabled_plugins
@@ -78,6 +80,10 @@ class Trainer:
                              "enable one of them")
         self.rollout_plugin = rollout_plugins[0] if rollout_plugins else None
         self.plugin_states = {p.name: state for p in self.plugins if p.state and (state := p.state(self)) is not None}
+        self.entropy_control = None
+        if cfg.loss.use_adaptive_entropy:  # checkpointed beside the plug-ins' states
+            self.entropy_control = self.plugin_states["adaptive_entropy"] = AdaptiveEntropy(
+                cfg.loss, cfg.objective.entropy_coef)
         self.peak = peak_flops(device)
         self.engine = make_engine(cfg.rollout.engine, self.runner, self.tokenizer, cfg.rollout, d,
                                   self.out / "vllm_config", cfg.seed)
@@ -133,15 +139,33 @@ class Trainer:
                     got.stats.update(stats)
         return batch
 
-    def update(self, batch, adv, phases):
-        """The rule's step over a closure on the batch; the weights then reach the rollout engine."""
+    def update(self, step, batch, adv, phases):
+        """The rule's step over a closure on the batch; the weights then reach the rollout engine. A pass whose
+        loss is not finite stops the run (on_nonfinite = "stop") or undoes the step (weights, optimizer and rule
+        state as before it; "skip")."""
         ref_logp = None
         if self.ref_runner is not None:
             with phases("ref_logprob"):
                 ref_logp = self.ref_runner.logp(batch, self.cfg.rollout.temperature)
-        closure = LossClosure(self.runner, batch, adv.to(self.device), self.cfg, ref_logp, self.d)
+        coef = None if self.entropy_control is None else self.entropy_control.applied()
+        closure = LossClosure(self.runner, batch, adv.to(self.device), self.cfg, ref_logp, self.d, entropy_coef=coef)
+        before = None
+        if self.cfg.on_nonfinite == "skip":  # not sharded_state_dict: DCP's get_state_dict would step a fresh optimizer
+            before = copy.deepcopy({"model": self.model.state_dict(), "rule": self.rule.state_dict()})
         with phases("update"):
-            rule_stats = run_update(self.rule, closure)
+            try:
+                rule_stats = run_update(self.rule, closure)
+            except NonFiniteLoss as e:
+                if before is None:
+                    raise NonFiniteLoss(f"step {step + 1}: {e}, so the run stops before training on it (the weights "
+                                        "may hold what the step's earlier passes moved). Resume from the last "
+                                        "checkpoint (--resume true), or set on_nonfinite = 'skip'") from None
+                rule_stats = self._undo_step(before, closure, step, e)
+            if before is not None:
+                rule_stats.setdefault("nonfinite_skipped", 0)
+        if self.entropy_control is not None and not rule_stats.get("nonfinite_skipped"):
+            total, tokens = self.d.sum(list(closure.entropy_sums))
+            self.entropy_control.step(total / max(tokens, 1.0))
         self.scheduler.step()
         if hasattr(self.engine, "sync_weights"):
             with phases("weight_sync"):
@@ -151,6 +175,14 @@ class Trainer:
             phases.times[f"pass_{i + 1}"] = t
         phases.times["update_rule"] = phases.times.pop("update") - sum(closure.pass_times)
         return closure, rule_stats
+
+    def _undo_step(self, before: dict, closure, step: int, error) -> dict:
+        self.model.load_state_dict(before["model"])
+        self.rule.load_state_dict(before["rule"])
+        for p in self.runner.parameters():
+            p.grad = None
+        self.log(f"step {step + 1}: {error}; step skipped (on_nonfinite = 'skip'), the weights as before it")
+        return {"nonfinite_skipped": 1, "grad_norm": float("nan"), "backward_passes_step": len(closure.pass_times)}
 
     def record(self, step, got, batch, adv_stats, closure, rule_stats) -> dict:
         """The step's metrics (rewards, loss, rule, throughput), reduced over ranks."""
@@ -168,6 +200,8 @@ class Trainer:
                   **rule_stats,
                   "backward_passes": self.backward_passes, "lr": self.scheduler.get_last_lr()[0],
                   "world_size": d.world, **closure.stats}
+        if self.entropy_control is not None:
+            record["entropy_coef"] = closure.entropy_coef
         if batch.sampled_logp is not None:  # the engine's log-probs against the trainer's pass 1 (trained rows)
             mask = closure.trained_mask
             gap, n_tokens = d.sum([((batch.sampled_logp - closure.old_logp_BT).abs() * mask).sum(), mask.sum()])
@@ -198,7 +232,7 @@ class Trainer:
         keyed, got = self.collect(step, phases)
         adv, adv_stats = self.advantages(keyed, got, phases)
         batch = self.mask(got, adv, phases)
-        closure, rule_stats = self.update(batch, adv, phases)
+        closure, rule_stats = self.update(step, batch, adv, phases)
         record = self.record(step, got, batch, adv_stats, closure, rule_stats)
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.steps):
             with phases("eval"):

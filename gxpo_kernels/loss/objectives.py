@@ -170,9 +170,15 @@ def vespo_weight(obj, adv_B1, log_ratio_BT, mask_BT, rollout_ratio_BT):
             log_w = log_w + torch.log(rollout_ratio_BT).clamp(_VESPO_LOG_FLOOR, 20.0).sum(-1, keepdim=True)
         log_w = log_w.clamp(_VESPO_LOG_FLOOR, 20.0)
         nonneg = adv_B1 >= 0
-        k = torch.where(nonneg, obj.vespo_k_pos, obj.vespo_k_neg)
-        lam = torch.where(nonneg, obj.vespo_lambda_pos, obj.vespo_lambda_neg).clamp(min=1e-4)
+        k = _by_sign(nonneg, obj.vespo_k_pos, obj.vespo_k_neg, adv_B1)
+        lam = _by_sign(nonneg, obj.vespo_lambda_pos, obj.vespo_lambda_neg, adv_B1).clamp(min=1e-4)
         return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _by_sign(where, if_true: float, if_false: float, like):
+    """A per-element constant in like's dtype (torch.where of two floats would round them to float32)."""
+    return torch.where(where, torch.tensor(if_true, dtype=like.dtype, device=like.device),
+                       torch.tensor(if_false, dtype=like.dtype, device=like.device))
 
 
 def _per_token_loss(obj, logp_BT, ratio, adv, log_ratio_BT, mask_BT, rollout_ratio_BT, metrics):
@@ -181,7 +187,7 @@ def _per_token_loss(obj, logp_BT, ratio, adv, log_ratio_BT, mask_BT, rollout_rat
     if obj.loss_type == "cispo":
         return -torch.clamp(ratio, max=obj.eps_high).detach() * adv * logp_BT, ratio, None
     if obj.loss_type == "sapo":
-        tau = torch.where(adv > 0, obj.sapo_temperature_pos, obj.sapo_temperature_neg)
+        tau = _by_sign(adv > 0, obj.sapo_temperature_pos, obj.sapo_temperature_neg, adv)
         return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, ratio, None
     if obj.loss_type == "vespo":
         phi_B1 = vespo_weight(obj, adv, log_ratio_BT, mask_BT, rollout_ratio_BT)
