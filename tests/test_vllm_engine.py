@@ -114,3 +114,16 @@ def test_missing_vllm_is_a_clear_error(tmp_path, monkeypatch):
 def test_vllm_config_errors(tmp_path):
     with pytest.raises(ValueError, match="rollout.vllm_gpu_memory_utilization"):
         tiny_cfg(tmp_path, "grpo", **{"rollout.vllm_gpu_memory_utilization": 1.5})
+
+
+def test_vllm_logprobs_drive_the_rollout_correction(tmp_path, vllm):
+    """loss.objective = 'policy' with TRL's rollout correction on vLLM rollouts: the engine's log-probs are the
+    trainer's (the fake samples with the trainer's weights), so the correction's ratios are 1."""
+    cfg = tiny_cfg(tmp_path, "grpo", steps=2, **{"rollout.engine": "vllm", "rollout.temperature": 0.7,
+                                                  "loss.objective": "policy",
+                                                  "objective.rollout_correction": "sequence_mask",
+                                                  "objective.rollout_clip_min": 0.5})
+    for row in read_metrics(train_module.train(cfg, log=lambda *_: None)):
+        for stat in ("min", "max"):
+            assert abs(row[f"sampling/importance_sampling_ratio/{stat}"] - 1) < 1e-3, (stat, row)
+        assert row["sampling/sampling_logp_difference/max"] < 1e-4
