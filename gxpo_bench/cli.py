@@ -82,6 +82,9 @@ def run_static(args):
     md.write_text(static.to_markdown(report, args.command))
     print(md.read_text())
     print(f"wrote {path} and {md}", file=sys.stderr)
+    spilled = static.spilling(report)
+    if args.no_spills and spilled:
+        sys.exit(f"gxpo-bench static --no-spills: under Triton {report['triton']} these kernels spill: {spilled}")
 
 
 def run_study(args) -> dict:
@@ -162,7 +165,8 @@ def main(argv=None):
                     help="leave the peers' kernels out: Liger-Kernel's GRPO loss rows, Liger's and CCE's compiled "
                          "calibration rows")
     st.add_argument("--beside", metavar="OTHER.json",
-                    help="a static report under another Triton (make static-triton36): its kernel rows beside these")
+                    help="a static report under another Triton (make compat): its kernel rows beside these")
+    st.add_argument("--no-spills", action="store_true", help="exit 1 when one of our kernels spills (make compat)")
     st.add_argument("--N", type=int, default=16384, help="tokens of the modelled loss call")
     st.add_argument("--V", type=int, default=151936, help="vocabulary of the modelled loss call")
     st.add_argument("--T", type=int, default=1024, help="completion tokens per sequence (rows captured)")

@@ -173,6 +173,23 @@ def run_one(case: str):
     torch.cuda.synchronize()
 
 
+STACK = ("triton", "transformers", "flash_attn", "vllm", "liger_kernel", "trl")
+
+
+def stack_versions() -> dict:
+    """The installed version of each package the GPU tests exercise, None where it does not import (flash_attn
+    None: the packed varlen path was not run, tests/test_gpu_flash.py skipped)."""
+    import importlib
+
+    out = {}
+    for name in STACK:
+        try:
+            out[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception:  # not installed, or broken against this torch: not run either way
+            out[name] = None
+    return out
+
+
 def run(dry_run: bool, out_dir: Path, reps: int) -> dict:
     cuda = torch.cuda.is_available() and not dry_run
     if not cuda and not dry_run:
@@ -212,7 +229,8 @@ def run(dry_run: bool, out_dir: Path, reps: int) -> dict:
         rows.append(_timed(name, fn, tuple, device, reps, cost.memory_pass(dev, "", nbytes),
                            {"params": shape["params"]}))
     result = {"device": torch.cuda.get_device_name(device) if cuda else "cpu (dry run: CPU timings)",
-              "profile": dev.name, "dtype": str(dtype), "torch": torch.__version__, "ncu": ncu_available(),
+              "profile": dev.name, "dtype": str(dtype), "torch": torch.__version__, "stack": stack_versions(),
+              "ncu": ncu_available(),
               "date": datetime.date.today().isoformat(), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{result['date']}-gpu-check{'-dry-run' if dry_run else ''}"
@@ -239,6 +257,9 @@ def to_markdown(result: dict) -> str:
            ("Dry run: CPU timings at tiny shapes, which only show that the script runs; the modelled column is "
             "the GPU's." if result["device"].startswith("cpu") else "Measured with CUDA events (median)")
            + f", next to the time model on the {result['profile']} profile (a model of the chip).", "",
+           "Installed: " + ", ".join(f"{k} {v or 'not installed (not run)'}"
+                                     for k, v in result.get("stack", {}).items()),
+           "",
            "| case | measured ms | modelled ms | measured / modelled | bound (model) | peak MiB |",
            "|---|---|---|---|---|---|"]
     for r in result["rows"]:

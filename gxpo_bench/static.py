@@ -542,6 +542,12 @@ def _kernel_key(k: dict) -> tuple:
     return k["impl"], k["kernel"], k["config"]
 
 
+def spilling(report: dict) -> list:
+    """Our compiled kernels (Triton and CUDA C++) that spill registers: 'kernel [config]: N B'."""
+    rows = [k for k in report["kernels"] if k["impl"] == "ours"] + report.get("csrc_kernels", [])
+    return [f"{k['kernel']} [{k['config']}]: {k['spill_bytes']} B" for k in rows if k.get("spill_bytes")]
+
+
 def beside(report: dict, other: dict, path: str) -> dict:
     """Each kernel row of `report` next to the same kernel (impl, kernel, config) in `other`, a report built
     under another Triton: registers, spills, CTAs/SM, the hot loop's instructions and the modelled time."""
@@ -561,8 +567,8 @@ def _beside_markdown(report: dict) -> list:
     mine, other = report["triton"], b["triton"]
     out = [f"## Kernels under Triton {mine} and Triton {other}", "",
            f"The rows above (Triton {mine}) beside the same kernel and config compiled by Triton {other} "
-           f"(`{b['path']}`, `make static-triton36`); `-`: no such row there. Modelled ms: the launch's time in the "
-           "table below, a model of sm_90.", "",
+           f"(`{b['path']}`, `make compat`: the lower bounds); `-`: no such row there. Modelled ms: the launch's "
+           "time in the table below, a model of sm_90.", "",
            f"| impl | kernel | config | regs {mine} / {other} | spill B | CTAs/SM | hot-loop instrs/elem | "
            "modelled ms |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda r, key, f=str: "-" if r is None or r[key] is None else f(r[key])  # noqa: E731

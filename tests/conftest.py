@@ -9,6 +9,8 @@ if not torch.cuda.is_available():
 
 from gxpo_kernels import backend  # noqa: E402
 
+INTERPRET = os.environ.get("TRITON_INTERPRET")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -17,6 +19,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def interpreter_env(monkeypatch):
+    """Every test starts with the session's TRITON_INTERPRET: gxpo-bench's main() drops it (the interpreter is
+    never timed), and a test that calls main() in this process must not take it from the tests after it."""
+    if INTERPRET is not None:
+        monkeypatch.setenv("TRITON_INTERPRET", INTERPRET)
 
 
 @pytest.fixture(autouse=True)

@@ -1,35 +1,43 @@
 """A stand-in for the slice of vLLM's API that trainer/vllm_engine.py uses (LLM with dummy weights,
 load_weights through the driver worker, per-request seeds, logprobs=0, sleep/wake_up), backed by a
 transformers model on CPU, so the engine's glue is tested without a GPU. It refuses what vLLM refuses:
-unknown weight names, generate while asleep."""
+unknown weight names, generate while asleep. It has only names vLLM 0.33 has, with its defaults and its
+positional / keyword-only parameters (tests/test_vllm_contract.py compares them); `instances`, `events`,
+`init_kwargs`, `hf_model` and `loaded` are the tests' own bookkeeping."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Logprob:
     logprob: float
 
 
-@dataclass
+@dataclass(kw_only=True)
+class CompletionOutput:
+    token_ids: tuple
+    logprobs: list
+
+
+@dataclass(kw_only=True)
+class RequestOutput:
+    outputs: list
+
+
+@dataclass(kw_only=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 16
     seed: int | None = None
+    stop_token_ids: list | None = None
+    max_tokens: int | None = 16
     logprobs: int | None = None
-    stop_token_ids: list = field(default_factory=list)
     detokenize: bool = True
-
-
-class EngineArgs:
-    def __init__(self, model=None, logprobs_mode="raw_logprobs"):
-        pass
 
 
 class WorkerModel:
@@ -49,9 +57,10 @@ class WorkerModel:
 class LLM:
     instances = []
 
-    def __init__(self, model, load_format="auto", skip_tokenizer_init=False, tensor_parallel_size=1, seed=0,
-                 dtype="auto", gpu_memory_utilization=0.9, enable_sleep_mode=False, enable_prefix_caching=False,
-                 distributed_executor_backend=None, logprobs_mode="raw_logprobs"):
+    def __init__(self, model, *, skip_tokenizer_init=False, tensor_parallel_size=1, dtype="auto", seed=0,
+                 gpu_memory_utilization=0.92, load_format="auto", distributed_executor_backend=None,
+                 enable_prefix_caching=None, logprobs_mode="raw_logprobs", enable_sleep_mode=False):
+        self.init_kwargs = {k: v for k, v in locals().items() if k != "self"}
         assert load_format == "dummy" and skip_tokenizer_init
         self.hf_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).eval()
         self.worker = WorkerModel(self.hf_model)
@@ -61,7 +70,7 @@ class LLM:
         LLM.instances.append(self)
 
     @torch.no_grad()
-    def generate(self, prompts, sampling_params, use_tqdm=True):
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
         assert not self.asleep, "generate while asleep"
         self.events.append("generate")
         return [self._sample(p["prompt_token_ids"], sp) for p, sp in zip(prompts, sampling_params, strict=True)]
@@ -76,11 +85,11 @@ class LLM:
             token = int(torch.multinomial(processed.exp(), 1, generator=gen))
             logp = processed if self.logprobs_mode == "processed_logprobs" else torch.log_softmax(logits, -1)
             tokens.append(token)
-            logprobs.append({token: Logprob(float(logp[token]))})
+            logprobs.append({token: Logprob(logprob=float(logp[token]))})
             ids.append(token)
-            if token in sp.stop_token_ids:
+            if token in (sp.stop_token_ids or []):
                 break
-        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=tuple(tokens), logprobs=logprobs)])
+        return RequestOutput(outputs=[CompletionOutput(token_ids=tuple(tokens), logprobs=logprobs)])
 
     def sleep(self, level=1):
         assert self.sleep_mode, "sleep needs enable_sleep_mode=True"

@@ -16,25 +16,27 @@ from trainer.rollout import RolloutBatch  # noqa: E402
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def ragged_batch(vocab, B=7, max_prompt=9, max_completion=11, seed=0):
+def ragged_batch(vocab, B=7, max_prompt=9, max_completion=11, seed=0, device="cpu"):
     """Very ragged rows: prompts of 1..max_prompt tokens, completions of 1..max_completion."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(B):
         p = int(torch.randint(1, max_prompt + 1, (1,), generator=g))
         c = int(torch.randint(1, max_completion + 1, (1,), generator=g))
-        rows.append((torch.randint(3, vocab, (p,), generator=g), torch.randint(3, vocab, (c,), generator=g)))
+        rows.append((torch.randint(3, vocab, (p,), generator=g).to(device),
+                     torch.randint(3, vocab, (c,), generator=g).to(device)))
     return RolloutBatch.from_rows(rows, [""] * B, pad_id=0)
 
 
-def grads_after_closure(loss_agg, attn="sdpa", **loss):
+def grads_after_closure(loss_agg, attn="sdpa", dtype=torch.float32, device="cpu", **loss):
     cfg = load_config(overrides=[("model", "tiny-random"), ("loss.loss_agg", loss_agg), ("loss.beta", "0.1"),
                                  ("rollout.max_new_tokens", "11"), *((f"loss.{k}", str(v)) for k, v in loss.items())])
-    model, tok = load_policy("tiny-random", torch.float32, seed=0, attn_implementation=attn)
-    batch = ragged_batch(len(tok))
+    model, tok = load_policy("tiny-random", dtype, seed=0, attn_implementation=attn)
+    model.to(device)
+    batch = ragged_batch(len(tok), device=device)
     g = torch.Generator().manual_seed(1)
-    adv = torch.randn(batch.completion_ids.shape[0], generator=g)
-    ref = -torch.rand(batch.completion_ids.shape, generator=g)
+    adv = torch.randn(batch.completion_ids.shape[0], generator=g).to(device)
+    ref = -torch.rand(batch.completion_ids.shape, generator=g).to(device)
     closure = LossClosure(PolicyRunner(model), batch, adv, cfg, ref)
     loss, metrics = closure()
     closure()  # a second pass: old log-probs from the first

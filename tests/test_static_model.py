@@ -83,7 +83,8 @@ FLAT = ("_snapshot_kernel", "_restore_kernel", "_grad_dots_kernel", "_extrapolat
 def test_flat_kernels_stream_in_128_bit_accesses_within_the_issue_budget(report):
     """Every byte a full block moves goes through 128-bit loads and stores, also in a launch where one tensor
     is not 16-byte aligned (ALIGNED=False: the other tensors' programs keep the 128-bit loop); issue time at
-    most half the memory time; no barrier in the hot loop; registers for 8 programs of 128 threads per SM."""
+    most half the memory time; no barrier in the hot loop; registers for 8 programs of 128 threads per SM (6 in
+    a launch with an unaligned tensor: tiles.MAX_REGISTERS_UNALIGNED)."""
     flat = [k for k in report["kernels"] if k["impl"] == "ours" and k["kernel"] in FLAT]
     assert {k["kernel"] for k in flat} == set(FLAT)
     assert {k["kernel"] for k in flat if "ALIGNED=False" in k["config"]} == {
@@ -102,7 +103,7 @@ def test_flat_kernels_stream_in_128_bit_accesses_within_the_issue_budget(report)
         issue_vs_memory = k["issue_vs_memory"] * sum(k["program_bytes"].values()) / sum(
             aligned_twin["program_bytes"].values())
         assert issue_vs_memory <= 0.5, (k["kernel"], k["config"], issue_vs_memory)
-        assert k["ctas_per_sm"] >= 8, (k["kernel"], k["config"], k["regs"])
+        assert k["ctas_per_sm"] >= (8 if "ALIGNED=True" in k["config"] else 6), (k["kernel"], k["config"], k["regs"])
 
 
 def test_tiled_lm_head_loss_on_tensor_cores_at_a_quarter_of_the_chunked_bytes(report):

@@ -3,10 +3,9 @@ as --section.field VALUE (or --field VALUE for top-level fields). Unknown keys a
 errors that name the key."""
 
 import dataclasses
+import tomllib
 import typing
 from dataclasses import dataclass, field
-
-import tomllib
 
 from gxpo_kernels.loss.objectives import PolicyObjective, objective_checks
 from gxpo_kernels.loss.settings import LOSS_AGGS

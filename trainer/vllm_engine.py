@@ -6,17 +6,25 @@ its first generate and after every update (`sync_weights`, timed as the `weight_
 a prompt with key s samples with vLLM's per-request seed row_seed(s, j), so rollouts do not depend on
 the batch or the rank layout (they differ from the HF engine's: another sampler). With
 rollout.vllm_sleep the engine sleeps between generates (weights offloaded, KV cache freed) and wakes
-for the next sync. The sampled tokens' log-probs come back as `RolloutBatch.sampled_logp`; they are
-the processed (temperature-scaled) ones when the vLLM version supports logprobs_mode."""
+for the next sync. The sampled tokens' log-probs come back as `RolloutBatch.sampled_logp`, the processed
+(temperature-scaled, nucleus-renormalized) ones. tests/test_vllm_contract.py checks every name used here
+against vLLM 0.33's source."""
 
 import importlib
-import inspect
+import os
+from functools import reduce
 from pathlib import Path
 
 import torch
 
 from .rollout import RolloutBatch, RolloutEngine
 from .weights import hf_weight_items
+
+# The engine core in this process (vLLM's in-process client), so that its model is reachable for the
+# weight sync; external_launcher sets the same itself.
+IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# LLM -> LLMEngine -> executor -> worker wrapper (forwards to the worker) -> model runner -> nn.Module
+WORKER_MODEL_ATTRS = ("llm_engine", "model_executor", "driver_worker", "model_runner", "model")
 
 
 def import_vllm():
@@ -37,19 +45,18 @@ class VLLMEngine(RolloutEngine):
         dist.barrier()
         # bf16 on GPU like the trainer's compute (FSDP2 keeps fp32 shards; load_weights casts)
         dtype = "bfloat16" if torch.cuda.is_available() else str(next(model.parameters()).dtype).removeprefix("torch.")
-        kwargs = dict(model=str(config_dir), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=1,
-                      seed=seed, dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                      enable_sleep_mode=cfg.vllm_sleep, enable_prefix_caching=True)
+        kwargs = dict(load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=1, seed=seed, dtype=dtype,
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_sleep,
+                      enable_prefix_caching=True, logprobs_mode="processed_logprobs")
         if dist.world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # in-process, beside torchrun's ranks
-        if "logprobs_mode" in inspect.signature(getattr(vllm, "EngineArgs", dict)).parameters:
-            kwargs["logprobs_mode"] = "processed_logprobs"
-        self.llm = vllm.LLM(**kwargs)
+        os.environ.update(IN_PROCESS_ENV)
+        self.llm = vllm.LLM(str(config_dir), **kwargs)
         self.asleep = False
         self.sync_weights()
 
     def _worker_model(self):
-        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        return reduce(getattr, WORKER_MODEL_ATTRS, self.llm)
 
     @torch.no_grad()
     def sync_weights(self):
