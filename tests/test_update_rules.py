@@ -137,7 +137,8 @@ def test_diagnostics_average_over_all_coordinates_as_the_authors_do():
     assert s["inactive_frac"] == pytest.approx((~active).double().mean().item())
 
 
-@pytest.mark.parametrize("mode,expected_steps", [("accumulate", 3), ("transactional", 1)])
+@pytest.mark.parametrize("mode,expected_steps", [("accumulate", 3), ("transactional", 1),
+                                                 ("transactional_fast_state", 3)])
 def test_optimizer_state_modes(mode, expected_steps):
     model, x, y = tiny_problem()
     grads = []
@@ -167,6 +168,75 @@ def test_nonfinite_pass_falls_back_to_a_plain_step(poison_call, reason):
     expected = theta0 if poison_call == 1 else params_of(reference)  # NaN g0: no step at all
     for p, e in zip(model.parameters(), expected, strict=True):
         assert torch.allclose(p, e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode,expected_steps", [("accumulate", 3), ("transactional", 1),
+                                                 ("transactional_fast_state", 1)])
+def test_a_failed_corrective_pass_rolls_the_optimizer_back_unless_accumulating(mode, expected_steps):
+    """The authors' transactional modes both restore theta0 and the pre-step moments when a pass fails
+    (restore_probe_state), then take one plain step; accumulate keeps the two probe steps' moments."""
+    model, x, y = tiny_problem()
+    reference, _, _ = tiny_problem()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    torch.nn.functional.mse_loss(reference(x), y).backward()
+    ref_opt.step()
+    opt = GXPO(model.parameters(), lr=1e-2, gate="never", optimizer_state=mode)
+    opt.step(make_closure(model, x, y, poison_call=3))
+    assert opt.last_stats["fallback"] == 4.0
+    for p, e in zip(model.parameters(), reference.parameters(), strict=True):
+        assert opt.base.state[p]["step"].item() == expected_steps
+        if mode != "accumulate":  # exactly one plain step from theta0
+            assert torch.allclose(p, e, rtol=1e-6, atol=1e-7)
+
+
+def test_skip_corrective_keeps_theta_tilde_and_the_pre_step_moments():
+    """No pass 3: theta_tilde (where a full step would evaluate its corrective pass) is the update; with the
+    transactional state the moments are left as before the step (the authors' skip_corrective)."""
+    model, x, y = tiny_problem()
+    full, _, _ = tiny_problem()
+    seen = []
+
+    def record_params_then(closure, m):
+        def wrapped():
+            seen.append(params_of(m))
+            return closure()
+        return wrapped
+
+    GXPO(full.parameters(), lr=1e-2, gate="never", optimizer_state="transactional").step(
+        record_params_then(make_closure(full, x, y), full))
+    opt = GXPO(model.parameters(), lr=1e-2, gate="never", optimizer_state="transactional", skip_corrective=True)
+    opt.step(make_closure(model, x, y))
+    assert opt.backward_passes == 2 and "gtilde_norm" not in opt.last_stats
+    assert opt.last_stats["gate_stat"] == pytest.approx(1.01)  # pass 1's entropy stands in
+    for p, e in zip(model.parameters(), seen[2], strict=True):
+        assert torch.equal(p, e)
+    assert not opt.base.state  # the snapshot was taken before the first step ever: nothing kept
+
+
+def test_max_active_steps_closes_the_gate_for_good():
+    model, x, y = tiny_problem()
+    opt = GXPO(model.parameters(), lr=1e-2, gate="never", max_active_steps=2, fallback="temporary",
+               fallback_window=1)
+    passes, spent = [], []
+    for _ in range(5):
+        opt.step(make_closure(model, x, y))
+        passes.append(opt.backward_passes)
+        spent.append(opt.last_stats["budget_spent"])
+    assert passes == [3, 6, 7, 8, 9] and spent == [0.0, 0.0, 1.0, 1.0, 1.0]
+    restored = GXPO(tiny_problem()[0].parameters(), lr=1e-2, gate="never", max_active_steps=2)
+    restored.load_state_dict(opt.state_dict())
+    assert restored.budget_spent and not restored.active
+
+
+def test_cosine_gate_statistic_is_one_minus_the_absolute_cosine():
+    model, x, y = tiny_problem()
+    grads = []
+    opt = GXPO(model.parameters(), lr=1e-2, gate="never", gate_stat="cosine")
+    opt.step(make_closure(model, x, y, record=grads))
+    g0 = torch.cat([g.double().flatten() for g in grads[0]])
+    gt = torch.cat([g.double().flatten() for g in grads[2]])
+    expected = 1 - abs((g0 @ gt) / (g0.norm() * gt.norm() + 1e-12)).item()
+    assert opt.last_stats["gate_stat"] == pytest.approx(expected, abs=1e-7)  # float32 dots, as the authors'
 
 
 def test_parameters_without_grad_are_left_alone():
@@ -223,6 +293,9 @@ def test_gradient_clipping_bounds_each_step():
     ({"alpha": 1.5}, "alpha must be"), ({"tau": 0.0}, "tau must be > 0"), ({"gate": "maybe"}, "gate must be one of"),
     ({"gate_stat": "loss"}, "gate_stat must be one of"), ({"optimizer_state": "x"}, "optimizer_state must be one of"),
     ({"max_grad_norm": 0.0}, "max_grad_norm must be"), ({"base": "adam"}, "base must be"),
+    ({"max_active_steps": -1}, "max_active_steps must be an int >= 0"),
+    ({"skip_corrective": "yes"}, "skip_corrective must be true or false"),
+    ({"robust": True}, "robust must be false, or true with gate = 'window'"),
 ])
 def test_bad_config(kwargs, message):
     model, _, _ = tiny_problem()

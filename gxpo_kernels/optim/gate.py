@@ -18,10 +18,16 @@ Each kind is one revision of the authors' code, computed as they compute it:
   is full; patience counts consecutive violations.
 - never: never trips.
 
-warmup: the first `warmup` observations cannot trip the gate. The EMA kinds keep updating through
-them; the window kinds discard them (the authors clear the history when warm-up ends).
+warmup: the first `warmup` steps cannot be closed by the gate. The EMA kinds keep updating through the
+first `warmup` observations and cannot trip on them. The window kinds, with warmup_reset (the authors'
+gxpo_reset_entropy_after_warmup, their default), discard them: the history restarts after warm-up, so the
+first score comes `window` observations later. Without it the warm-up observations fill the window and
+the observation after step `warmup` is the first that can trip (the authors' trainer scores step t - 1's
+statistic at step t, once t > warmup).
+robust (kind window only): median and max(1.4826 MAD, 0.1 |median|) of the preceding window in place of
+mean and std (the authors' gxpo_trigger_robust).
 permanent fallback: closed for good; temporary: closed for `fallback_window` steps, then reopens with
-its statistics kept.
+its statistics kept. close_for_good() closes it whatever the fallback (the rules' max_active_steps).
 """
 
 import math
@@ -32,16 +38,21 @@ FALLBACKS = ("permanent", "temporary")
 EMA_EPS, WINDOW_EPS = 1e-8, 1e-9  # the authors' denominators: gxpo_state.py's EMA, np.std(...) + 1e-9
 SIGMA_FLOOR = 0.01
 EMA_UNSCORED = 2  # ema_onesided scores nothing until two observations exist
+MAD_TO_STD, ROBUST_FLOOR = 1.4826, 0.10  # the robust gate's sigma: max(1.4826 MAD, 0.10 |median|)
 
 
 def _int_at_least(value, low) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def gate_checks(gate, tau, omega, window, patience, fallback, fallback_window, warmup) -> list:
+def gate_checks(gate, tau, omega, window, patience, fallback, fallback_window, warmup, warmup_reset=True,
+                robust=False) -> list:
     """(argument, holds, what it must be): the one home of the gate's ranges (its constructor and the rules'
     configs read them)."""
     return [("gate", gate in GATES, f"one of {GATES}"), ("tau", tau > 0, "> 0"),
+            ("warmup_reset", isinstance(warmup_reset, bool), "true or false"),
+            ("robust", robust is False or (robust is True and gate == "window"),
+             "false, or true with gate = 'window' (median / MAD of the preceding window)"),
             ("omega", 0 < omega <= 1, "in (0, 1]"), ("window", _int_at_least(window, 1), "an int >= 1"),
             ("warmup", _int_at_least(warmup, 0), "an int >= 0"),
             ("patience", _int_at_least(patience, 1), "an int >= 1"),
@@ -53,14 +64,16 @@ class ZScoreGate:
     """observe(H) once per active step; `open` says whether the next step may extrapolate."""
 
     def __init__(self, kind="window_inclusive", tau=2.0, omega=0.1, window=30, patience=1,
-                 fallback="permanent", fallback_window=10, warmup=0):
+                 fallback="permanent", fallback_window=10, warmup=0, warmup_reset=True, robust=False):
         given = {"gate": kind, "tau": tau, "omega": omega, "window": window, "patience": patience,
-                 "fallback": fallback, "fallback_window": fallback_window, "warmup": warmup}
+                 "fallback": fallback, "fallback_window": fallback_window, "warmup": warmup,
+                 "warmup_reset": warmup_reset, "robust": robust}
         for name, ok, expected in gate_checks(**given):
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {given[name]!r}")
         self.kind, self.tau, self.omega, self.fallback = kind, tau, omega, fallback
         self.window, self.patience, self.fallback_window, self.warmup = window, patience, fallback_window, warmup
+        self.warmup_reset, self.robust = warmup_reset, robust
         self.mu, self.sigma = 1.0, 1.0
         self.history = deque(maxlen=window)
         self.frozen = None  # (mean, std) that scored the open streak's first violation (window)
@@ -72,6 +85,10 @@ class ZScoreGate:
     @property
     def open(self) -> bool:
         return self.closed_for == 0
+
+    def close_for_good(self):
+        self.closed_for = -1
+        self.streak, self.frozen = 0, None
 
     def tick_closed(self):
         """Call once per step taken while closed."""
@@ -90,9 +107,10 @@ class ZScoreGate:
             if not scored:
                 return 0.0
             violation = (abs(z) if self.kind == "ema" else z) >= self.tau or not math.isfinite(z)
-        elif warming:  # the window kinds drop warm-up observations
+        elif warming and self.warmup_reset:  # the history restarts after warm-up
             return 0.0
         else:
+            warming = self.seen < self.warmup
             z, scored = self._window_inclusive(h) if self.kind == "window_inclusive" else self._window(h)
             if not scored:
                 return 0.0
@@ -121,7 +139,7 @@ class ZScoreGate:
         full = len(self.history) == self.window
         if full:
             if self.frozen is None:
-                self.mu, self.sigma = _mean_std(self.history)
+                self.mu, self.sigma = (_median_mad(self.history) if self.robust else _mean_std(self.history))
             else:
                 self.mu, self.sigma = self.frozen
         self.history.append(h)
@@ -151,6 +169,16 @@ class ZScoreGate:
         self.streak, self.closed_for, self.trips = state["streak"], state["closed_for"], state["trips"]
         self.seen = state.get("seen", len(self.history))
         self.frozen = None if state.get("frozen") is None else tuple(state["frozen"])
+
+
+def _median_mad(values):
+    """The robust centre and scale: median and max(1.4826 MAD, 0.10 |median|) (the median of an even count is
+    the mean of the middle two, as statistics.median)."""
+    import statistics
+
+    median = statistics.median(values)
+    mad = statistics.median(abs(x - median) for x in values)
+    return median, max(MAD_TO_STD * mad, ROBUST_FLOOR * abs(median))
 
 
 def _mean_std(values):

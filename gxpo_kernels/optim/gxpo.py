@@ -24,8 +24,11 @@ from .lookahead import LookaheadConfig, LookaheadRule
 __all__ = ["GXPO", "GXPORuleConfig", "GATE_STATS"]
 
 # trajectory: pre-clip ||g~|| of the corrective pass; g0: pre-clip ||g0||; entropy: the corrective pass's
-# batch token entropy (the closure returns (loss, {"entropy_mean": H}))
-GATE_STATS = ("trajectory", "g0", "entropy")
+# batch token entropy (the closure returns (loss, {"entropy_mean": H})); cosine: 1 - |cos(g0, g~)| (the
+# authors' gxpo_shutoff_mode = "cosine"). With skip_corrective the probe pass 2 stands in for the corrective
+# one where the authors' does: ||g1|| for trajectory, pass 1's entropy, g~ = 0 for cosine.
+GATE_STATS = ("trajectory", "g0", "entropy", "cosine")
+COSINE_EPS = 1e-12  # the authors' <g0, g~> / (||g0|| ||g~|| + 1e-12)
 
 
 def _cos(dot, a, b):
@@ -35,16 +38,14 @@ def _cos(dot, a, b):
 class GXPO(LookaheadRule):
     """opt = GXPO(model.parameters(), base=torch.optim.AdamW, preset="final", lr=1e-6); opt.step(closure).
 
-    GXPORuleConfig's fields (preset "final" or "paper"; K, alpha, tau, gate, gate_stat, omega, window, warmup,
-    patience, fallback, fallback_window, optimizer_state, delta) come as `config` or as keywords; the other
-    keywords go to the base optimizer. Diagnostics follow the authors: r_mean, r_std and
+    GXPORuleConfig's fields (its preset and every knob, LookaheadConfig's included) come as `config` or as
+    keywords; the other keywords go to the base optimizer. Diagnostics follow the authors: r_mean, r_std and
     scale_mean average over all coordinates (inactive ones count as 1); r_mean_active and
     scale_mean_active over the active coordinates only.
 
-    An active step calls the closure three times (backward_passes += 3); once the gate has tripped,
-    once. step() returns the loss of the first pass (at the parameters before the step). With
-    optimizer_state="accumulate" the base optimizer's moments and step count advance on all three
-    steps; "transactional" restores them to their pre-step value before the corrective step.
+    An active step calls the closure three times (backward_passes += 3; twice with skip_corrective); once
+    the gate has tripped, once. step() returns the loss of the first pass (at the parameters before the
+    step). optimizer_state: see lookahead.OPTIMIZER_STATES.
     Non-finite or tiny ||g0||, or a non-finite g1 or g~, ends the step as one plain step (nothing
     non-finite reaches the parameters; a non-finite g0 skips the step); last_stats["fallback"] says
     which (see FALLBACK_CODES). In accumulate mode a pass-3 fallback keeps the moments of the two
@@ -56,7 +57,7 @@ class GXPO(LookaheadRule):
         config, base_kwargs = GXPORuleConfig.split(config, kwargs)
         super().__init__(params, base, base_kwargs, config=config, max_grad_norm=max_grad_norm,
                          allow_bf16_params=allow_bf16_params)
-        self.gate_stat = config.gate_stat
+        self.gate_stat, self.skip_corrective = config.gate_stat, config.skip_corrective
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -64,9 +65,9 @@ class GXPO(LookaheadRule):
             return loss
 
         groups = self._flat_groups()
-        loss, metrics = self._closure_pass(closure)
+        loss, pass1_metrics = self._closure_pass(closure)
         if self.gate_stat == "entropy":
-            self._check_entropy(metrics)
+            self._check_entropy(pass1_metrics)
         g0_norm = self._snapshot(groups)
         if not math.isfinite(g0_norm) or g0_norm <= TINY_G0_NORM:
             reason = "tiny_g0" if math.isfinite(g0_norm) else "nonfinite_g0"
@@ -93,29 +94,32 @@ class GXPO(LookaheadRule):
                                      g1_scale=g1_scale).to(groups[0].device) for g in groups]))
         n_total = self._n_total(groups)
         sums = self._all_reduce(sums, with_max=True)  # read with pass 3's norms: one host read per pass
-        self._load_optimizer_state(saved_state)
+        self._rollback_before_corrective(saved_state)
 
-        _, metrics = self._closure_pass(closure)  # at theta_tilde
-        gt_norm, g0_gt, sums = self._read_with(self._grad_dots(groups, with_g0=True), sums)
-        sums = dict(zip(EXTRAP_STATS, sums, strict=True))
-        if not math.isfinite(gt_norm):
-            self._restore_theta0_and_step_with_g0(groups, g0_norm)
-            return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)
-        self._base_step(gt_norm)
+        if self.skip_corrective:  # theta_tilde is the update
+            sums = dict(zip(EXTRAP_STATS, sums.tolist(), strict=True))
+            gt_norm = g0_gt = None
+            metrics = pass1_metrics
+        else:
+            _, metrics = self._closure_pass(closure)  # at theta_tilde
+            gt_norm, g0_gt, sums = self._read_with(self._grad_dots(groups, with_g0=True), sums)
+            sums = dict(zip(EXTRAP_STATS, sums, strict=True))
+            if not math.isfinite(gt_norm):
+                self._restore_theta0_and_step_with_g0(groups, g0_norm, saved_state)
+                return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)
+            self._base_step(gt_norm)
         self.base.zero_grad(set_to_none=True)
 
-        if self.gate_stat == "entropy":
-            h = float(metrics.get("entropy_mean", math.nan))  # present unless gate == "never" (checked in pass 1)
-        else:
-            h = gt_norm if self.gate_stat == "trajectory" else g0_norm
+        h = self._gate_statistic(metrics, g0_norm, g1_norm, gt_norm, g0_gt)
         z = self.gate.observe(h)
         n_active, n_total = max(sums["n_active"], 1.0), max(n_total, 1.0)
         n_inactive = n_total - sums["n_active"]  # r = scale = 1 there
         r_mean = (sums["r_sum"] + n_inactive) / n_total
+        corrective = {} if self.skip_corrective else {"gtilde_norm": gt_norm,
+                                                       "cos_g0_gtilde": _cos(g0_gt, g0_norm, gt_norm)}
         return self._finish(
-            loss, "none", active=1.0, g0_norm=g0_norm, g1_norm=g1_norm, gtilde_norm=gt_norm,
+            loss, "none", active=1.0, g0_norm=g0_norm, g1_norm=g1_norm, **corrective,
             cos_g0_g1=_cos(sums["g0_g1"], math.sqrt(sums["g0_sq"]), math.sqrt(sums["g1_sq"])),
-            cos_g0_gtilde=_cos(g0_gt, g0_norm, gt_norm),
             r_mean=r_mean, r_std=math.sqrt(max((sums["r_sq"] + n_inactive) / n_total - r_mean**2, 0.0)),
             scale_mean=(sums["scale_sum"] + n_inactive) / n_total, scale_max=sums["scale_max"],
             r_mean_active=sums["r_sum"] / n_active, scale_mean_active=sums["scale_sum"] / n_active,
@@ -125,9 +129,23 @@ class GXPO(LookaheadRule):
         )
 
 
+    def _gate_statistic(self, metrics, g0_norm, g1_norm, gt_norm, g0_gt) -> float:
+        """The value the gate observes for this active step (GATE_STATS); gt_norm None: no corrective pass."""
+        if self.gate_stat == "entropy":
+            return float(metrics.get("entropy_mean", math.nan))  # present unless gate == "never" (checked)
+        if self.gate_stat == "g0":
+            return g0_norm
+        if self.gate_stat == "trajectory":
+            return g1_norm if gt_norm is None else gt_norm
+        if gt_norm is None:  # cosine with g~ = 0
+            return 1.0
+        return 1.0 - abs(g0_gt / (g0_norm * gt_norm + COSINE_EPS))
+
+
 @dataclass
 class GXPORuleConfig(LookaheadConfig):
-    gate_stat: str | None = None  # what the gate observes: trajectory | g0 | entropy (GATE_STATS)
+    gate_stat: str | None = None  # what the gate observes: GATE_STATS
+    skip_corrective: bool = False  # no pass 3: theta_tilde is the update (2 backward passes)
 
     name = "gxpo"
     rule = GXPO
@@ -142,7 +160,8 @@ class GXPORuleConfig(LookaheadConfig):
 
     def checks(self, cfg=None) -> list:
         return [*super().checks(), *([("gate_stat", self.gate_stat in GATE_STATS, f"one of {GATE_STATS}")]
-                                     if self.preset in self.presets else [])]
+                                     if self.preset in self.presets else []),
+                ("skip_corrective", isinstance(self.skip_corrective, bool), "true or false")]
 
     @property
     def reads_batch_entropy(self) -> bool:

@@ -15,7 +15,12 @@ from .flat_adamw import FlatAdamW
 from .gate import ZScoreGate, gate_checks
 from .rule import UpdateRule
 
-OPTIMIZER_STATES = ("accumulate", "transactional")
+# accumulate: the base optimizer's moments and step count advance on every pass and stay so on a fallback;
+# transactional (the GXPO authors' default): restored to their pre-step value before the corrective step,
+# so they advance once per update; transactional_fast_state (theirs too): kept through the corrective step
+# (+3 per update) but restored with theta0 when a pass fails (github SwapniL-afk-now/final-gxpo 1a301e16,
+# Code/SFPO/verl/workers/actor/optimizer_transaction.py and dp_actor.py).
+OPTIMIZER_STATES = ("accumulate", "transactional", "transactional_fast_state")
 FALLBACK_CODES = {"none": 0.0, "nonfinite_g0": 1.0, "tiny_g0": 2.0, "nonfinite_g1": 3.0, "nonfinite_gtilde": 4.0}
 
 
@@ -30,11 +35,14 @@ class LookaheadConfig(RuleConfig):
     gate: str | None = None  # ema | ema_onesided | window | window_inclusive | never (optim/gate.py)
     omega: float | None = None  # the EMA gates' weight
     window: int | None = None  # the window gates' length
-    warmup: int | None = None  # first observations that cannot trip the gate
+    warmup: int | None = None  # first steps the gate cannot close
+    warmup_reset: bool = True  # window gates: the history restarts after warm-up (optim/gate.py)
+    robust: bool = False  # gate "window": median / MAD in place of mean / std
     patience: int = 1  # consecutive violations that trip it
     fallback: str = "permanent"  # | "temporary": closed for fallback_window steps, then reopened
     fallback_window: int = 10
-    optimizer_state: str = "accumulate"  # | "transactional": base moments restored before the corrective step
+    optimizer_state: str = "accumulate"  # OPTIMIZER_STATES
+    max_active_steps: int = 0  # > 0: steps after the first max_active_steps are plain steps, whatever the gate
     delta: float = DELTA  # the retention ratio's denominator guard
 
     min_K = 1
@@ -47,13 +55,16 @@ class LookaheadConfig(RuleConfig):
                  f"an int >= {self.min_K}"),
                 ("alpha", 0 < self.alpha <= 1, "in (0, 1]"),
                 *gate_checks(self.gate, self.tau, self.omega, self.window, self.patience, self.fallback,
-                             self.fallback_window, self.warmup),
+                             self.fallback_window, self.warmup, self.warmup_reset, self.robust),
                 ("optimizer_state", self.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}"),
+                ("max_active_steps", isinstance(self.max_active_steps, int) and not isinstance(self.max_active_steps,
+                                                                                               bool)
+                 and self.max_active_steps >= 0, "an int >= 0 (0: no budget)"),
                 ("delta", self.delta > 0, "> 0")]
 
     def make_gate(self) -> ZScoreGate:
         return ZScoreGate(self.gate, self.tau, self.omega, self.window, self.patience, self.fallback,
-                          self.fallback_window, self.warmup)
+                          self.fallback_window, self.warmup, self.warmup_reset, self.robust)
 
 
 class LookaheadRule(UpdateRule):
@@ -65,8 +76,9 @@ class LookaheadRule(UpdateRule):
         super().__init__(params, base, base_kwargs, max_grad_norm=max_grad_norm, allow_bf16_params=allow_bf16_params)
         self.config = config
         self.gate = config.make_gate()
-        self.optimizer_state = config.optimizer_state
+        self.optimizer_state, self.max_active_steps = config.optimizer_state, config.max_active_steps
         self.preset, self.K, self.alpha, self.delta = config.preset, config.K, config.alpha, config.delta
+        self.budget_spent = False  # max_active_steps closed the gate
         self._cache = GroupCache(BLOCK)
         if isinstance(self.base, FlatAdamW):  # one set of flat groups: shared tables, no second theta0 / g0
             self.base._cache = self._cache
@@ -146,6 +158,9 @@ class LookaheadRule(UpdateRule):
         """Start a step: check the closure and count it; while the gate is closed, take one plain step
         and return its loss (None while the gate is open)."""
         self._start_step(closure)
+        if self.max_active_steps and self.steps > self.max_active_steps and self.gate.open:
+            self.gate.close_for_good()
+            self.budget_spent = True
         if self.gate.open:
             return None
         loss, _, norm = self._plain_step(closure)
@@ -156,6 +171,8 @@ class LookaheadRule(UpdateRule):
     def _finish(self, loss, reason, **stats):
         self.last_stats = {"active": stats.pop("active", 0.0), "fallback": FALLBACK_CODES[reason], **stats,
                            "gate_open": float(self.gate.open), "backward_passes": float(self.backward_passes)}
+        if self.max_active_steps:
+            self.last_stats["budget_spent"] = float(self.budget_spent)
         self.last_grad_norm = self.last_stats.get("g0_norm", float("nan"))
         return loss
 
@@ -188,8 +205,10 @@ class LookaheadRule(UpdateRule):
         else:
             self._base_step(g0_norm)
 
-    def _restore_theta0_and_step_with_g0(self, groups, g0_norm):
-        """Back to theta0, then one plain step with the cached g0: the fallback for a non-finite pass."""
+    def _restore_theta0_and_step_with_g0(self, groups, g0_norm, saved_state):
+        """Back to theta0 (and, unless accumulating, the base optimizer's pre-step state), then one plain step
+        with the cached g0: the fallback for a non-finite pass."""
+        self._load_optimizer_state(saved_state)
         self.base.zero_grad(set_to_none=True)
         for g in groups:
             flat_ops.restore(g)
@@ -203,13 +222,18 @@ class LookaheadRule(UpdateRule):
         self._base_step(g0_norm)
         self.base.zero_grad(set_to_none=True)
 
+    def _rollback_before_corrective(self, saved):
+        if self.optimizer_state == "transactional":
+            self._load_optimizer_state(saved)
+
     def _save_optimizer_state(self):
-        if self.optimizer_state != "transactional":
+        if self.optimizer_state == "accumulate":
             return None
         return {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
                 for p, s in self.base.state.items()}
 
     def _load_optimizer_state(self, saved):
+        """The saved state back in place (idempotent); None (accumulate) leaves it."""
         if saved is None:
             return
         for p in list(self.base.state):
@@ -225,8 +249,9 @@ class LookaheadRule(UpdateRule):
 
     # -- checkpointing -----------------------------------------------------------------------------
     def own_state_dict(self) -> dict:
-        return {**super().own_state_dict(), "gate": self.gate.state_dict()}
+        return {**super().own_state_dict(), "gate": self.gate.state_dict(), "budget_spent": self.budget_spent}
 
     def load_own_state_dict(self, state: dict):
         super().load_own_state_dict(state)
         self.gate.load_state_dict(state["gate"])
+        self.budget_spent = state.get("budget_spent", False)

@@ -51,19 +51,19 @@ class SFPO(LookaheadRule):
             self._closure_pass(closure)
             norm, _ = self._grad_norm(groups)
             if not math.isfinite(norm):
-                self._restore_theta0_and_step_with_g0(groups, g0_norm)
+                self._restore_theta0_and_step_with_g0(groups, g0_norm, saved_state)
                 return self._finish(loss, "nonfinite_g1", g0_norm=g0_norm)
             self._base_step(norm)
         # theta_tilde = theta0 + alpha * (theta_K - theta0), one pass per group
         step_sq = sum(flat_ops.interpolate(g, alpha=self.alpha).to(groups[0].device) for g in groups)
         step_sq = self._all_reduce(step_sq.reshape(1))  # read with the corrective pass's norm
-        self._load_optimizer_state(saved_state)
+        self._rollback_before_corrective(saved_state)
 
         _, metrics = self._closure_pass(closure)  # the corrective pass, at theta_tilde
         norm, _, (step_sq,) = self._read_with(self._grad_dots(groups), step_sq)
         step_norm = math.sqrt(step_sq)
         if not math.isfinite(norm):
-            self._restore_theta0_and_step_with_g0(groups, g0_norm)
+            self._restore_theta0_and_step_with_g0(groups, g0_norm, saved_state)
             return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)
         self._base_step(norm)
         self.base.zero_grad(set_to_none=True)
