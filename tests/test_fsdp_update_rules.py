@@ -11,6 +11,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.mark.parametrize("opt_kwargs", [
     {"lr": 1e-2, "preset": "paper", "tau": 0.615, "max_grad_norm": 0.5},  # trips on step 2 (|Z| 0.604, then 0.623)
     {"lr": 1e-2, "preset": "paper", "gate": "never", "optimizer_state": "transactional"},
+    # the authors' retention spaces: the RMS thresholds over the whole tensor, every shard
+    {"lr": 1e-2, "retention_space": "update", "gate": "never", "optimizer_state": "transactional",
+     "max_grad_norm": 0.5, "K": 5, "alpha": 0.3},
+    {"lr": 1e-2, "retention_space": "grad", "gate": "never", "optimizer_state": "transactional_fast_state",
+     "max_grad_norm": 0.5, "K": 10, "alpha": 0.3},
 ])
 def test_two_rank_fsdp2_matches_single_process(tmp_path, opt_kwargs):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), opt_kwargs), nprocs=2, join=True)

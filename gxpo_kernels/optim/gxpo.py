@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import retention_step
 from .flat import ops as flat_ops
 from .flat.extrapolation import EXTRAP_STATS, TINY_G0_NORM
 from .lookahead import LookaheadConfig, LookaheadRule
+from .retention_step import RETENTION_SPACES, Probe, clip_multiplier
 
 __all__ = ["GXPO", "GXPORuleConfig", "GATE_STATS"]
 
@@ -58,6 +60,8 @@ class GXPO(LookaheadRule):
         super().__init__(params, base, base_kwargs, config=config, max_grad_norm=max_grad_norm,
                          allow_bf16_params=allow_bf16_params)
         self.gate_stat, self.skip_corrective = config.gate_stat, config.skip_corrective
+        self.space = retention_step.resolve_space(config.retention_space, self.base)
+        self.min_effective_multiplier = config.min_effective_multiplier
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -77,13 +81,24 @@ class GXPO(LookaheadRule):
             return self._finish(loss, reason, g0_norm=g0_norm)
         saved_state = self._save_optimizer_state()
         self._first_step(groups, g0_norm)  # theta1
+        probe = None if self.space == "raw_grad" else Probe(self.space)
+        if probe is not None:
+            probe.after_first_step(groups, self.base, self._had_grad)
 
         self._closure_pass(closure)
         g1_norm, _ = self._grad_norm(groups)
         if not math.isfinite(g1_norm):  # theta1 already is exactly one plain step from theta0
             self.base.zero_grad(set_to_none=True)
             return self._finish(loss, "nonfinite_g1", g0_norm=g0_norm)
-        if self._fused_base():  # theta2 stays in the kernel's registers; theta_tilde is written
+        if probe is not None:  # the authors' retention spaces (optim/retention_step.py), after a plain step
+            probe.after_second_backward(groups)
+            self._clip(g1_norm)
+            self.base.step()  # theta2
+            sums = retention_step.extrapolate(
+                probe, groups, self.base, self._had_grad, K=self.K, alpha=self.alpha, delta=self.delta,
+                min_eff=self.min_effective_multiplier, c0=clip_multiplier(g0_norm, self.max_grad_norm),
+                c1=clip_multiplier(g1_norm, self.max_grad_norm), all_reduce=self._all_reduce)
+        elif self._fused_base():  # theta2 stays in the kernel's registers; theta_tilde is written
             sums = self.base.fused_step(groups, self._clip_coef(g1_norm),
                                         extrapolate={"K": self.K, "alpha": self.alpha, "delta": self.delta})
         else:
@@ -142,18 +157,38 @@ class GXPO(LookaheadRule):
         return 1.0 - abs(g0_gt / (g0_norm * gt_norm + COSINE_EPS))
 
 
+# The authors' repository at 1a301e1600b89e15ddc4978862bf8e543f3cf96e (Code/SFPO/experiments/gxpo_efficiency/):
+# each launcher's values over common.sh's (trainer-side: lr 1e-6, AdamW weight decay 1e-2, grad clip 1.0,
+# entropy coefficient 0.001, 64 prompts x 8 rollouts in mini-batches of 16 prompts; README "GXPO presets").
+_AUTHORS_COMMON = {"tau": 3.0, "gate": "window_inclusive", "gate_stat": "entropy", "omega": 0.1, "window": 30,
+                   "warmup": 50, "warmup_reset": True, "patience": 3, "optimizer_state": "transactional",
+                   "retention_space": "auto", "max_active_steps": 0}
+AUTHORS_PRESETS = {
+    # qwen25_math_1p5b_gxpo_adamw_transactional_dir_k10.sh (K and alpha despite the name): their newest default
+    "authors-1p5b": {**_AUTHORS_COMMON, "K": 3, "alpha": 0.8},
+    # qwen25_math_1p5b_gxpo_k10.sh, the A/B baseline it names (GXPO_RETENTION_SPACE pinned to grad)
+    "authors-1p5b-ab": {**_AUTHORS_COMMON, "K": 10, "alpha": 0.3, "retention_space": "grad"},
+    # qwen25_math_7b_gxpo_b256_a03_k10.sh as of 7db2a1ee (K 5): tau 1.5, patience 2, no reset, 150 active steps
+    "authors-7b": {**_AUTHORS_COMMON, "K": 5, "alpha": 0.3, "tau": 1.5, "patience": 2, "warmup_reset": False,
+                   "max_active_steps": 150},
+}
+
+
 @dataclass
 class GXPORuleConfig(LookaheadConfig):
     gate_stat: str | None = None  # what the gate observes: GATE_STATS
     skip_corrective: bool = False  # no pass 3: theta_tilde is the update (2 backward passes)
+    retention_space: str | None = None  # RETENTION_SPACES (optim/retention_step.py)
+    min_effective_multiplier: float = 0.0  # > 0: theta_tilde moves at least this fraction of theta2 - theta0
 
     name = "gxpo"
     rule = GXPO
     presets = {
         "paper": {"K": 5, "alpha": 0.5, "tau": 0.5, "gate": "ema", "gate_stat": "trajectory", "omega": 0.1,
-                  "window": 30, "warmup": 0},
+                  "window": 30, "warmup": 0, "retention_space": "raw_grad"},
         "final": {"K": 3, "alpha": 0.5, "tau": 2.0, "gate": "window_inclusive", "gate_stat": "entropy",
-                  "omega": 0.1, "window": 30, "warmup": 0},
+                  "omega": 0.1, "window": 30, "warmup": 0, "retention_space": "raw_grad"},
+        **AUTHORS_PRESETS,
     }
     default_preset = "final"
     min_K = 2
@@ -161,7 +196,12 @@ class GXPORuleConfig(LookaheadConfig):
     def checks(self, cfg=None) -> list:
         return [*super().checks(), *([("gate_stat", self.gate_stat in GATE_STATS, f"one of {GATE_STATS}")]
                                      if self.preset in self.presets else []),
-                ("skip_corrective", isinstance(self.skip_corrective, bool), "true or false")]
+                ("skip_corrective", isinstance(self.skip_corrective, bool), "true or false"),
+                *([("retention_space", self.retention_space in RETENTION_SPACES, f"one of {RETENTION_SPACES}")]
+                  if self.preset in self.presets else []),
+                ("min_effective_multiplier", self.min_effective_multiplier >= 0
+                 and (self.min_effective_multiplier == 0 or self.retention_space != "raw_grad"),
+                 ">= 0, and 0 with retention_space = 'raw_grad' (the flat kernels take no floor)")]
 
     @property
     def reads_batch_entropy(self) -> bool:

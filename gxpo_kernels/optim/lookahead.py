@@ -1,6 +1,7 @@
 """What SFPO and GXPO share beyond UpdateRule: the flat theta0 / g0 state, the gate, snapshots and
 restores, optimizer-state transactions and the fallback to one plain step."""
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -36,16 +37,24 @@ class LookaheadConfig(RuleConfig):
     omega: float | None = None  # the EMA gates' weight
     window: int | None = None  # the window gates' length
     warmup: int | None = None  # first steps the gate cannot close
-    warmup_reset: bool = True  # window gates: the history restarts after warm-up (optim/gate.py)
+    warmup_reset: bool | None = None  # window gates: the history restarts after warm-up (optim/gate.py)
     robust: bool = False  # gate "window": median / MAD in place of mean / std
-    patience: int = 1  # consecutive violations that trip it
+    patience: int | None = None  # consecutive violations that trip it
     fallback: str = "permanent"  # | "temporary": closed for fallback_window steps, then reopened
     fallback_window: int = 10
-    optimizer_state: str = "accumulate"  # OPTIMIZER_STATES
-    max_active_steps: int = 0  # > 0: steps after the first max_active_steps are plain steps, whatever the gate
+    optimizer_state: str | None = None  # OPTIMIZER_STATES
+    max_active_steps: int | None = None  # > 0: the steps after the first max_active_steps are plain ones
     delta: float = DELTA  # the retention ratio's denominator guard
 
     min_K = 1
+    # what a preset that does not name them takes
+    preset_base = {"patience": 1, "optimizer_state": "accumulate", "warmup_reset": True, "max_active_steps": 0}
+
+    def resolved(self) -> "LookaheadConfig":
+        config = super().resolved()
+        if config.preset not in self.presets:
+            return config
+        return dataclasses.replace(config, **{k: v for k, v in self.preset_base.items() if getattr(config, k) is None})
 
     def checks(self, cfg=None) -> list:
         if self.preset not in self.presets:
