@@ -55,25 +55,24 @@ def theirs_restore(opt, snap):
                 live[k] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
 
 
+def theirs_probe_pass(params, opt, loss_fn, grad_clip):
+    """One probe pass: (raw gradients, their recorded clip multiplier, lr / wd per parameter after the step)."""
+    opt.zero_grad()
+    loss_fn().backward()
+    grads = [p.grad.detach().clone() for p in params]
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    opt.step()
+    return grads, min(1.0, grad_clip / (abs(norm) + 1e-12)), [(grp["lr"], grp["weight_decay"])
+                                                               for grp in opt.param_groups for _ in grp["params"]]
+
+
 def theirs_minibatch_step(model, opt, loss_fn, *, K, alpha, grad_clip, space, mode, min_eff):
     params = list(model.parameters())
     theta0 = [p.detach().clone() for p in params]
     snap = theirs_snapshot(opt)
-    opt.zero_grad()
-    loss_fn().backward()  # pass 1
-    g0 = [p.grad.detach().clone() for p in params]
-    gn0 = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    c0 = min(1.0, grad_clip / (abs(gn0) + 1e-12))
-    opt.step()
+    g0, c0, hp0 = theirs_probe_pass(params, opt, loss_fn, grad_clip)  # pass 1
     u0 = [p.detach() - t for p, t in zip(params, theta0, strict=True)]
-    hp0 = [(grp["lr"], grp["weight_decay"]) for grp in opt.param_groups for _ in grp["params"]]
-    opt.zero_grad()
-    loss_fn().backward()  # pass 2
-    g1 = [p.grad.detach().clone() for p in params]
-    gn1 = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    c1 = min(1.0, grad_clip / (abs(gn1) + 1e-12))
-    opt.step()
-    hp1 = [(grp["lr"], grp["weight_decay"]) for grp in opt.param_groups for _ in grp["params"]]
+    g1, c1, hp1 = theirs_probe_pass(params, opt, loss_fn, grad_clip)  # pass 2
     with torch.no_grad():
         for i, p in enumerate(params):
             if space == "grad":
