@@ -53,7 +53,8 @@ COMPAT_TREE  := $(COMPAT_VENV)/tree
 COMPAT_PIP    = PIP_CONSTRAINT=$(CURDIR)/$(COMPAT_VENV)/lower-bounds.txt $(COMPAT_PY) -m pip
 COMPAT_TESTS := tests/test_grpo_loss.py tests/test_fused_linear_grpo_loss.py tests/test_lm_head_tiled.py \
 	tests/test_vocab.py tests/test_loss_overflow.py tests/test_loss_nonfinite.py tests/test_flat_ops.py \
-	tests/test_flat_adamw.py tests/test_update_rules.py tests/test_gate.py tests/test_grpo_rule.py
+	tests/test_flat_adamw.py tests/test_update_rules.py tests/test_gate.py tests/test_grpo_rule.py \
+	tests/test_gate_authors.py tests/test_retention_authors.py tests/test_gxpo_authors_step.py
 COMPAT_JSON  ?= bench/results/$(shell date +%F)-static-sm90-lower-bounds.json
 compat: $(STAMP)
 	test -x $(COMPAT_PY) || $(SYSPY) -m venv $(COMPAT_VENV)
@@ -86,7 +87,7 @@ gpu-check: build-ext
 
 # Where a registry is reachable: the pure-Python wheels a bare GPU machine lacks, for gpu-check's offline install.
 wheelhouse: $(STAMP)
-	$(PY) -m pip download -q --no-deps -d wheelhouse liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 math-verify latex2sympy2_extended
+	$(PIP) download -q --no-deps -d wheelhouse liger-kernel cut-cross-entropy trl math-verify latex2sympy2_extended
 
 # The static sm_90 model (gxpo-bench static, about 3 minutes), with the lower bounds' rows (Triton 3.6) beside
 # when `make compat` has written today's.

@@ -41,7 +41,7 @@ EMA_UNSCORED = 2  # ema_onesided scores nothing until two observations exist
 MAD_TO_STD, ROBUST_FLOOR = 1.4826, 0.10  # the robust gate's sigma: max(1.4826 MAD, 0.10 |median|)
 
 
-def _int_at_least(value, low) -> bool:
+def int_at_least(value, low) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
@@ -53,11 +53,11 @@ def gate_checks(gate, tau, omega, window, patience, fallback, fallback_window, w
             ("warmup_reset", isinstance(warmup_reset, bool), "true or false"),
             ("robust", robust is False or (robust is True and gate == "window"),
              "false, or true with gate = 'window' (median / MAD of the preceding window)"),
-            ("omega", 0 < omega <= 1, "in (0, 1]"), ("window", _int_at_least(window, 1), "an int >= 1"),
-            ("warmup", _int_at_least(warmup, 0), "an int >= 0"),
-            ("patience", _int_at_least(patience, 1), "an int >= 1"),
+            ("omega", 0 < omega <= 1, "in (0, 1]"), ("window", int_at_least(window, 1), "an int >= 1"),
+            ("warmup", int_at_least(warmup, 0), "an int >= 0"),
+            ("patience", int_at_least(patience, 1), "an int >= 1"),
             ("fallback", fallback in FALLBACKS, f"one of {FALLBACKS}"),
-            ("fallback_window", _int_at_least(fallback_window, 1), "an int >= 1")]
+            ("fallback_window", int_at_least(fallback_window, 1), "an int >= 1")]
 
 
 class ZScoreGate:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import retention_step
 from .flat import ops as flat_ops
 from .flat.extrapolation import EXTRAP_STATS, TINY_G0_NORM
 from .lookahead import LookaheadConfig, LookaheadRule
-from .retention_step import RETENTION_SPACES, Probe, clip_multiplier
+from .retention_step import RETENTION_SPACES, Probe, clip_multiplier, resolve_space
+from .retention_step import extrapolate as extrapolate_in_space
 
 __all__ = ["GXPO", "GXPORuleConfig", "GATE_STATS"]
 
@@ -60,7 +60,7 @@ class GXPO(LookaheadRule):
         super().__init__(params, base, base_kwargs, config=config, max_grad_norm=max_grad_norm,
                          allow_bf16_params=allow_bf16_params)
         self.gate_stat, self.skip_corrective = config.gate_stat, config.skip_corrective
-        self.space = retention_step.resolve_space(config.retention_space, self.base)
+        self.space = resolve_space(config.retention_space, self.base)
         self.min_effective_multiplier = config.min_effective_multiplier
 
     @torch.no_grad()
@@ -94,7 +94,7 @@ class GXPO(LookaheadRule):
             probe.after_second_backward(groups)
             self._clip(g1_norm)
             self.base.step()  # theta2
-            sums = retention_step.extrapolate(
+            sums = extrapolate_in_space(
                 probe, groups, self.base, self._had_grad, K=self.K, alpha=self.alpha, delta=self.delta,
                 min_eff=self.min_effective_multiplier, c0=clip_multiplier(g0_norm, self.max_grad_norm),
                 c1=clip_multiplier(g1_norm, self.max_grad_norm), all_reduce=self._all_reduce)
@@ -142,7 +142,6 @@ class GXPO(LookaheadRule):
             inactive_frac=n_inactive / n_total,
             ratio_clip_frac=sums["n_clipped"] / n_active, z=z, gate_stat=h,
         )
-
 
     def _gate_statistic(self, metrics, g0_norm, g1_norm, gt_norm, g0_gt) -> float:
         """The value the gate observes for this active step (GATE_STATS); gt_norm None: no corrective pass."""

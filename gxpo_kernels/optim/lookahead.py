@@ -13,7 +13,7 @@ from .flat import ops as flat_ops
 from .flat.buffers import BLOCK, DTensor, GroupCache, local
 from .flat.extrapolation import DELTA
 from .flat_adamw import FlatAdamW
-from .gate import ZScoreGate, gate_checks
+from .gate import ZScoreGate, gate_checks, int_at_least
 from .rule import UpdateRule
 
 # accumulate: the base optimizer's moments and step count advance on every pass and stay so on a fallback;
@@ -60,15 +60,12 @@ class LookaheadConfig(RuleConfig):
         if self.preset not in self.presets:
             return super().checks()
         return [*super().checks(),
-                ("K", isinstance(self.K, int) and not isinstance(self.K, bool) and self.K >= self.min_K,
-                 f"an int >= {self.min_K}"),
+                ("K", int_at_least(self.K, self.min_K), f"an int >= {self.min_K}"),
                 ("alpha", 0 < self.alpha <= 1, "in (0, 1]"),
                 *gate_checks(self.gate, self.tau, self.omega, self.window, self.patience, self.fallback,
                              self.fallback_window, self.warmup, self.warmup_reset, self.robust),
                 ("optimizer_state", self.optimizer_state in OPTIMIZER_STATES, f"one of {OPTIMIZER_STATES}"),
-                ("max_active_steps", isinstance(self.max_active_steps, int) and not isinstance(self.max_active_steps,
-                                                                                               bool)
-                 and self.max_active_steps >= 0, "an int >= 0 (0: no budget)"),
+                ("max_active_steps", int_at_least(self.max_active_steps, 0), "an int >= 0 (0: no budget)"),
                 ("delta", self.delta > 0, "> 0")]
 
     def make_gate(self) -> ZScoreGate:

@@ -25,17 +25,23 @@ RHO_MIN, RHO_MAX = -1.0, 1.0
 UPDATE_SCALE_MIN = 0.0
 
 __all__ = ["RELATIVE_THRESHOLD", "adamw_direction", "adamw_direction_from_step", "coordinatewise_retention",
-           "reposition", "tensor_rms", "update_space_retention"]
+           "reposition", "tensor_rms", "update_space_retention", "work_dtype"]
 
 
-def _work_dtype(*tensors) -> torch.dtype:
+def work_dtype(*tensors) -> torch.dtype:
+    """float64 when an input is, else float32 (the authors' work dtype)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def tensor_rms(x: torch.Tensor) -> torch.Tensor:
     """sqrt(mean(x^2)) of one whole tensor; under FSDP the authors sum ||x||^2 and the element count over
     the shard group first (the flat paths do the same)."""
-    return x.to(_work_dtype(x)).square().mean().sqrt()
+    return x.to(work_dtype(x)).square().mean().sqrt()
+
+
+def _check_K(K: int):
+    if K < 2:
+        raise ValueError(f"K must be >= 2, got {K}")
 
 
 def adamw_direction(theta_before, theta_after, lr: float, weight_decay: float) -> torch.Tensor:
@@ -43,7 +49,7 @@ def adamw_direction(theta_before, theta_after, lr: float, weight_decay: float) -
     torch's AdamW, m_hat / (sqrt(v_hat) + eps) of the clipped gradient)."""
     if not lr > 0:
         raise ValueError(f"lr must be > 0 to recover AdamW's direction, got {lr}")
-    work = _work_dtype(theta_before, theta_after)
+    work = work_dtype(theta_before, theta_after)
     return (theta_before.to(work) * (1.0 - lr * weight_decay) - theta_after.to(work)) / lr
 
 
@@ -51,7 +57,7 @@ def adamw_direction_from_step(theta_before, step, lr: float, weight_decay: float
     """The same from the step u = theta_{t+1} - theta_t: -(u / lr) - wd theta_t (theta_{t+1} never formed)."""
     if not lr > 0:
         raise ValueError(f"lr must be > 0 to recover AdamW's direction, got {lr}")
-    work = _work_dtype(theta_before, step)
+    work = work_dtype(theta_before, step)
     return -(step.to(work) / lr) - theta_before.to(work) * weight_decay
 
 
@@ -59,11 +65,10 @@ def coordinatewise_retention(den, num, K: int, delta: float = DELTA, den_scale: 
                              den_rms=None) -> tuple:
     """(ratio, scale, active, clipped), each shaped as den; den_rms: RMS(den) over the whole tensor (its
     local RMS when None)."""
-    if K < 2:
-        raise ValueError(f"K must be >= 2, got {K}")
-    work = _work_dtype(den, num)
+    _check_K(K)
+    work = work_dtype(den, num)
     den_w, num_w = den.to(work), num.to(work)
-    rms = den_w.square().mean().sqrt() if den_rms is None else torch.as_tensor(den_rms, dtype=work)
+    rms = tensor_rms(den_w) if den_rms is None else torch.as_tensor(den_rms, dtype=work)
     active = den_w.abs() > rms * RELATIVE_THRESHOLD
     candidate = (num_w * num_scale) / torch.where(active, den_w * den_scale, torch.ones_like(den_w))
     clipped = active & (~torch.isfinite(candidate) | (candidate < R_MIN) | (candidate > R_MAX))
@@ -78,10 +83,9 @@ def coordinatewise_retention(den, num, K: int, delta: float = DELTA, den_scale: 
 
 def update_space_retention(cross, self_dot, K: int, delta: float = DELTA) -> tuple:
     """(rho, scale) of one matrix from cross = <u0, u1> and self_dot = <u0, u0> (sums over the whole matrix)."""
-    if K < 2:
-        raise ValueError(f"K must be >= 2, got {K}")
+    _check_K(K)
     cross, self_dot = torch.as_tensor(cross), torch.as_tensor(self_dot)
-    work = _work_dtype(cross, self_dot)
+    work = work_dtype(cross, self_dot)
     cross, self_dot = cross.to(work), self_dot.to(work)
     safe = self_dot > 0
     rho = torch.where(safe, cross / torch.where(safe, self_dot, torch.ones_like(self_dot)), torch.zeros_like(cross))
@@ -95,7 +99,7 @@ def update_space_retention(cross, self_dot, K: int, delta: float = DELTA) -> tup
 def reposition(theta0, theta2, scale, alpha: float, min_effective_multiplier: float = 0.0) -> torch.Tensor:
     """theta_tilde = theta0 + eff (theta2 - theta0), eff = alpha scale, at least min_effective_multiplier
     when that is > 0; in the work dtype of theta0 and theta2."""
-    work = _work_dtype(theta0, theta2)
+    work = work_dtype(theta0, theta2)
     eff = torch.as_tensor(scale, dtype=work) * alpha
     if min_effective_multiplier > 0:
         eff = eff.clamp(min=min_effective_multiplier)

@@ -22,7 +22,7 @@ import torch
 
 from .flat.buffers import local
 from .flat.extrapolation import EXTRAP_STATS
-from .retention import adamw_direction, adamw_direction_from_step, coordinatewise_retention, reposition
+from .retention import adamw_direction, adamw_direction_from_step, coordinatewise_retention, reposition, work_dtype
 
 RETENTION_SPACES = ("raw_grad", "grad", "update", "auto")
 CLIP_EPS = 1e-12  # their recorded clip multiplier min(1, clip / (||g|| + 1e-12))
@@ -60,7 +60,7 @@ class Probe:
     """The third model-sized buffer per parameter: u0 = theta1 - theta0 (update) or the raw g1 (grad)."""
 
     def __init__(self, space: str):
-        self.space, self.bufs, self.hp0, self.hp1 = space, {}, {}, {}
+        self.space, self.bufs, self.hp0 = space, {}, {}
 
     def after_first_step(self, groups, base, had_grad):
         """theta1 is in place: u0 (update space) and the pass-1 hyperparameters."""
@@ -86,7 +86,7 @@ def extrapolate(probe: Probe, groups, base, had_grad, *, K: int, alpha: float, d
                 c0: float, c1: float, all_reduce) -> torch.Tensor:
     """theta_tilde into the parameters (theta2 -> theta0 + eff (theta2 - theta0)); returns the EXTRAP_STATS
     sums of this rank (float64), in the retention space's own den / num."""
-    probe.hp1 = hyperparameters(base)
+    hp1 = hyperparameters(base)
     items = []  # (group, index, param, den, num)
     for g in groups:
         for j, p in enumerate(g.params):
@@ -96,7 +96,7 @@ def extrapolate(probe: Probe, groups, base, had_grad, *, K: int, alpha: float, d
             if probe.space == "grad":
                 den, num = g.view(g.g0, j), probe.bufs[id(p)]
             else:
-                (lr0, wd0), (lr1, wd1) = probe.hp0[id(p)], probe.hp1[id(p)]
+                (lr0, wd0), (lr1, wd1) = probe.hp0[id(p)], hp1[id(p)]
                 if not (lr0 > 0 and lr1 > 0):  # their neutral branch: scale 1, no ratio
                     items.append((g, j, p, None, None))
                     continue
@@ -116,8 +116,7 @@ def extrapolate(probe: Probe, groups, base, had_grad, *, K: int, alpha: float, d
     for g, j, p, den, num in items:
         theta0, theta2 = g.view(g.theta0, j), local(p).detach()
         if den is None:
-            scale = torch.ones((), dtype=torch.float64 if theta2.dtype == torch.float64 else torch.float32,
-                               device=theta2.device)
+            scale = torch.ones((), dtype=work_dtype(theta2), device=theta2.device)
         else:
             rms = (totals[row, 0] / totals[row, 1].clamp(min=1.0)).sqrt()
             row += 1
