@@ -269,12 +269,13 @@ def run_loss_call(impl: str, call: str, V: int, rows: int = ROWS):
 
 
 ONE_UNALIGNED = "_one_unaligned"  # flat launches whose group has one tensor off the 16-byte boundary
+RETENTION_SPACES_FUSED = ("update", "grad")  # FlatAdamW's launches in the GXPO authors' current spaces
 
 
 def flat_launches(numels=(4096, 1000, 16, 4100)):
     """Every flat-op and fused-AdamW launch of one GXPO active step (unfused and fused), on a small group."""
     from gxpo_kernels.optim.flat import ops as flat_ops
-    from gxpo_kernels.optim.flat.adamw_kernel import adamw_step
+    from gxpo_kernels.optim.flat.adamw_kernel import Retention, adamw_step
     from gxpo_kernels.optim.flat.buffers import BLOCK, FlatGroup
 
     params = [torch.randn(n) for n in numels]
@@ -290,6 +291,12 @@ def flat_launches(numels=(4096, 1000, 16, 4100)):
         flat_ops.restore(group)
         for kwargs in ({}, {"snapshot": True}, {"extrapolate": {"K": 3, "alpha": 0.5, "delta": 1e-8}}):
             adamw_step(group, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8, **kwargs)
+        for space in RETENTION_SPACES_FUSED:  # the GXPO authors' current spaces (optim/fused_retention.py)
+            adamw_step(group, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8, snapshot=True,
+                       retention=Retention(space))
+            adamw_step(group, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8,
+                       extrapolate={"K": 3, "alpha": 0.8, "delta": 1e-8}, bc1_prev=per, bc2_sqrt_prev=per,
+                       retention=Retention(space, torch.full((len(numels),), 1e-6), 1.0, 0.0))
         lrs = [1e-3 * (i + 1) for i in range(len(numels))]  # per-tensor hyperparameters: the table variant
         adamw_step(group, grads, *state, lrs, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8)
         # one parameter 4 bytes past a 16-byte boundary: the others' full blocks keep their 128-bit path
@@ -299,7 +306,9 @@ def flat_launches(numels=(4096, 1000, 16, 4100)):
         adamw_step(mixed, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8,
                    extrapolate={"K": 3, "alpha": 0.5, "delta": 1e-8})
     labels = ["snapshot", "grad_norm", "extrapolate", "grad_dots_g0", "restore", "adamw", "adamw_snapshot",
-              "adamw_extrapolate", "adamw_per_tensor"]
+              "adamw_extrapolate"]
+    labels += [f"adamw_{name}_{space}" for space in RETENTION_SPACES_FUSED for name in ("snapshot", "extrapolate")]
+    labels += ["adamw_per_tensor"]
     labels += [name + ONE_UNALIGNED for name in ("snapshot", "extrapolate", "adamw_extrapolate")]
     assert len(launches) == len(labels), [launch.name for launch in launches]
     return list(zip(labels, launches, strict=True)), sum(numels)
@@ -383,10 +392,14 @@ def flat_report(compile_) -> tuple:
             per_param[label] = sum(m["program_bytes"].values()) / _block_of(launch)
             ms[label] = m["time"]["ms"]
 
+    def fused(x, suffix=""):  # the AdamW launches' bytes beyond a plain AdamW step's
+        return ((x["adamw_snapshot" + suffix] - x["adamw"]) + 2 * x["grad_norm"]
+                + (x["adamw_extrapolate" + suffix] - x["adamw"]) + x["grad_dots_g0"])
+
     def step(x):  # one GXPO active step: probe snapshot, two norms, extrapolation, the corrective dots
         return {"unfused": x["snapshot"] + x["grad_norm"] + x["extrapolate"] + x["grad_dots_g0"],
-                "fused_flat_adamw": ((x["adamw_snapshot"] - x["adamw"]) + 2 * x["grad_norm"]
-                                     + (x["adamw_extrapolate"] - x["adamw"]) + x["grad_dots_g0"])}
+                "fused_flat_adamw": fused(x),
+                **{f"fused_flat_adamw_{space}": fused(x, "_" + space) for space in RETENTION_SPACES_FUSED}}
 
     return per_param, step(per_param), step(ms)
 
@@ -638,7 +651,9 @@ def to_markdown(report: dict, command: str) -> str:
             f"{bk['fused_flat_adamw']:g} B/param fused into FlatAdamW; at {sh['params']:.3g} parameters "
             f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline; modelled (the kernel "
             f"launches' times below, {FLAT_PARAMS:.3g} parameters): {modelled['unfused']:.1f} ms and "
-            f"{modelled['fused_flat_adamw']:.1f} ms."]
+            f"{modelled['fused_flat_adamw']:.1f} ms. In the GXPO authors' current retention spaces, fused: "
+            + "; ".join(f"{space} {bk['fused_flat_adamw_' + space]:g} B/param, {modelled['fused_flat_adamw_' + space]:.1f}"
+                        " ms modelled" for space in RETENTION_SPACES_FUSED) + "."]
     out += ["", *_beside_markdown(report), *kernel_time.markdown(report["kernels"], H100_SXM.name)]
     out += static_csrc.to_markdown(report.get("csrc_kernels", []))
     out += [""] + time_report.to_markdown(report["time_model"])

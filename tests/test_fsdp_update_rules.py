@@ -5,6 +5,8 @@ import torch
 import torch.multiprocessing as mp
 from fsdp_worker import run_steps, tiny_model, worker
 
+from gxpo_kernels import FlatAdamW
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
@@ -16,6 +18,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
      "max_grad_norm": 0.5, "K": 5, "alpha": 0.3},
     {"lr": 1e-2, "retention_space": "grad", "gate": "never", "optimizer_state": "transactional_fast_state",
      "max_grad_norm": 0.5, "K": 10, "alpha": 0.3},
+    # the same inside FlatAdamW's two launches (the interpreter): the per-tensor sums all-reduced on the device
+    {"lr": 1e-2, "base": FlatAdamW, "retention_space": "update", "gate": "never", "optimizer_state": "transactional",
+     "max_grad_norm": 0.5, "K": 5, "alpha": 0.3},
+    {"lr": 1e-2, "base": FlatAdamW, "retention_space": "grad", "gate": "never", "max_grad_norm": 0.5, "K": 10,
+     "alpha": 0.3},
 ])
 def test_two_rank_fsdp2_matches_single_process(tmp_path, opt_kwargs):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), opt_kwargs), nprocs=2, join=True)

@@ -64,7 +64,13 @@ def test_loss_pass1_issues_no_more_instructions_per_element_than_liger(report):
 
 
 def test_gxpo_bookkeeping_bytes_per_parameter(report):
-    assert report["gxpo_bookkeeping_bytes_per_param"] == {"unfused": 48, "fused_flat_adamw": 32}
+    bk = report["gxpo_bookkeeping_bytes_per_param"]
+    assert {k: bk[k] for k in ("unfused", "fused_flat_adamw")} == {"unfused": 48, "fused_flat_adamw": 32}
+    # the authors' current spaces (pass 1's one float per 1024-element block for the per-tensor RMS, 0.004
+    # B/param, is outside the block loop the model reads): the update space's pass 2 rebuilds d0 from the moments
+    # it reads anyway and reads no g0
+    assert bk["fused_flat_adamw_update"] == 28
+    assert bk["fused_flat_adamw_grad"] == 32
 
 
 def test_a_masked_row_only_writes_its_zero_gradient(report):
@@ -99,7 +105,10 @@ def test_flat_kernels_stream_in_128_bit_accesses_within_the_issue_budget(report)
         (loop,) = [loop for loop in k["hot_loops"]
                    if 16 * (loop["ldg_bits"].get("128", 0) + loop["stg_bits"].get("128", 0)) * k["threads"]
                    * iterations_per_block == sum(aligned_twin["program_bytes"].values())]
-        assert loop["barriers"] == 0, k["kernel"]
+        # pass 1 in the GXPO authors' current spaces reduces each block's squared denominators across warps for
+        # the per-tensor RMS: its one barrier pair per 1024-element block, and no other loop's
+        relative_snapshot = "RELATIVE=True" in k["config"] and "SNAPSHOT=True" in k["config"]
+        assert loop["barriers"] == (2 if relative_snapshot else 0), (k["kernel"], k["config"])
         issue_vs_memory = k["issue_vs_memory"] * sum(k["program_bytes"].values()) / sum(
             aligned_twin["program_bytes"].values())
         assert issue_vs_memory <= 0.5, (k["kernel"], k["config"], issue_vs_memory)
@@ -172,6 +181,7 @@ def test_every_kernel_launch_and_loss_call_has_a_modelled_time(report):
         assert c["modelled_ms"] >= roofline_ms * 0.999, c
     ms = report["gxpo_bookkeeping_modelled_ms"]
     assert 0 < ms["fused_flat_adamw"] < ms["unfused"]
+    assert 0 < ms["fused_flat_adamw_update"] <= ms["fused_flat_adamw"] * 1.001
 
 
 @pytest.mark.skipif(not LIGER, reason="needs liger-kernel: its cross-entropy kernel is compiled for the calibration")

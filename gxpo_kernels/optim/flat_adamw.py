@@ -53,19 +53,22 @@ class FlatAdamW(torch.optim.AdamW):
         return loss
 
     @torch.no_grad()
-    def fused_step(self, groups, grad_scale: float = 1.0, snapshot: bool = False, extrapolate=None):
+    def fused_step(self, groups, grad_scale: float = 1.0, snapshot: bool = False, extrapolate=None, retention=None):
         """The kernel step over `groups` (flat groups of this optimizer's parameters); with extrapolate
-        ({"K", "alpha", "delta"}) GXPO's pass 2: returns the EXTRAP_STATS sums over the groups."""
+        ({"K", "alpha", "delta"}) GXPO's pass 2: returns the EXTRAP_STATS sums over the groups. retention: one
+        adamw_kernel.Retention per group (the authors' current spaces); with snapshot it returns each group's
+        per-tensor sums of squares of the ratio's denominator."""
         hyper = {id(p): g for g in self.param_groups for p in g["params"]}
-        sums = None
-        for group in groups:
-            grads, ms, vs, lr, wd, bc1, bc2_sqrt = [], [], [], [], [], [], []
+        sums, den_sq = None, []
+        for gi, group in enumerate(groups):
+            grads, ms, vs, lr, wd, bc1, bc2_sqrt, bc1_prev, bc2_sqrt_prev = [], [], [], [], [], [], [], [], []
             for p in group.params:
                 h = hyper[id(p)]
                 state = self.state[p]
                 if p.grad is None:
                     grads.append(None), ms.append(None), vs.append(None)
                     lr.append(0.0), wd.append(0.0), bc1.append(1.0), bc2_sqrt.append(1.0)
+                    bc1_prev.append(1.0), bc2_sqrt_prev.append(1.0)
                     continue
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -77,13 +80,20 @@ class FlatAdamW(torch.optim.AdamW):
                 grads.append(local(p.grad)), ms.append(local(state["exp_avg"])), vs.append(local(state["exp_avg_sq"]))
                 lr.append(float(h["lr"])), wd.append(float(h["weight_decay"]))
                 bc1.append(1 - beta1**step), bc2_sqrt.append(math.sqrt(1 - beta2**step))
+                prev = step - 1  # the moments as this step found them (0: none yet, d0 = 0 / (0 + eps))
+                bc1_prev.append(1 - beta1**prev if prev else 1.0)
+                bc2_sqrt_prev.append(math.sqrt(1 - beta2**prev) if prev else 1.0)
             betas = {tuple(hyper[id(p)]["betas"]) for p in group.params}
             eps = {hyper[id(p)]["eps"] for p in group.params}
             if len(betas) > 1 or len(eps) > 1:
                 raise ValueError("FlatAdamW's fused step needs one betas and eps per device/dtype group")
             (beta1, beta2), = betas
             out = adamw_step(group, grads, ms, vs, lr, wd, bc1, bc2_sqrt, beta1=beta1, beta2=beta2, eps=eps.pop(),
-                             grad_scale=grad_scale, snapshot=snapshot, extrapolate=extrapolate)
-            if out is not None:
+                             grad_scale=grad_scale, snapshot=snapshot, extrapolate=extrapolate,
+                             retention=None if retention is None else retention[gi], bc1_prev=bc1_prev,
+                             bc2_sqrt_prev=bc2_sqrt_prev)
+            if snapshot and retention is not None:
+                den_sq.append(out)
+            elif out is not None:
                 sums = out if sums is None else combine_stats(torch.stack([sums, out]))
-        return sums
+        return den_sq if (snapshot and retention is not None) else sums

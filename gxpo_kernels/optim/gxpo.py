@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused_retention
 from .flat import ops as flat_ops
 from .flat.extrapolation import EXTRAP_STATS, TINY_G0_NORM
 from .lookahead import LookaheadConfig, LookaheadRule
@@ -80,8 +81,13 @@ class GXPO(LookaheadRule):
             self.base.zero_grad(set_to_none=True)
             return self._finish(loss, reason, g0_norm=g0_norm)
         saved_state = self._save_optimizer_state()
-        self._first_step(groups, g0_norm)  # theta1
-        probe = None if self.space == "raw_grad" else Probe(self.space)
+        fused_space = self.space != "raw_grad" and self._fused_base()  # the authors' spaces inside FlatAdamW
+        if fused_space:  # theta1, the snapshot and each tensor's sum of squared ratio denominators
+            den_sq = self.base.fused_step(groups, self._clip_coef(g0_norm), snapshot=True,
+                                          retention=fused_retention.pass1(groups, self.space))
+        else:
+            self._first_step(groups, g0_norm)  # theta1
+        probe = None if self.space == "raw_grad" or fused_space else Probe(self.space)
         if probe is not None:
             probe.after_first_step(groups, self.base, self._had_grad)
 
@@ -99,7 +105,10 @@ class GXPO(LookaheadRule):
                 min_eff=self.min_effective_multiplier, c0=clip_multiplier(g0_norm, self.max_grad_norm),
                 c1=clip_multiplier(g1_norm, self.max_grad_norm), all_reduce=self._all_reduce)
         elif self._fused_base():  # theta2 stays in the kernel's registers; theta_tilde is written
-            sums = self.base.fused_step(groups, self._clip_coef(g1_norm),
+            retention = None if not fused_space else fused_retention.pass2(
+                groups, self.space, den_sq, self._all_reduce, g0_norm=g0_norm, g1_norm=g1_norm,
+                max_grad_norm=self.max_grad_norm, min_effective_multiplier=self.min_effective_multiplier)
+            sums = self.base.fused_step(groups, self._clip_coef(g1_norm), retention=retention,
                                         extrapolate={"K": self.K, "alpha": self.alpha, "delta": self.delta})
         else:
             g1_scale = 1.0 / self._clip(g1_norm)

@@ -180,7 +180,7 @@ def _extrapolate_block(blk, acc, param_ptrs, grad_ptrs, numels, offsets, block_t
         g0 = load(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
         g1 = load_if(g_ptr, idx, numel, g_addr != 0, MASKED).to(tl.float32) * g1_scale
         theta_tilde, stats = extrapolate_tile(theta2, theta0, g0, g1, valid_mask(idx, numel, MASKED), alpha, delta,
-                                               scale_max, K)
+                                               scale_max, delta, 1.0, 0.0, K, False)
         store(p, idx, theta_tilde.to(DTYPE), numel, MASKED)
         acc = add_stats(acc, stats)
     return acc

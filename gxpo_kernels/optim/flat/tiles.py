@@ -102,12 +102,21 @@ def valid_mask(idx, numel, MASKED: tl.constexpr):
 
 
 @triton.jit
-def extrapolate_tile(theta2, theta0, g0, g1, valid, alpha, delta, scale_max, K: tl.constexpr):
+def extrapolate_tile(theta2, theta0, g0, g1, valid, alpha, delta, scale_max, thr, r_scale, min_eff, K: tl.constexpr,
+                     RELATIVE: tl.constexpr):
     """theta0 + alpha * scale * (theta2 - theta0) elementwise (fp32), and the tile's 11 EXTRAP_STATS as
-    per-row sums (scale_max a per-row max). Shared by the flat op and the fused pass-2 AdamW kernel."""
+    per-row sums (scale_max a per-row max). Shared by the flat op and the fused pass-2 AdamW kernel.
+    g0 / g1 are the retention ratio's denominator and numerator. RELATIVE (the authors' current spaces): active
+    where |g0| > thr (their per-tensor 1e-3 RMS(g0)), r = r_scale g1 / g0, the move max(alpha scale, min_eff);
+    otherwise active where |g0| > delta, r = g1 / g0."""
+    if not RELATIVE:
+        thr = delta
     abs_g0 = tl.abs(g0)
-    active = (abs_g0 > delta) & valid
-    r = g1 / (tl.where(g0 >= 0, 1.0, -1.0) * tl.maximum(abs_g0, delta))
+    active = (abs_g0 > thr) & valid
+    num = g1
+    if RELATIVE:
+        num = g1 * r_scale
+    r = num / (tl.where(g0 >= 0, 1.0, -1.0) * tl.maximum(abs_g0, thr))
     r_finite = (r == r) & (tl.abs(r) < float("inf"))
     clipped = active & ((~r_finite) | (r < _R_MIN) | (r > _R_MAX))
     r = tl.where(r != r, 1.0, r)
@@ -127,6 +136,8 @@ def extrapolate_tile(theta2, theta0, g0, g1, valid, alpha, delta, scale_max, K: 
              tl.sum(tl.where(active, r, 0.0), 1), tl.sum(tl.where(active, r * r, 0.0), 1),
              tl.sum(clipped.to(tl.float32), 1), tl.sum(tl.where(active, scale, 0.0), 1),
              tl.max(tl.where(valid, scale, 1.0), 1), tl.sum(d * d, 1), tl.sum(sd * sd, 1))
+    if RELATIVE:
+        return theta0 + tl.maximum(alpha * scale, min_eff) * d, stats
     return theta0 + alpha * sd, stats
 
 
