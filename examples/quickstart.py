@@ -15,7 +15,7 @@ loss, metrics = fused_linear_grpo_loss(body(ids_BT), lm_head.weight, ids_BT, adv
 loss.backward()
 
 # GXPO in a loop: step() calls the closure for each pass on the same batch (3 while its gate is open).
-opt = GXPO([*body.parameters(), *lm_head.parameters()], preset="final", lr=1e-2, max_grad_norm=1.0)
+opt = GXPO([*body.parameters(), *lm_head.parameters()], lr=1e-2, max_grad_norm=1.0)  # the authors' newest preset
 for step in range(3):
     def closure():
         loss, metrics = fused_linear_grpo_loss(body(ids_BT), lm_head.weight, ids_BT, adv_B, mask_BT,

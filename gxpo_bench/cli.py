@@ -6,7 +6,7 @@ alternatives and against the hardware's floor.
                   [--lengths uniform|longtail] [--zero-adv-frac F] [--fast] [--out FILE.json]
   gxpo-bench static [--json FILE.json] [--md FILE.md] [--no-liger] [--beside OTHER.json]
                     [--N 16384] [--V 151936] [--params 1.5e9]
-  gxpo-bench study [--fast] [--seeds 0,1,2] [--rules grpo,gxpo-final,gxpo-paper,sfpo-official] [--runs DIR]
+  gxpo-bench study [--fast] [--seeds 0,1,2] [--rules grpo,gxpo-authors-1p5b,gxpo-final,...] [--runs DIR]
                    [--report-only] [--out FILE.json]
   gxpo-bench compare A.json B.json [--threshold 1.10]
 
@@ -174,7 +174,7 @@ def main(argv=None):
     sy = sub.add_parser("study", help="GRPO, GXPO presets and SFPO over seeds: time to GRPO's peak")
     sy.add_argument("--fast", action="store_true", help="the tiny random model, 2 steps (what CI runs)")
     sy.add_argument("--seeds", default="0,1,2")
-    sy.add_argument("--rules", default="grpo,gxpo-final,gxpo-paper,sfpo-official")
+    sy.add_argument("--rules", default="grpo,gxpo-authors-1p5b,gxpo-final,gxpo-paper,sfpo-official")
     sy.add_argument("--runs", help="run directories (default runs/study or runs/study-fast); finished runs are kept")
     sy.add_argument("--report-only", action="store_true", help="rebuild the report from the runs, train nothing")
     sy.add_argument("--out", help="FILE.json (FILE.md and FILE.png next to it); default under bench/results/")

@@ -652,8 +652,9 @@ def to_markdown(report: dict, command: str) -> str:
             f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline; modelled (the kernel "
             f"launches' times below, {FLAT_PARAMS:.3g} parameters): {modelled['unfused']:.1f} ms and "
             f"{modelled['fused_flat_adamw']:.1f} ms. In the GXPO authors' current retention spaces, fused: "
-            + "; ".join(f"{space} {bk['fused_flat_adamw_' + space]:g} B/param, {modelled['fused_flat_adamw_' + space]:.1f}"
-                        " ms modelled" for space in RETENTION_SPACES_FUSED) + "."]
+            + "; ".join(f"{space} {bk['fused_flat_adamw_' + space]:g} B/param, "
+                        f"{modelled['fused_flat_adamw_' + space]:.1f} ms modelled" for space in RETENTION_SPACES_FUSED)
+            + "."]
     out += ["", *_beside_markdown(report), *kernel_time.markdown(report["kernels"], H100_SXM.name)]
     out += static_csrc.to_markdown(report.get("csrc_kernels", []))
     out += [""] + time_report.to_markdown(report["time_model"])

@@ -21,6 +21,7 @@ METRIC = "eval/pass@1"
 
 RULES = {
     "grpo": [("algo", "grpo")],
+    "gxpo-authors-1p5b": [("algo", "gxpo"), ("gxpo.preset", "authors-1p5b")],  # the default
     "gxpo-final": [("algo", "gxpo"), ("gxpo.preset", "final")],
     "gxpo-paper": [("algo", "gxpo"), ("gxpo.preset", "paper")],
     "sfpo-official": [("algo", "sfpo"), ("sfpo.preset", "official")],

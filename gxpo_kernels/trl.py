@@ -1,7 +1,7 @@
 """GXPO and SFPO inside TRL's GRPOTrainer: change the import, add a few config fields.
 
     from gxpo_kernels.trl import GXPOTrainer as GRPOTrainer, GXPOConfig as GRPOConfig
-    args = GRPOConfig(..., update_rule="gxpo", rule_preset="final")
+    args = GRPOConfig(..., update_rule="gxpo", rule_preset="authors-1p5b")
 
 Same rollouts, rewards, advantages and loss as stock TRL (its `_generate_and_score_completions` and
 `compute_loss`). With update_rule "gxpo" or "sfpo" the rule drives a closure over TRL's generation batch:
@@ -12,8 +12,13 @@ to the sampling policy. The base optimizer is the one TRL builds (AdamW, its dec
 schedule); the rule clips (max_grad_norm moves into it). TRL's logs gain `rule/*` (the rule's
 last_stats) and cumulative `backward_passes`; checkpoints and resume go through TRL's own mechanism
 (the optimizer's state_dict is the rule's, gate included). update_rule "grpo" leaves TRL's update untouched.
-Needs one optimizer step per generation batch: gradient_accumulation_steps 1, steps_per_generation 1,
-num_iterations 1 (ValueErrors say so).
+Needs one optimizer step per training step: gradient_accumulation_steps 1 and num_iterations 1 (ValueErrors say
+so). steps_per_generation S > 1 gives PPO mini-batches: TRL generates, scores and computes the advantages and
+old log-probs once per generation batch and trains on it in S slices, and each slice is one rule step (an
+optimizer step of TRL's); the rule's gate observes once per generation batch, after its last slice, the token
+mean of the slices' corrective-pass entropies (UpdateRule.gate_batch, as the trainer's update.mini_batches).
+TRL's slices are its own: the generation batch shuffled by rows, so a prompt's completions may fall in
+different slices (the trainer keeps groups whole).
 
 fused_loss=True (any update_rule) computes TRL's loss through our kernels: the log-probs and entropies of
 the completion tokens from the vocabulary primitive fused with the LM head
@@ -33,6 +38,7 @@ from trl import GRPOConfig, GRPOTrainer
 from .loss import PolicyObjective, fused_linear_token_logprobs, policy_loss
 from .loss.objectives import PER_SEQUENCE_LOSSES, adapted_entropy_coef
 from .optim import RULES, rule_config
+from .optim.lookahead import ENTROPY_TOKENS
 
 PER_TOKEN_LOSSES = ("bnpo",)  # its share of tokens; dapo / cispo / vespo normalize by the whole batch already
 # (field, the value the fused loss needs, why): none; the MoE router's aux loss is refused in GXPOTrainer
@@ -58,7 +64,8 @@ def objective_of(args) -> PolicyObjective:
 @dataclass
 class GXPOConfig(GRPOConfig):
     update_rule: str = field(default="gxpo", metadata={"help": "grpo (stock TRL) or a registered rule: gxpo, sfpo"})
-    rule_preset: str | None = field(default=None, metadata={"help": "gxpo: final | paper; sfpo: official"})
+    rule_preset: str | None = field(default=None, metadata={
+        "help": "gxpo: authors-1p5b (default) | authors-1p5b-ab | authors-7b | final | paper; sfpo: official"})
     rule_kwargs: dict = field(default_factory=dict, metadata={
         "help": "the rule's config fields (gxpo_kernels.optim.RULES[update_rule]): K, alpha, tau, gate, window, ..."})
     rule_micro_batches: int = field(default=1, metadata={"help": "chunks of the batch per closure pass"})
@@ -77,10 +84,10 @@ class GXPOConfig(GRPOConfig):
         if self.fused_loss:
             self._check_fused_loss()
         if self.update_rule != "grpo":
-            for name in ("gradient_accumulation_steps", "steps_per_generation", "num_iterations"):
+            for name in ("gradient_accumulation_steps", "num_iterations"):
                 if (value := getattr(self, name)) != 1:
                     raise ValueError(f"{name} must be 1 with update_rule={self.update_rule!r}: the rule takes one "
-                                     f"step per generation batch and runs its passes over it (got {value})")
+                                     f"step per training step and runs its passes over its batch (got {value})")
 
 
     def rule_config(self):
@@ -151,7 +158,15 @@ class GXPOTrainer(GRPOTrainer):
         inputs = self._prepare_inputs(inputs)
         if inputs.get("old_per_token_logps") is None:  # the sampling policy's log-probs for every pass
             inputs["old_per_token_logps"] = self._sampling_logps(model, inputs)
+        slices = self.args.steps_per_generation  # TRL's slice of its generation batch: self._step % slices
+        if slices > 1:  # one gate observation per generation batch
+            if self._step % slices == 0 and self.rule.in_gate_batch:  # resumed from a checkpoint taken inside
+                self.rule.end_gate_batch()  # one (TRL then generates anew): observed with the slices it trained
+            if not self.rule.in_gate_batch:
+                self.rule.begin_gate_batch()
         loss = self.rule.step(self._closure(model, inputs))
+        if slices > 1 and (self._step + 1) % slices == 0:
+            self.rule.end_gate_batch()
         for key, value in self.rule.last_stats.items():
             self._metrics["train"][f"rule/{key}"].append(float(value))
         self._step += 1
@@ -180,7 +195,8 @@ class GXPOTrainer(GRPOTrainer):
             yield chunk, weight, token_share
 
     def _closure(self, model, inputs):
-        """TRL's loss and backward over the whole batch, chunk by chunk: (loss, {"entropy_mean"})."""
+        """TRL's loss and backward over the whole batch, chunk by chunk: (loss, {"entropy_mean", ENTROPY_TOKENS})."""
+        tokens = float(self.accelerator.gather(inputs["completion_mask"].sum().reshape(1)).sum())
 
         def closure():
             total, entropy = 0.0, 0.0
@@ -190,7 +206,7 @@ class GXPOTrainer(GRPOTrainer):
                 self.accelerator.backward(loss)
                 total += loss.detach()
                 entropy += self._metrics["train"]["entropy"][-1] * token_share
-            return torch.as_tensor(total), {"entropy_mean": entropy}
+            return torch.as_tensor(total), {"entropy_mean": entropy, ENTROPY_TOKENS: tokens}
 
         return closure
 

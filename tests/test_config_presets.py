@@ -10,7 +10,9 @@ from trainer.config import load_config, to_toml  # noqa: E402
 def test_presets_resolve_and_fields_override(tmp_path):
     cfg = load_config()
     assert (cfg.gxpo.preset, cfg.gxpo.K, cfg.gxpo.alpha, cfg.gxpo.tau, cfg.gxpo.gate, cfg.gxpo.gate_stat,
-            cfg.gxpo.window, cfg.gxpo.warmup) == ("final", 3, 0.5, 2.0, "window_inclusive", "entropy", 30, 0)
+            cfg.gxpo.window, cfg.gxpo.warmup, cfg.gxpo.patience, cfg.gxpo.optimizer_state,
+            cfg.gxpo.retention_space) == ("authors-1p5b", 3, 0.8, 3.0, "window_inclusive", "entropy", 30, 50, 3,
+                                          "transactional", "auto")
     assert (cfg.sfpo.preset, cfg.sfpo.K, cfg.sfpo.alpha, cfg.sfpo.tau, cfg.sfpo.gate) == \
         ("official", 3, 0.8, 1.0, "window_inclusive")
     paper = load_config(overrides=[("gxpo.preset", "paper"), ("gxpo.tau", "0.7")])

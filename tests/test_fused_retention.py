@@ -32,7 +32,7 @@ def run(model, x, y, base, **kwargs):
     for step in range(STEPS):
         rows = torch.randperm(24, generator=torch.Generator().manual_seed(step))[:16]
 
-        def closure():
+        def closure(rows=rows):
             loss = torch.nn.functional.mse_loss(model(x[rows].to(model[0].weight.dtype)),
                                                 y[rows].to(model[0].weight.dtype))
             loss.backward()
@@ -138,10 +138,9 @@ def test_pass1_sums_of_squares_and_unwritten_blocks(space):
     n = len(numels)
     lr, wd, beta1, beta2, eps, step = 1e-2, 0.1, 0.9, 0.99, 1e-8, 3
     bc1, bc2_sqrt = 1 - beta1**step, (1 - beta2**step) ** 0.5
-    den_sq = adamw_step(group, [g for g in grads], [m if g is not None else None for m, g in zip(ms, grads)],
-                        [v if g is not None else None for v, g in zip(vs, grads)], [lr] * n, [wd] * n, [bc1] * n,
-                        [bc2_sqrt] * n, beta1=beta1, beta2=beta2, eps=eps, grad_scale=0.5, snapshot=True,
-                        retention=Retention(space))
+    ms_, vs_ = ([t if g is not None else None for t, g in zip(ts, grads, strict=True)] for ts in (ms, vs))
+    den_sq = adamw_step(group, grads, ms_, vs_, [lr] * n, [wd] * n, [bc1] * n, [bc2_sqrt] * n, beta1=beta1,
+                        beta2=beta2, eps=eps, grad_scale=0.5, snapshot=True, retention=Retention(space))
     for i, (p0, m0, v0) in enumerate(ref):
         g = grads[i]
         if g is None:

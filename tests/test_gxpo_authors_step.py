@@ -230,3 +230,4 @@ def test_readme_lists_every_gxpo_preset_with_its_values():
         assert config.gate.startswith("ema") or f"W {config.window}" in rows[preset], preset
         assert config.retention_space in rows[preset], preset
         assert config.optimizer_state in rows[preset], preset
+        assert ("(default)" in rows[preset]) == (preset == GXPORuleConfig.default_preset), preset

@@ -96,16 +96,83 @@ def test_micro_batches_give_the_whole_batch_gradient(tmp_path):
         assert rel_err(grads[1], grads[0]) < 1e-5, loss_agg
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = train_module.train(tiny_cfg(tmp_path / "a", "gxpo", steps=4), log=lambda *_: None)
-    first = tiny_cfg(tmp_path / "b", "gxpo", steps=2)
+@pytest.mark.parametrize("mini_batches", [1, 3])
+def test_resume_continues_exactly(tmp_path, mini_batches):
+    extra, steps = {"update.mini_batches": mini_batches}, 4 if mini_batches == 1 else 3
+    straight = train_module.train(tiny_cfg(tmp_path / "a", "gxpo", steps=steps, **extra), log=lambda *_: None)
+    first = tiny_cfg(tmp_path / "b", "gxpo", steps=2, **extra)
     train_module.train(first, log=lambda *_: None)
-    resumed = train_module.train(tiny_cfg(tmp_path / "b", "gxpo", steps=4, resume=True), log=lambda *_: None)
+    resumed = train_module.train(tiny_cfg(tmp_path / "b", "gxpo", steps=steps, resume=True, **extra),
+                                 log=lambda *_: None)
     a, b = read_metrics(straight), read_metrics(resumed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b, strict=True):
-        for key in ("reward_mean", "loss", "backward_passes", "rule/gtilde_norm"):
+        for key in ("reward_mean", "loss", "backward_passes", "rule/gtilde_norm", "rule/gate_stat", "entropy_mean"):
             assert ra.get(key) == rb.get(key), (ra["step"], key)
+
+
+def varied_reward(text, gold):
+    """A reward under which no group of the tiny model's completions has zero variance (distinct completions score
+    differently), so that every GXPO step extrapolates."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(text)) % 997 / 997
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_ppo_mini_batches_step_the_rule_on_whole_groups(tmp_path, monkeypatch, n):
+    """update.mini_batches = n: per rollout step n rule steps (GXPO: 3 passes each), on consecutive runs of whole
+    groups that cover the batch; mini-batch 1 on-policy, the others with the sampling policy's log-probs taken
+    before the first step; the gate observes once per rollout step the token mean of the mini-batches' corrective
+    passes' entropies (the GXPO authors' update_policy_gxpo). n = 1 is the single update over the whole batch."""
+    from gxpo_kernels.optim.gate import ZScoreGate
+
+    monkeypatch.setattr(train_module, "make_reward", lambda kind, format_weight=0.0: varied_reward)
+    events, observed = [], []
+    real_update, real_run, real_observe = train_module.Trainer.update, train_module.run_update, ZScoreGate.observe
+
+    def spy_update(self, step, batch, adv, phases, group_sizes):
+        events.append(("rollout step", batch, list(group_sizes)))
+        return real_update(self, step, batch, adv, phases, group_sizes)
+
+    def spy_run(rule, closure):
+        on_policy = closure.old_logp_BT is None
+        stats = real_run(rule, closure)
+        events.append(("rule step", closure.batch, on_policy, closure.last_metrics["entropy_mean"],
+                       closure.trained_tokens, len(closure.pass_times)))
+        return stats
+
+    monkeypatch.setattr(train_module.Trainer, "update", spy_update)
+    monkeypatch.setattr(train_module, "run_update", spy_run)
+    monkeypatch.setattr(ZScoreGate, "observe", lambda gate, h: observed.append(h) or real_observe(gate, h))
+    cfg = tiny_cfg(tmp_path, "gxpo", steps=2, **{"rollout.num_prompts": 4, "update.mini_batches": n})
+    trainer = train_module.Trainer(cfg, log=lambda *_: None)
+    rows = read_metrics(trainer.run())
+    assert [r["backward_passes"] for r in rows] == [3 * n, 6 * n] == [r["rule/backward_passes"] for r in rows]
+    assert trainer.rule.steps == 2 * n and trainer.rule.gate_steps == 2 and [r["rule/active"] for r in rows] == [1, 1]
+    assert len(events) == 2 * (1 + n) and len(observed) == trainer.rule.gate.seen == 2
+    for s in range(2):
+        (_, batch, group_sizes), *steps = events[s * (1 + n):(s + 1) * (1 + n)]
+        assert group_sizes == [4] * 4
+        if n == 1:
+            assert steps[0][1] is batch
+        rows_of = [step[1].completion_ids.shape[0] for step in steps]
+        assert rows_of == [16 // n] * n  # whole groups of 4, the same number in each
+        for key in ("completion_ids", "completion_mask", "input_ids"):
+            assert torch.equal(torch.cat([getattr(step[1], key) for step in steps]), getattr(batch, key))
+        assert [step[2] for step in steps] == [True] + [False] * (n - 1)
+        assert [step[5] for step in steps] == [3] * n
+        tokens = sum(step[4] for step in steps)  # the token mean of the corrective passes' entropies
+        assert observed[s] == pytest.approx(sum(step[3] * step[4] for step in steps) / tokens, rel=1e-12)
+        assert rows[s]["rule/gate_stat"] == observed[s] == pytest.approx(rows[s]["entropy_mean"], rel=1e-12)
+
+
+def test_mini_batches_must_divide_the_prompt_groups(tmp_path):
+    for bad in (0, 2, -1):
+        with pytest.raises(ValueError, match=r"'update\.mini_batches' must be an int >= 1 that divides "
+                                             r"rollout\.num_prompts \(3\)"):
+            tiny_cfg(tmp_path, "gxpo", **{"update.mini_batches": bad})
+    with pytest.raises(ValueError, match=r"config key 'update\.mini_batches': cannot read '1\.5' as int"):
+        tiny_cfg(tmp_path, "gxpo", **{"update.mini_batches": 1.5})
+    assert tiny_cfg(tmp_path, "gxpo", **{"update.mini_batches": 3}).update.mini_batches == 3
 
 
 def test_torn_checkpoint_falls_back_to_the_previous_one(tmp_path):

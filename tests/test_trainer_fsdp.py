@@ -93,6 +93,23 @@ def test_two_ranks_match_one(tmp_path, algo):
     assert moved > len(w1) // 2, "training barely moved the weights; the comparison would prove little"
 
 
+def test_two_ranks_match_one_with_mini_batches(tmp_path):
+    """update.mini_batches = 2 on 2 ranks: each rank holds its share of each mini-batch, so the two GXPO steps per
+    rollout step train on the one-process run's mini-batches (the later one's old log-probs taken by a no-grad
+    forward in which a rank with fewer micro-batches runs zero-loss forwards) and reach its weights."""
+    common = {"rollout.num_prompts": 4, "update.mini_batches": 2, "loss.max_tokens_per_micro_batch": 320}
+    one, two = (tiny_cfg(tmp_path / name, "gxpo", steps=2, **common) for name in ("one", "two"))
+    rows_one, rows_two = run_cli(one, tmp_path, 1), run_cli(two, tmp_path, 2)
+    for r1, r2 in zip(rows_one, rows_two, strict=True):
+        assert r1["backward_passes"] == r2["backward_passes"] == 6 * r1["step"] and r2["rule/active"] == 1
+        assert r1["reward_mean"] == r2["reward_mean"]
+        for key in ("loss", "entropy_mean", "grad_norm", "rule/gate_stat"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), (r1["step"], key)
+    w1, w2 = final_weights(one.out), final_weights(two.out)
+    for name in w1:
+        assert rel_err(w2[name], w1[name]) < 1e-4, name
+
+
 def test_two_ranks_resume_from_a_checkpoint(tmp_path):
     """Stopped after 2 of 3 steps on 2 ranks, resumed on 2 ranks: the last step equals the straight run
     (with activation checkpointing under FSDP2)."""

@@ -114,6 +114,45 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     torch.testing.assert_close(params(resumed), params(whole), rtol=0, atol=1e-6)
 
 
+def test_steps_per_generation_makes_each_slice_a_rule_step_and_one_gate_observation(tmp_path, monkeypatch):
+    """steps_per_generation = 2: one generation batch (2 prompts x 4 completions) trained as TRL's two slices of it
+    (disjoint, covering it), each one GXPO step (3 passes); the gate observes once, after the second, the token
+    mean of the two corrective passes' entropies."""
+    from gxpo_kernels.optim.gate import ZScoreGate
+
+    trainer = make(GXPOTrainer, GXPOConfig, tmp_path, steps=2, update_rule="gxpo", steps_per_generation=2,
+                   rule_kwargs={"tau": 100.0})
+    generated, slices, observed = [], [], []
+    generate, closure_of, observe = trainer._generate_and_score_completions, trainer._closure, ZScoreGate.observe
+    monkeypatch.setattr(trainer, "_generate_and_score_completions", lambda batch: generated.append(generate(batch))
+                        or generated[-1])
+
+    def spy(model, inputs):
+        calls = []
+        slices.append((inputs, calls))
+        closure = closure_of(model, inputs)
+        return lambda: (out := closure(), calls.append(out[1]))[0]
+
+    monkeypatch.setattr(trainer, "_closure", spy)
+    monkeypatch.setattr(ZScoreGate, "observe", lambda gate, h: observed.append(h) or observe(gate, h))
+    trainer.train()
+    assert len(generated) == 1 and len(slices) == 2 and [len(calls) for _, calls in slices] == [3, 3]
+    assert trainer.rule.steps == 2 and trainer.rule.backward_passes == 6 and trainer.rule.gate_steps == 1
+
+    def rows(batch):
+        return sorted(tuple(torch.cat([p, c]).tolist()) for p, c in zip(batch["prompt_ids"], batch["completion_ids"],
+                                                                         strict=True))
+
+    assert [len(rows(inputs)) for inputs, _ in slices] == [4, 4]
+    assert sorted(rows(slices[0][0]) + rows(slices[1][0])) == rows(generated[0])
+    corrective = [calls[-1] for _, calls in slices]
+    tokens = sum(m["entropy_tokens"] for m in corrective)
+    assert [m["entropy_tokens"] for m in corrective] == [float(i["completion_mask"].sum()) for i, _ in slices]
+    assert observed == [pytest.approx(sum(m["entropy_mean"] * m["entropy_tokens"] for m in corrective) / tokens,
+                                      rel=1e-12)]
+    assert trainer.rule.last_stats["gate_stat"] == observed[0]
+
+
 FUSED_CASES = [dict(loss_type=t) for t in LOSS_TYPES] + [
     dict(loss_type="grpo", importance_sampling_level="sequence"), dict(loss_type="luspo", importance_sampling_level=
                                                                        "sequence"),
@@ -176,8 +215,10 @@ def test_fused_loss_steps_as_stock_trl(tmp_path, options):
 def test_fused_loss_under_gxpo_matches_trls_loss(tmp_path):
     runs = []
     for fused in (False, True):  # built and trained one after the other: a trainer seeds the global RNG when built
+        # the raw-gradient ratio: AdamW's first directions m / (sqrt(v) + eps) are nearly sign(g), and the update
+        # space's r = d1 / d0 would turn the two losses' 1e-7 rounding into a flipped coordinate here and there
         runs.append(make(GXPOTrainer, GXPOConfig, tmp_path / str(fused), update_rule="gxpo", fused_loss=fused,
-                         rule_kwargs={"tau": 100.0}, rule_micro_batches=2, loss_type="bnpo"))
+                         rule_preset="final", rule_kwargs={"tau": 100.0}, rule_micro_batches=2, loss_type="bnpo"))
         runs[-1].train()
     assert runs[1].rule.last_stats["active"] == 1.0 and runs[1].rule.backward_passes == 3
     logged = [h["grad_norm"] for h in runs[1].state.log_history if "grad_norm" in h]

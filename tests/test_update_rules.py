@@ -56,9 +56,17 @@ def test_sfpo_counts_k_plus_one():
     assert opt.last_stats["gate_stat"] == pytest.approx(1.05)  # the corrective (5th) pass's entropy
 
 
+def test_gxpo_default_is_the_authors_newest_launcher():
+    model, _, _ = tiny_problem()
+    opt = GXPO(model.parameters(), lr=1e-2)
+    assert (opt.preset, opt.K, opt.alpha, opt.gate.kind, opt.gate.tau, opt.gate.window, opt.gate.patience,
+            opt.gate.warmup, opt.gate_stat, opt.optimizer_state, opt.space) == \
+        ("authors-1p5b", 3, 0.8, "window_inclusive", 3.0, 30, 3, 50, "entropy", "transactional", "update")
+
+
 def test_gxpo_final_preset_gates_on_the_corrective_pass_entropy():
     model, x, y = tiny_problem()
-    opt = GXPO(model.parameters(), lr=1e-2)
+    opt = GXPO(model.parameters(), lr=1e-2, preset="final")
     assert (opt.preset, opt.K, opt.alpha, opt.gate.kind, opt.gate.tau, opt.gate.window, opt.gate_stat) == \
         ("final", 3, 0.5, "window_inclusive", 2.0, 30, "entropy")
     opt.step(make_closure(model, x, y))
@@ -327,3 +335,88 @@ def test_mixed_dtypes_make_separate_groups_and_match_reference():
     for p, t0, h in zip((a32, a64), theta0, (h32.double(), h64), strict=True):
         expected = t0 * (1 - 0.1 * h) ** 4  # K + 1 = 4 GD steps on the quadratic
         assert torch.allclose(p.detach().double(), expected, rtol=1e-5)
+
+
+def entropy_closure(model, x, y, entropy, tokens, calls=None):
+    """A closure whose metrics say: entropy_mean `entropy` over `tokens` tokens (as the trainer's and TRL's do)."""
+
+    def closure():
+        if calls is not None:
+            calls.append(1)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss, {"entropy_mean": entropy, "entropy_tokens": tokens}
+
+    return closure
+
+
+def test_gate_batch_observes_once_the_token_mean_of_its_steps():
+    """Three outer batches of two mini-batch steps: the gate observes once per batch, the token-weighted mean of
+    the steps' corrective-pass entropies (the GXPO authors' update_policy_gxpo); window_inclusive W = 2, tau 0.5:
+    batch 1: (1.0 x 10, 2.0 x 30) -> 1.75, unscored; batch 2: (3.0 x 1, 1.0 x 3) -> 1.5 (the plain mean, 2.0, would
+    trip), z = (1.5 - 1.625) / 0.125 = -1; batch 3: (2.0, 2.0) -> 2.0, z = (2.0 - 1.75) / 0.25 = 1 >= 0.5: trips, so
+    batch 4 is plain."""
+    model, x, y = tiny_problem()
+    opt = GXPO(model.parameters(), lr=1e-2, preset="final", window=2, tau=0.5)
+    batches = [((1.0, 10), (2.0, 30)), ((3.0, 1), (1.0, 3)), ((2.0, 1), (2.0, 1)), ((5.0, 1), (5.0, 1))]
+    seen = []
+    for batch in batches:
+        with opt.gate_batch():
+            for entropy, tokens in batch:
+                opt.step(entropy_closure(model, x, y, entropy, tokens))
+                assert "z" not in opt.last_stats  # no observation inside the batch
+        seen.append({k: opt.last_stats.get(k) for k in ("z", "gate_stat", "gate_open", "active")})
+    assert seen[0] == {"z": 0.0, "gate_stat": 1.75, "gate_open": 1.0, "active": 1.0}
+    assert seen[1]["gate_stat"] == 1.5 and seen[1]["z"] == pytest.approx(-1.0, rel=1e-6)
+    assert seen[2]["gate_stat"] == 2.0 and seen[2]["z"] == pytest.approx(1.0, rel=1e-6) and seen[2]["gate_open"] == 0
+    assert seen[3] == {"z": None, "gate_stat": None, "gate_open": 0.0, "active": 0.0}
+    assert opt.gate.seen == 3 and list(opt.gate.history) == [1.5, 2.0]
+    assert opt.steps == 8 and opt.gate_steps == 4 and opt.backward_passes == 3 * 2 * 3 + 2
+
+
+def test_gate_batches_count_once_for_the_budget_and_a_temporary_fallback():
+    model, x, y = tiny_problem()
+    opt = SFPO(model.parameters(), K=2, lr=1e-2, tau=100.0, max_active_steps=1)
+    for batch in range(2):  # the budget counts outer batches: all of batch 1 extrapolates, none of batch 2
+        with opt.gate_batch():
+            for _ in range(3):
+                opt.step(entropy_closure(model, x, y, 1.0, 4))
+        assert opt.backward_passes == [9, 12][batch]  # 3 x (K + 1), then 3 x 1
+    assert opt.budget_spent and opt.gate_steps == 2 and opt.steps == 6 and opt.backward_passes == 12
+
+    model, x, y = tiny_problem()  # tripped by batch 1 with fallback_window 1: batch 2 plain, batch 3 active again
+    opt = GXPO(model.parameters(), lr=1e-2, preset="paper", tau=1e-9, fallback="temporary", fallback_window=1)
+    passes = []
+    for _ in range(3):
+        before = opt.backward_passes
+        with opt.gate_batch():
+            for _ in range(2):
+                opt.step(entropy_closure(model, x, y, 1.0, 4))
+        passes.append(opt.backward_passes - before)
+    assert passes == [6, 2, 6] and opt.gate.trips == 2
+
+
+def test_a_checkpoint_inside_a_gate_batch_resumes_exactly():
+    def run(cut):
+        model, x, y = tiny_problem()
+        opt = GXPO(model.parameters(), lr=1e-2, preset="final", window=2, tau=0.5)
+        saved = None
+        for b, batch in enumerate([((1.0, 10), (2.0, 30)), ((3.0, 1), (1.0, 3)), ((2.0, 1), (2.0, 1))]):
+            opt.begin_gate_batch()
+            for i, (entropy, tokens) in enumerate(batch):
+                if (b, i) == cut:  # a fresh model and rule from what was saved before this step
+                    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+                    model, x, y = tiny_problem(seed=1)
+                    opt = GXPO(model.parameters(), lr=1e-2, preset="final", window=2, tau=0.5)
+                    model.load_state_dict(saved[0])
+                    opt.load_state_dict(saved[1])
+                    assert opt.in_gate_batch
+                    x, y = tiny_problem()[1:]
+                opt.step(entropy_closure(model, x, y, entropy, tokens))
+            opt.end_gate_batch()
+        return params_of(model), opt.gate.state_dict(), opt.backward_passes
+
+    straight, resumed = run(cut=None), run(cut=(1, 1))
+    for a, b in zip(straight[0], resumed[0], strict=True):
+        assert torch.equal(a, b)
+    assert straight[1:] == resumed[1:] and straight[1]["history"] == [1.5, 2.0]

@@ -1,6 +1,7 @@
 """One training step's update: the loss closure over the rollout batch (fused LM-head GRPO loss,
 micro-batched, normalized over all ranks) and the update rule (GRPO, SFPO or GXPO)
-that calls it."""
+that calls it; with PPO mini-batches ([update] mini_batches), one closure and one rule step per mini-batch of
+whole prompt groups, read back as one update (MiniBatchClosures, combine_rule_stats)."""
 
 import dataclasses
 import math
@@ -8,17 +9,23 @@ import time
 
 import torch
 
-from gxpo_kernels import FlatAdamW
+from gxpo_kernels import FlatAdamW, Muon
 from gxpo_kernels.loss.objectives import PER_SEQUENCE_LOSSES, high_entropy_mask, metric_names, policy_loss
+from gxpo_kernels.optim.lookahead import ENTROPY_TOKENS
 
 from .distributed import SINGLE, Dist
 from .packing import pack, padding_fractions
 
 
 def make_update_rule(cfg, params):
-    """The configured rule (cfg.algo's section, through gxpo_kernels.optim.RULES) over the base optimizer."""
+    """The configured rule (cfg.algo's section, through gxpo_kernels.optim.RULES) over the base optimizer. params:
+    the parameters, or (name, parameter) pairs (Muon needs the names: embeddings and the LM head take AdamW)."""
     base_kwargs = {"lr": cfg.optim.lr, "betas": tuple(cfg.optim.betas), "weight_decay": cfg.optim.weight_decay}
-    base = FlatAdamW if cfg.optim.name == "flat_adamw" else torch.optim.AdamW
+    if cfg.optim.name == "muon":
+        base, base_kwargs = Muon, {**base_kwargs, **cfg.muon.kwargs()}
+    else:
+        params = [p[1] if isinstance(p, tuple) else p for p in params]
+        base = FlatAdamW if cfg.optim.name == "flat_adamw" else torch.optim.AdamW
     return cfg.rule.build(params, base, max_grad_norm=cfg.optim.max_grad_norm, allow_bf16_params=cfg.bf16_params,
                           **base_kwargs)
 
@@ -193,7 +200,28 @@ class LossClosure:
         self.pass_times.append(time.perf_counter() - t0)
         if not math.isfinite(self.last_metrics["loss"]):
             raise NonFiniteLoss(f"pass {len(self.pass_times)}'s loss over the batch is {self.last_metrics['loss']}")
-        return torch.tensor(self.last_metrics["loss"]), dict(self.last_metrics)
+        return torch.tensor(self.last_metrics["loss"]), {**self.last_metrics, ENTROPY_TOKENS: self.trained_tokens}
+
+    @torch.no_grad()
+    def compute_old_logp(self):
+        """old_logp_BT of the trained rows at the current weights, no gradient, micro-batched as the passes are:
+        the sampling policy's log-probs for a PPO mini-batch that trains after an earlier one has moved the
+        weights (taken before any of the rollout step's updates; pass 1 then is not on-policy)."""
+        batch, temperature = self.batch, self.cfg.rollout.temperature
+        logp_BT = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
+        for rows, packed in self.micro_batches:
+            if rows is None:  # the forward of a zero-loss pass: FSDP2's collectives match the other ranks'
+                self.runner("zero_loss")
+                continue
+            if self.objective is not None:
+                logp, _ = self.runner("token_logprobs", batch, rows, packed, temperature=temperature)
+            else:
+                zeros = torch.zeros(batch.completion_ids[rows].shape[0], device=batch.completion_ids.device)
+                _, metrics = (self.runner("token_loss", batch, rows, zeros, temperature=temperature) if packed is None
+                              else self.runner("packed_token_loss", batch, packed, zeros, temperature=temperature))
+                logp = metrics["logp_BT"]
+            logp_BT[rows] = logp.detach().to(logp_BT.dtype)
+        self.old_logp_BT = logp_BT
 
     def _objective_pass(self, rows, packed, token_share, seq_share):
         """loss.objective = "policy": the vocabulary primitive's log-probs and entropies, [objective]'s loss on them
@@ -230,3 +258,115 @@ def run_update(rule, closure: LossClosure) -> dict:
     stats["grad_norm"] = rule.last_grad_norm
     stats["backward_passes_step"] = len(closure.pass_times)
     return stats
+
+
+def split_groups(batch, advantages, ref_logp_BT, group_sizes: list, n: int) -> list:
+    """PPO mini-batches: the rollout batch's prompt groups (rows laid out group after group, group_sizes rows each)
+    in n runs of len(group_sizes) / n whole groups, in order; each (batch rows, their advantages, their reference
+    log-probs or None), the rows' padding as it was."""
+    if len(group_sizes) % n:
+        raise ValueError(f"update.mini_batches ({n}) must divide the {len(group_sizes)} prompt groups of the batch")
+    per, bounds = len(group_sizes) // n, [0]
+    for k in range(n):
+        bounds.append(bounds[-1] + sum(group_sizes[k * per:(k + 1) * per]))
+    return [(batch.row_slice(lo, hi), advantages[lo:hi], None if ref_logp_BT is None else ref_logp_BT[lo:hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class MiniBatchClosures:
+    """The closures of one rollout step's PPO mini-batches read as the one closure of the step (what the trainer's
+    record, entropy control and phase times read). Counts are sums over the mini-batches (total_seqs,
+    total_tokens, trained_tokens, entropy_sums); pass_times[i] sums the i-th pass of every mini-batch (so
+    time/pass_i is the i-th pass of all of them, and the phases still add up to the step); old_logp_BT and
+    trained_mask are the mini-batches' rows stacked back (rows of a mini-batch that never ran count as
+    untrained). last_metrics: loss is the mean of the mini-batches' losses (each its last pass's, over its
+    mini-batch); the other means are token means over the mini-batches' trained tokens, the *_min / *_max the
+    minimum / maximum. stats: micro_batches_max / _min the maximum / minimum, the fractions token means over the
+    mini-batches."""
+
+    def __init__(self, closures: list):
+        self.parts = closures
+        self.entropy_coef = closures[0].entropy_coef
+        self.total_tokens = sum(c.total_tokens for c in closures)
+        self.total_seqs = sum(c.total_seqs for c in closures)
+        self.trained_tokens = sum(c.trained_tokens for c in closures)
+
+    @property
+    def pass_times(self) -> list:
+        most = max(len(c.pass_times) for c in self.parts)
+        return [sum(c.pass_times[i] for c in self.parts if i < len(c.pass_times)) for i in range(most)]
+
+    @property
+    def backward_passes(self) -> int:
+        return sum(len(c.pass_times) for c in self.parts)
+
+    @property
+    def entropy_sums(self) -> tuple:
+        return tuple(sum(c.entropy_sums[i] for c in self.parts) for i in range(2))
+
+    @property
+    def old_logp_BT(self) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(c.trained_mask, dtype=torch.float32) if c.old_logp_BT is None
+                          else c.old_logp_BT for c in self.parts])
+
+    @property
+    def trained_mask(self) -> torch.Tensor:
+        return torch.cat([c.trained_mask if c.old_logp_BT is not None else torch.zeros_like(c.trained_mask)
+                          for c in self.parts])
+
+    @property
+    def last_metrics(self) -> dict:
+        ran = [c for c in self.parts if c.last_metrics]
+        out = {"loss": sum(c.last_metrics["loss"] for c in ran) / max(len(ran), 1)}
+        for k in dict.fromkeys(k for c in ran for k in c.last_metrics if k != "loss"):
+            values = [(c.last_metrics[k], c.trained_tokens) for c in ran if k in c.last_metrics]
+            if (pick := _extreme(k)) is not None:
+                finite = [v for v, _ in values if math.isfinite(v)]
+                out[k] = pick(finite) if finite else float("nan")
+            else:
+                out[k] = _weighted_mean(values)
+        return out
+
+    @property
+    def stats(self) -> dict:
+        out = {}
+        for k in dict.fromkeys(k for c in self.parts for k in c.stats):
+            values = [(c.stats[k], c.total_tokens) for c in self.parts if k in c.stats]
+            pick = {"micro_batches_max": max, "micro_batches_min": min}.get(k)
+            out[k] = pick(v for v, _ in values) if pick else _weighted_mean(values)
+        return out
+
+
+def _weighted_mean(values: list) -> float:
+    """sum(v w) / sum(w) over the (value, weight) pairs of positive weight; NaN when there are none."""
+    kept = [(v, w) for v, w in values if w > 0]
+    total = sum(w for _, w in kept)
+    return sum(v * w for v, w in kept) / total if total > 0 else float("nan")
+
+
+# How one rollout step's mini-batch updates report a rule statistic: the gate's state after the step (its one
+# observation: z, gate_stat) and the counters are the last; fallback codes and maxima the largest; every other
+# statistic (active: the fraction of mini-batches that extrapolated) the mean over the mini-batches that gave it.
+LAST_RULE_STATS = ("rule/backward_passes", "rule/gate_open", "rule/budget_spent", "rule/z", "rule/gate_stat")
+MAX_RULE_STATS = ("rule/fallback", "rule/scale_max")
+
+
+def combine_rule_stats(per_step: list, final: dict) -> dict:
+    """The stats of one rollout step made of several run_update calls (per_step, in order): see LAST_RULE_STATS;
+    final: the rule's last_stats after the step (after gate_batch() observed); backward_passes_step is the sum."""
+    out = {}
+    final = {f"rule/{k}": v for k, v in final.items()}
+    for k in dict.fromkeys([k for stats in per_step for k in stats] + list(final)):
+        values = [stats[k] for stats in per_step if k in stats]
+        if k == "backward_passes_step":
+            out[k] = sum(values)
+        elif k in LAST_RULE_STATS:
+            if k in final:
+                out[k] = final[k]
+            elif values:
+                out[k] = values[-1]
+        elif k in MAX_RULE_STATS:
+            out[k] = max(values)
+        elif values:
+            out[k] = sum(values) / len(values)
+    return out

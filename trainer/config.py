@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from gxpo_kernels.loss.objectives import PolicyObjective, objective_checks
 from gxpo_kernels.loss.settings import LOSS_AGGS
 from gxpo_kernels.optim import RULES
+from gxpo_kernels.optim.muon import MuonConfig
 
 from .hf_tasks import ANSWER_FROM, is_local, parse_filter
 from .plugins import PLUGINS
@@ -126,9 +127,13 @@ ObjectiveConfig = dataclasses.make_dataclass(
                           "loss.objective = 'policy'."})
 
 
+OPTIMIZERS = ("adamw", "flat_adamw", "muon")
+
+
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # | "flat_adamw": one Triton launch per step, GXPO/SFPO's snapshot fused in (CUDA)
+    name: str = "adamw"  # | "flat_adamw": one Triton launch per step, GXPO/SFPO's snapshot fused in (CUDA) | "muon":
+    # Muon on the hidden matrices, AdamW on the rest (gxpo_kernels/optim/muon.py; its own knobs: the [muon] section)
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.99)
@@ -144,8 +149,22 @@ class OptimConfig:
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "> 0 or none"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("name", self.name in ("adamw", "flat_adamw"), "'adamw' or 'flat_adamw'"),
+            ("name", self.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),
         ]
+
+
+@dataclass
+class UpdateConfig:
+    # PPO mini-batches: each rollout step's prompt groups (whole groups, in order) split into this many updates, each
+    # a full rule step (GXPO's three passes) on its mini-batch with the advantages of the whole batch; the gate
+    # observes once per rollout step (the GXPO authors' 64 prompts in mini-batches of 16: mini_batches = 4)
+    mini_batches: int = 1
+
+    def checks(self, cfg) -> list:
+        """(field, holds, what it must be) for each field; cfg is the whole config."""
+        n, prompts = self.mini_batches, cfg.rollout.num_prompts
+        return [("mini_batches", isinstance(n, int) and n >= 1 and prompts % n == 0,
+                 f"an int >= 1 that divides rollout.num_prompts ({prompts}): mini-batches hold whole prompt groups")]
 
 
 @dataclass
@@ -254,6 +273,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    muon: MuonConfig = field(default_factory=MuonConfig)  # Muon's knobs, read when optim.name = "muon"
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

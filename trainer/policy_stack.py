@@ -56,5 +56,6 @@ def build_policy_stack(cfg: TrainConfig, device: torch.device, world: int = 1, r
         mixed = compute_dtype if compute_dtype != param_dtype else None
         for r in filter(None, (runner, ref_runner)):
             shard_policy(r, mixed)
-    rule = make_update_rule(cfg, [p for p in runner.parameters() if p.requires_grad]) if with_rule else None
+    named = [(n, p) for n, p in runner.named_parameters() if p.requires_grad]  # Muon keeps embeddings on AdamW by name
+    rule = make_update_rule(cfg, named) if with_rule else None
     return PolicyStack(model, tokenizer, runner, ref_runner, rule, own_group)

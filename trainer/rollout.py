@@ -1,6 +1,7 @@
 """The rollout batch and the HF-generate engine (the default); trainer/engines.py picks the engine, and
 the vLLM engine (trainer/vllm_engine.py) builds on this module."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,15 @@ class RolloutBatch:
         logps = [b.row_logps() for b in batches]
         logps = None if any(x is None for x in logps) else [x for part in logps for x in part]
         return RolloutBatch.from_rows(rows, [t for b in batches for t in b.texts], pad_id, logps)
+
+    def row_slice(self, start: int, stop: int) -> "RolloutBatch":
+        """Rows start:stop (views), padded as the whole batch is (the same prompt_len and width)."""
+        B = self.completion_ids.shape[0]
+
+        def rows(v):
+            return v[start:stop] if isinstance(v, list) or (torch.is_tensor(v) and v.dim() and v.shape[0] == B) else v
+
+        return dataclasses.replace(self, **{f.name: rows(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def select(self, order: list, pad_id: int) -> "RolloutBatch":
         """The rows in `order` (a permutation or subset), re-padded."""

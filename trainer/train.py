@@ -14,7 +14,7 @@ import torch
 
 from .advantages import group_normalized_ragged
 from .checkpoint import load_latest_checkpoint, save_checkpoint
-from .closure import LossClosure, NonFiniteLoss, run_update
+from .closure import LossClosure, MiniBatchClosures, NonFiniteLoss, combine_rule_stats, run_update, split_groups
 from .collect import collect
 from .config import TrainConfig, to_toml
 from .data import held_out_sets, problems_for_step, task_problems
@@ -54,6 +54,9 @@ class Trainer:
         if cfg.rollout.num_prompts % d.world:
             raise ValueError(f"rollout.num_prompts ({cfg.rollout.num_prompts}) must be a multiple of the number "
                              f"of ranks ({d.world})")
+        if (cfg.rollout.num_prompts // d.world) % cfg.update.mini_batches:
+            raise ValueError(f"update.mini_batches ({cfg.update.mini_batches}) must divide each rank's prompt groups "
+                             f"(rollout.num_prompts / ranks = {cfg.rollout.num_prompts // d.world})")
         if cfg.eval.every and cfg.eval.num_problems < d.world:
             raise ValueError(f"eval.num_problems ({cfg.eval.num_problems}) must be at least the number of ranks "
                              f"({d.world})")
@@ -105,10 +108,14 @@ class Trainer:
 
     # -- the step, slot by slot ------------------------------------------------------------------------
     def collect(self, step: int, phases):
-        """This rank's prompts of the step, their completions and rewards (the rollout plug-ins' slot)."""
+        """This rank's prompts of the step, their completions and rewards (the rollout plug-ins' slot). With PPO
+        mini-batches a rank holds its share of each mini-batch in turn (mini-batch k is prompts k P / N to
+        (k + 1) P / N on any number of ranks, so a multi-rank run takes the one-process run's updates)."""
         cfg, d = self.cfg, self.d
         problems = problems_for_step(cfg, step, self.dataset)
-        keyed = d.shard([(p, row_seed(cfg.seed, step, i)) for i, p in enumerate(problems)])
+        keyed, n = [(p, row_seed(cfg.seed, step, i)) for i, p in enumerate(problems)], cfg.update.mini_batches
+        per = len(keyed) // n
+        keyed = [item for k in range(n) for item in d.shard(keyed[k * per:(k + 1) * per])]
         plugin = self.rollout_plugin
         got = collect(self.engine, self.tokenizer, cfg, keyed, step, self.reward_fn, phases,
                       plugin and plugin.rollouts, plugin and self.plugin_states.get(plugin.name))
@@ -139,28 +146,44 @@ class Trainer:
                     got.stats.update(stats)
         return batch
 
-    def update(self, step, batch, adv, phases):
-        """The rule's step over a closure on the batch; the weights then reach the rollout engine. A pass whose
-        loss is not finite stops the run (on_nonfinite = "stop") or undoes the step (weights, optimizer and rule
-        state as before it; "skip")."""
+    def update(self, step, batch, adv, phases, group_sizes):
+        """The rule's step over a closure on the batch; with update.mini_batches = N > 1, N rule steps, one per
+        mini-batch of whole prompt groups (the advantages and reference log-probs are the whole batch's, the
+        sampling policy's log-probs are taken for mini-batches 2..N before the first step, and the rule's gate
+        observes once, after the last). The weights then reach the rollout engine. A pass whose loss is not finite
+        stops the run (on_nonfinite = "stop") or undoes the whole step (weights, optimizer and rule state as
+        before it; "skip"). Returns (the closure, or MiniBatchClosures over the N, and the rule's stats)."""
         ref_logp = None
         if self.ref_runner is not None:
             with phases("ref_logprob"):
                 ref_logp = self.ref_runner.logp(batch, self.cfg.rollout.temperature)
         coef = None if self.entropy_control is None else self.entropy_control.applied()
-        closure = LossClosure(self.runner, batch, adv.to(self.device), self.cfg, ref_logp, self.d, entropy_coef=coef)
+        n = self.cfg.update.mini_batches
+        parts = [(batch, adv, ref_logp)] if n == 1 else split_groups(batch, adv, ref_logp, group_sizes, n)
+        closures = [LossClosure(self.runner, b, a.to(self.device), self.cfg, r, self.d, entropy_coef=coef)
+                    for b, a, r in parts]
+        if n > 1:
+            with phases("old_logprob"):  # the sampling policy's, for the mini-batches that train after an update
+                for c in closures[1:]:
+                    c.compute_old_logp()
+        closure = closures[0] if n == 1 else MiniBatchClosures(closures)
         before = None
         if self.cfg.on_nonfinite == "skip":  # not sharded_state_dict: DCP's get_state_dict would step a fresh optimizer
             before = copy.deepcopy({"model": self.model.state_dict(), "rule": self.rule.state_dict()})
         with phases("update"):
             try:
-                rule_stats = run_update(self.rule, closure)
+                if n == 1:
+                    rule_stats = run_update(self.rule, closure)
+                else:
+                    with self.rule.gate_batch():
+                        per_step = [self._mini_batch_update(k, c) for k, c in enumerate(closures)]
+                    rule_stats = combine_rule_stats(per_step, self.rule.last_stats)
             except NonFiniteLoss as e:
                 if before is None:
                     raise NonFiniteLoss(f"step {step + 1}: {e}, so the run stops before training on it (the weights "
                                         "may hold what the step's earlier passes moved). Resume from the last "
                                         "checkpoint (--resume true), or set on_nonfinite = 'skip'") from None
-                rule_stats = self._undo_step(before, closure, step, e)
+                rule_stats = self._undo_step(before, closures, step, e)
             if before is not None:
                 rule_stats.setdefault("nonfinite_skipped", 0)
         if self.entropy_control is not None and not rule_stats.get("nonfinite_skipped"):
@@ -176,13 +199,20 @@ class Trainer:
         phases.times["update_rule"] = phases.times.pop("update") - sum(closure.pass_times)
         return closure, rule_stats
 
-    def _undo_step(self, before: dict, closure, step: int, error) -> dict:
+    def _mini_batch_update(self, k: int, closure) -> dict:
+        try:
+            return run_update(self.rule, closure)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"mini-batch {k + 1} of {self.cfg.update.mini_batches}: {e}") from None
+
+    def _undo_step(self, before: dict, closures: list, step: int, error) -> dict:
         self.model.load_state_dict(before["model"])
         self.rule.load_state_dict(before["rule"])
         for p in self.runner.parameters():
             p.grad = None
         self.log(f"step {step + 1}: {error}; step skipped (on_nonfinite = 'skip'), the weights as before it")
-        return {"nonfinite_skipped": 1, "grad_norm": float("nan"), "backward_passes_step": len(closure.pass_times)}
+        return {"nonfinite_skipped": 1, "grad_norm": float("nan"),
+                "backward_passes_step": sum(len(c.pass_times) for c in closures)}
 
     def record(self, step, got, batch, adv_stats, closure, rule_stats) -> dict:
         """The step's metrics (rewards, loss, rule, throughput), reduced over ranks."""
@@ -207,7 +237,12 @@ class Trainer:
             gap, n_tokens = d.sum([((batch.sampled_logp - closure.old_logp_BT).abs() * mask).sum(), mask.sum()])
             record["rollout/logp_abs_diff"] = gap / max(n_tokens, 1)
         update_time = sum(closure.pass_times)
-        record["tokens_per_s"] = tokens * len(closure.pass_times) / update_time if update_time > 0 else float("nan")
+        if isinstance(closure, MiniBatchClosures):  # the tokens the passes ran over: each mini-batch's times its passes
+            local = sum(float(c.batch.attention_mask.sum()) * len(c.pass_times) for c in closure.parts)
+            token_passes = d.sum([local])[0]
+        else:
+            token_passes = tokens * len(closure.pass_times)
+        record["tokens_per_s"] = token_passes / update_time if update_time > 0 else float("nan")
         if self.peak is not None and update_time > 0:
             per_token = train_flops_per_token(self.model, int(tokens / closure.total_seqs))
             record["mfu"] = record["tokens_per_s"] * per_token / (self.peak * d.world)
@@ -232,7 +267,7 @@ class Trainer:
         keyed, got = self.collect(step, phases)
         adv, adv_stats = self.advantages(keyed, got, phases)
         batch = self.mask(got, adv, phases)
-        closure, rule_stats = self.update(step, batch, adv, phases)
+        closure, rule_stats = self.update(step, batch, adv, phases, got.group_sizes)
         record = self.record(step, got, batch, adv_stats, closure, rule_stats)
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.steps):
             with phases("eval"):

@@ -9,8 +9,10 @@ Presets, each as the authors ran it (github SwapniL-afk-now/final-gxpo):
   gxpo_tau = 2.0) under their final trainer, whose gate is SFPO's: the corrective pass's batch entropy
   against the last 30 values including it, one-sided Z >= 2.0, once the window is full
   (verl/trainer/ppo/ray_trainer.py, gxpo_trigger_signal = "entropy"; gxpo_warmup_steps = 0).
-The default is `final`: the authors' last word, and its gate is scale-free, where the paper-era EMA
-starting from mu = sigma = 1 trips within a step or two whenever ||g~|| is far from 1."""
+- authors-1p5b (the default), authors-1p5b-ab, authors-7b: the authors' current launchers (AUTHORS_PRESETS
+  below): retention in the optimizer's own space, transactional optimizer state, the entropy window gate
+  after a warm-up. Its gate is scale-free, where the paper-era EMA starting from mu = sigma = 1 trips within a
+  step or two whenever ||g~|| is far from 1."""
 
 import math
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from . import fused_retention
 from .flat import ops as flat_ops
 from .flat.extrapolation import EXTRAP_STATS, TINY_G0_NORM
 from .lookahead import LookaheadConfig, LookaheadRule
-from .retention_step import RETENTION_SPACES, Probe, clip_multiplier, resolve_space
+from .retention_step import RETENTION_SPACES, Probe, clip_multiplier, family_stats, reposition_stats, resolve_space
 from .retention_step import extrapolate as extrapolate_in_space
 
 __all__ = ["GXPO", "GXPORuleConfig", "GATE_STATS"]
@@ -39,7 +41,7 @@ def _cos(dot, a, b):
 
 
 class GXPO(LookaheadRule):
-    """opt = GXPO(model.parameters(), base=torch.optim.AdamW, preset="final", lr=1e-6); opt.step(closure).
+    """opt = GXPO(model.parameters(), base=torch.optim.AdamW, lr=1e-6); opt.step(closure).
 
     GXPORuleConfig's fields (its preset and every knob, LookaheadConfig's included) come as `config` or as
     keywords; the other keywords go to the base optimizer. Diagnostics follow the authors: r_mean, r_std and
@@ -135,22 +137,26 @@ class GXPO(LookaheadRule):
         self.base.zero_grad(set_to_none=True)
 
         h = self._gate_statistic(metrics, g0_norm, g1_norm, gt_norm, g0_gt)
-        z = self.gate.observe(h)
+        gate = self._observe_gate(h, metrics if self.gate_stat == "entropy" else None)  # {} inside gate_batch()
         n_active, n_total = max(sums["n_active"], 1.0), max(n_total, 1.0)
         n_inactive = n_total - sums["n_active"]  # r = scale = 1 there
         r_mean = (sums["r_sum"] + n_inactive) / n_total
         corrective = {} if self.skip_corrective else {"gtilde_norm": gt_norm,
                                                        "cos_g0_gtilde": _cos(g0_gt, g0_norm, gt_norm)}
-        return self._finish(
-            loss, "none", active=1.0, g0_norm=g0_norm, g1_norm=g1_norm, **corrective,
+        stats = family_stats(  # over a Muon base: its families' statistics
+            probe, sums, n_total, active=1.0, g0_norm=g0_norm, g1_norm=g1_norm, **corrective,
             cos_g0_g1=_cos(sums["g0_g1"], math.sqrt(sums["g0_sq"]), math.sqrt(sums["g1_sq"])),
             r_mean=r_mean, r_std=math.sqrt(max((sums["r_sq"] + n_inactive) / n_total - r_mean**2, 0.0)),
             scale_mean=(sums["scale_sum"] + n_inactive) / n_total, scale_max=sums["scale_max"],
             r_mean_active=sums["r_sum"] / n_active, scale_mean_active=sums["scale_sum"] / n_active,
             step_norm=math.sqrt(sums["d_sq"]), scaled_step_norm=math.sqrt(sums["scaled_d_sq"]),
             inactive_frac=n_inactive / n_total,
-            ratio_clip_frac=sums["n_clipped"] / n_active, z=z, gate_stat=h,
+            ratio_clip_frac=sums["n_clipped"] / n_active, **gate,
         )
+        return self._finish(loss, "none", **reposition_stats(
+            stats, space=self.space, alpha=self.alpha, min_eff=self.min_effective_multiplier,
+            n_tensors=len(self._had_grad), c0=clip_multiplier(g0_norm, self.max_grad_norm),
+            c1=clip_multiplier(g1_norm, self.max_grad_norm)))
 
     def _gate_statistic(self, metrics, g0_norm, g1_norm, gt_norm, g0_gt) -> float:
         """The value the gate observes for this active step (GATE_STATS); gt_norm None: no corrective pass."""
@@ -198,7 +204,7 @@ class GXPORuleConfig(LookaheadConfig):
                   "omega": 0.1, "window": 30, "warmup": 0, "retention_space": "raw_grad"},
         **AUTHORS_PRESETS,
     }
-    default_preset = "final"
+    default_preset = "authors-1p5b"
     min_K = 2
 
     def checks(self, cfg=None) -> list:

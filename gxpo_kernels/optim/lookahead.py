@@ -23,6 +23,11 @@ from .rule import UpdateRule
 # Code/SFPO/verl/workers/actor/optimizer_transaction.py and dp_actor.py).
 OPTIMIZER_STATES = ("accumulate", "transactional", "transactional_fast_state")
 FALLBACK_CODES = {"none": 0.0, "nonfinite_g0": 1.0, "tiny_g0": 2.0, "nonfinite_g1": 3.0, "nonfinite_gtilde": 4.0}
+# A closure's metrics key: the number of tokens (over all ranks) its "entropy_mean" averages over. Inside
+# gate_batch() it weights each step's entropy in the batch's one observation, so that the gate sees the token mean
+# over the whole batch (the GXPO authors' update_policy_gxpo reduces its mini-batches' corrective-pass entropies
+# so); without it the steps weigh equally.
+ENTROPY_TOKENS = "entropy_tokens"
 
 
 @dataclass
@@ -85,6 +90,9 @@ class LookaheadRule(UpdateRule):
         self.optimizer_state, self.max_active_steps = config.optimizer_state, config.max_active_steps
         self.preset, self.K, self.alpha, self.delta = config.preset, config.K, config.alpha, config.delta
         self.budget_spent = False  # max_active_steps closed the gate
+        self.gate_steps = 0  # steps as the gate counts them (max_active_steps, fallback_window): one per step, or
+        # one per gate_batch()
+        self._gate_batch = None  # inside gate_batch(): its active steps' (statistic, weight); None outside
         self._cache = GroupCache(BLOCK)
         if isinstance(self.base, FlatAdamW):  # one set of flat groups: shared tables, no second theta0 / g0
             self.base._cache = self._cache
@@ -164,15 +172,65 @@ class LookaheadRule(UpdateRule):
         """Start a step: check the closure and count it; while the gate is closed, take one plain step
         and return its loss (None while the gate is open)."""
         self._start_step(closure)
-        if self.max_active_steps and self.steps > self.max_active_steps and self.gate.open:
-            self.gate.close_for_good()
-            self.budget_spent = True
+        if self._gate_batch is None:  # a gate batch counts once, when it begins
+            self._count_gate_step()
         if self.gate.open:
             return None
         loss, _, norm = self._plain_step(closure)
-        self.gate.tick_closed()
+        if self._gate_batch is None:
+            self.gate.tick_closed()
         self._finish(loss, "none", active=0.0, g0_norm=norm)
         return loss
+
+    def _count_gate_step(self):
+        self.gate_steps += 1
+        if self.max_active_steps and self.gate_steps > self.max_active_steps and self.gate.open:
+            self.gate.close_for_good()
+            self.budget_spent = True
+
+    def _observe_gate(self, h: float, metrics=None) -> dict:
+        """The gate observes this active step's statistic h; returns {"z", "gate_stat"} for last_stats. Inside
+        gate_batch() h is kept for the batch's one observation instead (weighted by metrics[ENTROPY_TOKENS] when
+        h is the entropy mean of these metrics, else 1) and {} is returned."""
+        if self._gate_batch is None:
+            return {"z": self.gate.observe(h), "gate_stat": h}
+        weight = 1.0 if metrics is None else float(metrics.get(ENTROPY_TOKENS, 1.0))
+        self._gate_batch.append((float(h), weight))
+        return {}
+
+    # -- several steps, one gate observation (UpdateRule.gate_batch) ------------------------------------------
+    @property
+    def in_gate_batch(self) -> bool:
+        return self._gate_batch is not None
+
+    def begin_gate_batch(self):
+        """The steps until end_gate_batch() are one gate step: max_active_steps counts it here, its steps keep
+        their statistics, and the gate neither observes nor (closed) ticks until it ends; so the gate is open or
+        closed for the whole batch."""
+        if self._gate_batch is not None:
+            raise RuntimeError(f"{type(self).__name__}.begin_gate_batch: a gate batch is already open")
+        self._count_gate_step()
+        self._gate_batch = []
+
+    def end_gate_batch(self):
+        """One observation for the batch: the weighted mean of its active steps' statistics (none active: no
+        observation); last_stats gets its z and gate_stat. A batch taken closed ticks a temporary fallback once."""
+        kept, self._gate_batch = self._gate_batch, None
+        if kept is None:
+            raise RuntimeError(f"{type(self).__name__}.end_gate_batch without begin_gate_batch")
+        if not self.gate.open:
+            self.gate.tick_closed()
+            return
+        if not kept:
+            return
+        total = sum(w for _, w in kept)
+        h = kept[0][0] if len(kept) == 1 else (sum(v * w for v, w in kept) / total if total > 0
+                                                else sum(v for v, _ in kept) / len(kept))
+        z = self.gate.observe(h)
+        self.last_stats.update(z=z, gate_stat=h, gate_open=float(self.gate.open))
+
+    def abort_gate_batch(self):
+        self._gate_batch = None
 
     def _finish(self, loss, reason, **stats):
         self.last_stats = {"active": stats.pop("active", 0.0), "fallback": FALLBACK_CODES[reason], **stats,
@@ -255,9 +313,14 @@ class LookaheadRule(UpdateRule):
 
     # -- checkpointing -----------------------------------------------------------------------------
     def own_state_dict(self) -> dict:
-        return {**super().own_state_dict(), "gate": self.gate.state_dict(), "budget_spent": self.budget_spent}
+        return {**super().own_state_dict(), "gate": self.gate.state_dict(), "budget_spent": self.budget_spent,
+                "gate_steps": self.gate_steps,
+                "gate_batch": None if self._gate_batch is None else [list(e) for e in self._gate_batch]}
 
     def load_own_state_dict(self, state: dict):
         super().load_own_state_dict(state)
         self.gate.load_state_dict(state["gate"])
         self.budget_spent = state.get("budget_spent", False)
+        self.gate_steps = state.get("gate_steps", self.steps)  # checkpoints before gate batches: one per step
+        batch = state.get("gate_batch")
+        self._gate_batch = None if batch is None else [(float(h), float(w)) for h, w in batch]

@@ -14,7 +14,8 @@ def check_master_dtype(params, optimizer, allow_bf16_params: bool):
     """ValueError when `optimizer` (a class or instance) is adaptive and some parameter is stored in
     bf16 / fp16, unless allow_bf16_params."""
     cls = optimizer if isinstance(optimizer, type) else type(optimizer)
-    if allow_bf16_params or not issubclass(cls, ADAPTIVE):  # FlatAdamW is an AdamW
+    # FlatAdamW is an AdamW; an optimizer of this package says so with adaptive = True (Muon)
+    if allow_bf16_params or not (issubclass(cls, ADAPTIVE) or getattr(cls, "adaptive", False)):
         return
     low = sorted({str(p.dtype) for p in params if p.dtype in LOW_PRECISION})
     if low:

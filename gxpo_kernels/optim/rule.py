@@ -2,6 +2,8 @@
 as often as the rule needs, drives a base optimizer, counts backward passes, and checkpoints through its
 own state."""
 
+import contextlib
+
 import torch
 
 from .flat_adamw import FlatAdamW
@@ -68,6 +70,35 @@ class UpdateRule(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True):
         self.base.zero_grad(set_to_none=set_to_none)
+
+    # -- several steps, one gate observation -------------------------------------------------------
+    @contextlib.contextmanager
+    def gate_batch(self):
+        """`with rule.gate_batch(): rule.step(c1); rule.step(c2); ...`: the steps inside are one observation of
+        the rule's gate (PPO mini-batches of one rollout batch, observed once per batch as the GXPO authors'
+        trainer does; LookaheadRule). A rule without a gate (GRPO) just steps. An exception inside drops the
+        batch's observation."""
+        self.begin_gate_batch()
+        try:
+            yield self
+        except BaseException:
+            self.abort_gate_batch()
+            raise
+        self.end_gate_batch()
+
+    def begin_gate_batch(self):
+        """The steps from here to end_gate_batch() make one gate observation (gate_batch() pairs them)."""
+
+    def end_gate_batch(self):
+        """The gate observes the batch begun by begin_gate_batch()."""
+
+    def abort_gate_batch(self):
+        """Leave the batch begun by begin_gate_batch() without observing it."""
+
+    @property
+    def in_gate_batch(self) -> bool:
+        """Between begin_gate_batch() and end_gate_batch() (restored by load_state_dict)."""
+        return False
 
     # -- checkpointing -----------------------------------------------------------------------------
     def own_state_dict(self) -> dict:

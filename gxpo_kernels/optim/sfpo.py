@@ -67,11 +67,11 @@ class SFPO(LookaheadRule):
             return self._finish(loss, "nonfinite_gtilde", g0_norm=g0_norm)
         self._base_step(norm)
         self.base.zero_grad(set_to_none=True)
+        entropy_of = metrics if gate_value is None else None
         if gate_value is None:
             gate_value = float(metrics.get("entropy_mean", math.nan))  # present unless gate == "never"
-        z = self.gate.observe(gate_value)
-        return self._finish(loss, "none", active=1.0, g0_norm=g0_norm, gtilde_norm=norm, z=z, gate_stat=gate_value,
-                            step_norm=step_norm)
+        gate = self._observe_gate(gate_value, entropy_of)  # {} inside gate_batch()
+        return self._finish(loss, "none", active=1.0, g0_norm=g0_norm, gtilde_norm=norm, **gate, step_norm=step_norm)
 
 
 @dataclass
