@@ -54,7 +54,8 @@ COMPAT_PIP    = PIP_CONSTRAINT=$(CURDIR)/$(COMPAT_VENV)/lower-bounds.txt $(COMPA
 COMPAT_TESTS := tests/test_grpo_loss.py tests/test_fused_linear_grpo_loss.py tests/test_lm_head_tiled.py \
 	tests/test_vocab.py tests/test_loss_overflow.py tests/test_loss_nonfinite.py tests/test_flat_ops.py \
 	tests/test_flat_adamw.py tests/test_update_rules.py tests/test_gate.py tests/test_grpo_rule.py \
-	tests/test_gate_authors.py tests/test_retention_authors.py tests/test_gxpo_authors_step.py
+	tests/test_gate_authors.py tests/test_retention_authors.py tests/test_gxpo_authors_step.py \
+	tests/test_fused_retention.py tests/test_gxpo_diagnostics.py
 COMPAT_JSON  ?= bench/results/$(shell date +%F)-static-sm90-lower-bounds.json
 compat: $(STAMP)
 	test -x $(COMPAT_PY) || $(SYSPY) -m venv $(COMPAT_VENV)

@@ -46,7 +46,7 @@ def main():
     config = GRPOConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8, num_generations=4,
                         max_completion_length=16, learning_rate=1e-4, logging_steps=1, report_to=[], save_steps=2,
                         use_cpu=args.model == "tiny-random", bf16=False,
-                        update_rule=args.rule, rule_preset={"gxpo": "final", "sfpo": "official"}.get(args.rule),
+                        update_rule=args.rule, rule_preset=None,  # each rule's default preset
                         rule_micro_batches=2, fused_loss=args.fused_loss, loss_type="bnpo")
     trainer = GRPOTrainer(model=model, reward_funcs=reward_digits, args=config, train_dataset=prompts,
                           processing_class=tokenizer)

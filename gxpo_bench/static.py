@@ -269,13 +269,12 @@ def run_loss_call(impl: str, call: str, V: int, rows: int = ROWS):
 
 
 ONE_UNALIGNED = "_one_unaligned"  # flat launches whose group has one tensor off the 16-byte boundary
-RETENTION_SPACES_FUSED = ("update", "grad")  # FlatAdamW's launches in the GXPO authors' current spaces
 
 
 def flat_launches(numels=(4096, 1000, 16, 4100)):
     """Every flat-op and fused-AdamW launch of one GXPO active step (unfused and fused), on a small group."""
     from gxpo_kernels.optim.flat import ops as flat_ops
-    from gxpo_kernels.optim.flat.adamw_kernel import Retention, adamw_step
+    from gxpo_kernels.optim.flat.adamw_kernel import FUSED_SPACES, Retention, adamw_step
     from gxpo_kernels.optim.flat.buffers import BLOCK, FlatGroup
 
     params = [torch.randn(n) for n in numels]
@@ -291,7 +290,7 @@ def flat_launches(numels=(4096, 1000, 16, 4100)):
         flat_ops.restore(group)
         for kwargs in ({}, {"snapshot": True}, {"extrapolate": {"K": 3, "alpha": 0.5, "delta": 1e-8}}):
             adamw_step(group, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8, **kwargs)
-        for space in RETENTION_SPACES_FUSED:  # the GXPO authors' current spaces (optim/fused_retention.py)
+        for space in FUSED_SPACES:  # the GXPO authors' current spaces (optim/fused_retention.py)
             adamw_step(group, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8, snapshot=True,
                        retention=Retention(space))
             adamw_step(group, grads, *state, per, per, per, per, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -307,7 +306,7 @@ def flat_launches(numels=(4096, 1000, 16, 4100)):
                    extrapolate={"K": 3, "alpha": 0.5, "delta": 1e-8})
     labels = ["snapshot", "grad_norm", "extrapolate", "grad_dots_g0", "restore", "adamw", "adamw_snapshot",
               "adamw_extrapolate"]
-    labels += [f"adamw_{name}_{space}" for space in RETENTION_SPACES_FUSED for name in ("snapshot", "extrapolate")]
+    labels += [f"adamw_{name}_{space}" for space in FUSED_SPACES for name in ("snapshot", "extrapolate")]
     labels += ["adamw_per_tensor"]
     labels += [name + ONE_UNALIGNED for name in ("snapshot", "extrapolate", "adamw_extrapolate")]
     assert len(launches) == len(labels), [launch.name for launch in launches]
@@ -380,6 +379,8 @@ def _dtype_name(launch: Launch) -> str:
 def flat_report(compile_) -> tuple:
     """(per-kernel rows' bytes per parameter, GXPO bookkeeping bytes per parameter and modelled ms at
     FLAT_PARAMS: unfused and fused into FlatAdamW)."""
+    from gxpo_kernels.optim.flat.adamw_kernel import FUSED_SPACES
+
     labelled, _ = flat_launches()
     per_param, ms = {}, {}
     for label, launch in labelled:  # the aligned twin of a one-unaligned launch comes first
@@ -399,7 +400,7 @@ def flat_report(compile_) -> tuple:
     def step(x):  # one GXPO active step: probe snapshot, two norms, extrapolation, the corrective dots
         return {"unfused": x["snapshot"] + x["grad_norm"] + x["extrapolate"] + x["grad_dots_g0"],
                 "fused_flat_adamw": fused(x),
-                **{f"fused_flat_adamw_{space}": fused(x, "_" + space) for space in RETENTION_SPACES_FUSED}}
+                **{f"fused_flat_adamw_{space}": fused(x, "_" + space) for space in FUSED_SPACES}}
 
     return per_param, step(per_param), step(ms)
 
@@ -652,8 +653,8 @@ def to_markdown(report: dict, command: str) -> str:
             f"{ms['unfused']:.1f} ms and {ms['fused_flat_adamw']:.1f} ms at the roofline; modelled (the kernel "
             f"launches' times below, {FLAT_PARAMS:.3g} parameters): {modelled['unfused']:.1f} ms and "
             f"{modelled['fused_flat_adamw']:.1f} ms. In the GXPO authors' current retention spaces, fused: "
-            + "; ".join(f"{space} {bk['fused_flat_adamw_' + space]:g} B/param, "
-                        f"{modelled['fused_flat_adamw_' + space]:.1f} ms modelled" for space in RETENTION_SPACES_FUSED)
+            + "; ".join(f"{key.split('_')[-1]} {bk[key]:g} B/param, {modelled[key]:.1f} ms modelled"
+                        for key in bk if key.startswith("fused_flat_adamw_"))
             + "."]
     out += ["", *_beside_markdown(report), *kernel_time.markdown(report["kernels"], H100_SXM.name)]
     out += static_csrc.to_markdown(report.get("csrc_kernels", []))

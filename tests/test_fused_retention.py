@@ -177,3 +177,37 @@ def test_the_thresholds_read_the_all_reduced_sums(space, monkeypatch):
             assert stats[0]["inactive_frac"] < 0.1
         else:
             assert stats[0]["inactive_frac"] == 1.0 and stats[0]["scale_mean"] == 1.0
+
+
+def test_a_tensor_at_lr_zero_takes_no_ratio():
+    """Pass 1 did not step the first layer (lr 0): no direction to read, so no ratio there (scale 1, inactive), as
+    the unfused path leaves it out; the rest as before. The float64 unfused run is the reference."""
+    def groups_of(model):
+        return [{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters()}]
+
+    results = []
+    for base, dtype in ((FlatAdamW, torch.float32), (torch.optim.AdamW, torch.float64)):
+        model, x, y = problem(4)
+        model = model.to(dtype)
+        opt = GXPO(groups_of(model), base=base, lr=3e-2, gate="never", preset="authors-1p5b")
+
+        xd, yd = x.to(dtype), y.to(dtype)
+
+        def closure(model=model, xd=xd, yd=yd):
+            loss = torch.nn.functional.mse_loss(model(xd), yd)
+            loss.backward()
+            return loss
+
+        first = [p.detach().clone() for p in model[0].parameters()]
+        for _ in range(2):
+            opt.step(closure)
+        assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), first, strict=True))
+        results.append((opt.last_stats, [p.detach().double() for p in model.parameters()]))
+    (fused, fused_params), (ref, ref_params) = results
+    n_first = sum(p.numel() for p in problem(4)[0][0].parameters())
+    n_total = sum(p.numel() for p in problem(4)[0].parameters())
+    assert fused["inactive_frac"] >= n_first / n_total
+    for key in ("inactive_frac", "r_mean", "scale_mean", "scale_max", "ratio_clip_frac"):
+        assert fused[key] == pytest.approx(ref[key], rel=1e-4, abs=1.5 / n_total), key
+    for p, q in zip(fused_params, ref_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ from test_retention_authors import (
 )
 
 from gxpo_kernels import GRPO, GXPO, SFPO, Muon
+from gxpo_kernels.optim import muon as muon_module
 from gxpo_kernels.optim import retention_step
 from gxpo_kernels.optim.muon import newton_schulz
 
@@ -515,3 +516,14 @@ def test_trainer_runs_gxpo_over_muon_and_resumes_exactly(tmp_path, monkeypatch):
         assert a["rule/active"] == 1 and a["rule/n_params_muon"] == 14 and a["rule/n_params_adamw"] > 0
         for key in ("reward_mean", "loss", "rule/rho_mean", "rule/r_mean", "rule/gtilde_norm"):
             assert a[key] == b[key], (a["step"], key)
+
+
+@pytest.mark.parametrize("adjust_lr_fn", muon_module.ADJUST_LR_FNS)
+def test_lr_adjustments_equal_torchs(adjust_lr_fn):
+    """Our one table of Muon's lr adjustments gives torch.optim.Muon's numbers (where this torch has it)."""
+    torch_muon = pytest.importorskip("torch.optim._muon")
+    if not hasattr(torch_muon, "_adjust_lr"):
+        pytest.skip("this torch's Muon has no _adjust_lr")
+    for shape in ((7, 9), (9, 7), (64, 64), (3, 128)):
+        want = torch_muon._adjust_lr(1e-3, adjust_lr_fn, torch.Size(shape))
+        assert muon_module.adjust_lr(1e-3, adjust_lr_fn, shape) == pytest.approx(want, rel=1e-12), shape

@@ -278,8 +278,8 @@ class MiniBatchClosures:
     record, entropy control and phase times read). Counts are sums over the mini-batches (total_seqs,
     total_tokens, trained_tokens, entropy_sums); pass_times[i] sums the i-th pass of every mini-batch (so
     time/pass_i is the i-th pass of all of them, and the phases still add up to the step); old_logp_BT and
-    trained_mask are the mini-batches' rows stacked back (rows of a mini-batch that never ran count as
-    untrained). last_metrics: loss is the mean of the mini-batches' losses (each its last pass's, over its
+    trained_mask are the mini-batches' rows stacked back (a mini-batch without old log-probs, one that never ran,
+    counts as untrained). last_metrics: loss is the mean of the mini-batches' losses (each its last pass's, over its
     mini-batch); the other means are token means over the mini-batches' trained tokens, the *_min / *_max the
     minimum / maximum. stats: micro_batches_max / _min the maximum / minimum, the fractions token means over the
     mini-batches."""

@@ -98,18 +98,18 @@ class GXPO(LookaheadRule):
         if not math.isfinite(g1_norm):  # theta1 already is exactly one plain step from theta0
             self.base.zero_grad(set_to_none=True)
             return self._finish(loss, "nonfinite_g1", g0_norm=g0_norm)
+        c0, c1 = (clip_multiplier(norm, self.max_grad_norm) for norm in (g0_norm, g1_norm))  # as the authors record
         if probe is not None:  # the authors' retention spaces (optim/retention_step.py), after a plain step
             probe.after_second_backward(groups)
             self._clip(g1_norm)
             self.base.step()  # theta2
             sums = extrapolate_in_space(
                 probe, groups, self.base, self._had_grad, K=self.K, alpha=self.alpha, delta=self.delta,
-                min_eff=self.min_effective_multiplier, c0=clip_multiplier(g0_norm, self.max_grad_norm),
-                c1=clip_multiplier(g1_norm, self.max_grad_norm), all_reduce=self._all_reduce)
+                min_eff=self.min_effective_multiplier, c0=c0, c1=c1, all_reduce=self._all_reduce)
         elif self._fused_base():  # theta2 stays in the kernel's registers; theta_tilde is written
             retention = None if not fused_space else fused_retention.pass2(
-                groups, self.space, den_sq, self._all_reduce, g0_norm=g0_norm, g1_norm=g1_norm,
-                max_grad_norm=self.max_grad_norm, min_effective_multiplier=self.min_effective_multiplier)
+                groups, self.space, den_sq, self._all_reduce, stepped=self._stepped_in_pass1(groups), c0=c0, c1=c1,
+                min_effective_multiplier=self.min_effective_multiplier)
             sums = self.base.fused_step(groups, self._clip_coef(g1_norm), retention=retention,
                                         extrapolate={"K": self.K, "alpha": self.alpha, "delta": self.delta})
         else:
@@ -155,8 +155,12 @@ class GXPO(LookaheadRule):
         )
         return self._finish(loss, "none", **reposition_stats(
             stats, space=self.space, alpha=self.alpha, min_eff=self.min_effective_multiplier,
-            n_tensors=len(self._had_grad), c0=clip_multiplier(g0_norm, self.max_grad_norm),
-            c1=clip_multiplier(g1_norm, self.max_grad_norm)))
+            n_tensors=len(self._had_grad), c0=c0, c1=c1))
+
+    def _stepped_in_pass1(self, groups) -> list:
+        """Per flat group, per tensor: pass 1 stepped it (it had a gradient, and lr > 0)."""
+        lrs = {id(p): float(g["lr"]) for g in self.base.param_groups for p in g["params"]}
+        return [[id(p) in self._had_grad and lrs[id(p)] > 0 for p in g.params] for g in groups]
 
     def _gate_statistic(self, metrics, g0_norm, g1_norm, gt_norm, g0_gt) -> float:
         """The value the gate observes for this active step (GATE_STATS); gt_norm None: no corrective pass."""
@@ -215,7 +219,7 @@ class GXPORuleConfig(LookaheadConfig):
                   if self.preset in self.presets else []),
                 ("min_effective_multiplier", self.min_effective_multiplier >= 0
                  and (self.min_effective_multiplier == 0 or self.retention_space != "raw_grad"),
-                 ">= 0, and 0 with retention_space = 'raw_grad' (the flat kernels take no floor)")]
+                 ">= 0, and 0 with retention_space = 'raw_grad' (its kernels take no floor)")]
 
     @property
     def reads_batch_entropy(self) -> bool:

@@ -219,7 +219,8 @@ class LookaheadRule(UpdateRule):
         if kept is None:
             raise RuntimeError(f"{type(self).__name__}.end_gate_batch without begin_gate_batch")
         if not self.gate.open:
-            self.gate.tick_closed()
+            self.gate.tick_closed()  # a temporary fallback may reopen here
+            self.last_stats["gate_open"] = float(self.gate.open)
             return
         if not kept:
             return

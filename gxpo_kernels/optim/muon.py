@@ -46,16 +46,11 @@ ADJUST_LR_FNS = ("match_rms_adamw", "original", "spectral_unclamped")  # torch.o
 EMBEDDING_OR_HEAD = ("embed_tokens", "embedding", "word_embeddings", "tok_embeddings", ".wte", "lm_head",
                      "output_head", "output_projection", "output_layer")
 
-try:
-    from torch.optim._muon import _adjust_lr as _torch_adjust_lr
-except ImportError:  # pragma: no cover - torch < 2.9 has no Muon
-    _torch_adjust_lr = None
 
 
 def adjust_lr(lr: float, adjust_lr_fn: str, shape) -> float:
-    """torch.optim.Muon's learning-rate adjustment; "match_rms_adamw" is theirs, lr 0.2 sqrt(max(A, B))."""
-    if _torch_adjust_lr is not None:
-        return _torch_adjust_lr(lr, adjust_lr_fn, torch.Size(shape))
+    """torch.optim.Muon's learning-rate adjustments (tests/test_muon.py checks them against torch's where it has
+    them); "match_rms_adamw" is the authors', lr 0.2 sqrt(max(A, B))."""
     A, B = shape[:2]
     ratio = {"match_rms_adamw": 0.2 * math.sqrt(max(A, B)), "original": math.sqrt(max(1, A / B)),
              "spectral_unclamped": math.sqrt(A / B)}[adjust_lr_fn]

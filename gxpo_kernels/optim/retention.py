@@ -25,7 +25,7 @@ RHO_MIN, RHO_MAX = -1.0, 1.0
 UPDATE_SCALE_MIN = 0.0
 
 __all__ = ["RELATIVE_THRESHOLD", "adamw_direction", "adamw_direction_from_step", "coordinatewise_retention",
-           "reposition", "tensor_rms", "update_space_retention", "work_dtype"]
+           "reposition", "rms_of_sums", "tensor_rms", "update_space_retention", "work_dtype"]
 
 
 def work_dtype(*tensors) -> torch.dtype:
@@ -37,6 +37,11 @@ def tensor_rms(x: torch.Tensor) -> torch.Tensor:
     """sqrt(mean(x^2)) of one whole tensor; under FSDP the authors sum ||x||^2 and the element count over
     the shard group first (the flat paths do the same)."""
     return x.to(work_dtype(x)).square().mean().sqrt()
+
+
+def rms_of_sums(sq_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """RMS from a sum of squares and an element count, both summed over the shards first (0 for no element)."""
+    return (sq_sum / count.clamp(min=1.0)).sqrt()
 
 
 def _check_K(K: int):

@@ -21,8 +21,9 @@ for every tensor ("update_per_tensor" here); grad takes the gradient space every
 
 RMS is over the whole tensor: the local shards' sums of squares and element counts are summed over ranks
 first. Buffers: theta0 and g0 (the flat snapshot) and one more per parameter, u0 (update) or the raw g1
-(grad): three model-sized, as the authors keep. The fused FlatAdamW kernels cover raw_grad only; the other
-spaces run their pass-2 AdamW step unfused and this module after it."""
+(grad): three model-sized, as the authors keep. This module runs over any base but FlatAdamW on the Triton path,
+whose two launches compute the update and grad spaces themselves (optim/fused_retention.py: two buffers, d0
+rebuilt from AdamW's moments)."""
 
 import math
 import warnings
@@ -37,6 +38,7 @@ from .retention import (
     adamw_direction_from_step,
     coordinatewise_retention,
     reposition,
+    rms_of_sums,
     update_space_retention,
     work_dtype,
 )
@@ -148,7 +150,8 @@ def extrapolate(probe: Probe, groups, base, had_grad, *, K: int, alpha: float, d
                 matrices.append((g, j, p))
                 continue
             if family == GRAD:
-                den, num = g.view(g.g0, j), probe.bufs[id(p)]
+                den = g.view(g.g0, j)  # g1 = 0 where pass 2 gave this tensor no gradient
+                num = probe.bufs[id(p)] if id(p) in probe.bufs else torch.zeros_like(den)
             else:
                 n_direction += 1
                 (lr0, wd0), (lr1, wd1) = probe.hp0[id(p)], hp1[id(p)]
@@ -180,7 +183,7 @@ def extrapolate(probe: Probe, groups, base, had_grad, *, K: int, alpha: float, d
         if den is None:
             scale = torch.ones((), dtype=work_dtype(theta2), device=theta2.device)
         else:
-            rms = (totals[row, 0] / totals[row, 1].clamp(min=1.0)).sqrt()
+            rms = rms_of_sums(totals[row, 0], totals[row, 1])
             row += 1
             scale_c0, scale_c1 = (c0, c1) if probe.family(p) == GRAD else (1.0, 1.0)
             ratio, scale, active, clipped = coordinatewise_retention(den, num, K, delta, scale_c0, scale_c1, rms)

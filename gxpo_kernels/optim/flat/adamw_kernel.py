@@ -42,6 +42,58 @@ from .tiles import (
 
 
 @triton.jit
+def _adamw_tile(k, acc, den_sq, p_ptr, grad_ptrs, m_ptrs, v_ptrs, g_addr, t, start, off, numel, decay, step, bc1,
+                bc2_sqrt, bc1_prev, bc2_sqrt_prev, thr, theta0_ptr, g0_ptr, beta1, beta2, eps, grad_scale, alpha, delta,
+                scale_max, r_scale, min_eff, SNAPSHOT: tl.constexpr, EXTRAPOLATE: tl.constexpr,
+                RELATIVE: tl.constexpr, DIRECTION: tl.constexpr, K: tl.constexpr, DTYPE: tl.constexpr,
+                ROWS: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """Tile k of a block: AdamW, and the snapshot or the extrapolation; returns (acc, den_sq)."""
+    idx = tile_index(start, k, ROWS, G)
+    p = load(p_ptr, idx, numel, MASKED)
+    x = p.to(tl.float32)
+    g = tl.zeros([ROWS, G], tl.float32)
+    d0 = tl.zeros([ROWS, G], tl.float32)  # DIRECTION: AdamW's direction before this step (pass 2: pass 1's)
+    d = tl.zeros([ROWS, G], tl.float32)  # DIRECTION: the direction this step applies
+    if g_addr != 0:
+        g = load(address(grad_ptrs, t, DTYPE, ALIGNED), idx, numel, MASKED).to(tl.float32)
+        gs = g * grad_scale
+        m_ptr = address(m_ptrs, t, DTYPE, ALIGNED)
+        v_ptr = address(v_ptrs, t, DTYPE, ALIGNED)
+        m = load(m_ptr, idx, numel, MASKED).to(tl.float32)
+        v = load(v_ptr, idx, numel, MASKED).to(tl.float32)
+        if DIRECTION and EXTRAPOLATE:
+            d0 = m / bc1_prev / (tl.sqrt(v) / bc2_sqrt_prev + eps)
+        m = m + (1.0 - beta1) * (gs - m)
+        v = beta2 * v + (1.0 - beta2) * gs * gs
+        x = x * decay - step * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        if DIRECTION:
+            d = m / bc1 / (tl.sqrt(v) / bc2_sqrt + eps)
+        store(m_ptr, idx, m.to(DTYPE), numel, MASKED)
+        store(v_ptr, idx, v.to(DTYPE), numel, MASKED)
+    if SNAPSHOT:
+        store(theta0_ptr + off, idx, p, numel, MASKED)
+        store(g0_ptr + off, idx, g.to(DTYPE), numel, MASKED)
+        if RELATIVE:  # the retention ratio's denominator, squared, for its per-tensor RMS
+            if DIRECTION:
+                den_sq += tl.sum(d * d, 1)
+            else:
+                den_sq += tl.sum(g * g, 1)
+    if EXTRAPOLATE:  # x is theta2 (kept in registers); g the raw g1, not the clipped one
+        theta0 = load(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
+        valid = valid_mask(idx, numel, MASKED)
+        if DIRECTION:  # r = d1 / d0: AdamW's own space, d0 rebuilt from the moments pass 1 left
+            x, stats = extrapolate_tile(x, theta0, d0, d, valid, alpha, delta, scale_max, thr, r_scale, min_eff,
+                                        K, RELATIVE)
+        else:
+            g0 = load(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
+            x, stats = extrapolate_tile(x, theta0, g0, g, valid, alpha, delta, scale_max, thr, r_scale, min_eff,
+                                        K, RELATIVE)
+        acc = add_stats(acc, stats)
+    store(p_ptr, idx, x.to(DTYPE), numel, MASKED)
+    return acc, den_sq
+
+
+@triton.jit
 def _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_tensor, block_start, lr_t,
                  wd_t, bc1_t, bc2_sqrt_t, bc1_prev_t, bc2_sqrt_prev_t, lr_s, wd_s, bc1_s, bc2_sqrt_s, bc1_prev_s,
                  bc2_sqrt_prev_s, theta0_ptr, g0_ptr, den_sq_ptr, thr_ptr, beta1, beta2, eps, grad_scale, alpha, delta,
@@ -64,49 +116,18 @@ def _adamw_block(blk, acc, param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offset
     if RELATIVE and EXTRAPOLATE:
         thr = tl.load(thr_ptr + t)
     den_sq = tl.zeros([ROWS], tl.float32)
-    for k in tl.static_range(BLOCK // (ROWS * G)):
-        idx = tile_index(start, k, ROWS, G)
-        p = load(p_ptr, idx, numel, MASKED)
-        x = p.to(tl.float32)
-        g = tl.zeros([ROWS, G], tl.float32)
-        d0 = tl.zeros([ROWS, G], tl.float32)  # DIRECTION: AdamW's direction before this step (pass 2: pass 1's)
-        d = tl.zeros([ROWS, G], tl.float32)  # DIRECTION: the direction this step applies
-        if g_addr != 0:
-            g = load(address(grad_ptrs, t, DTYPE, ALIGNED), idx, numel, MASKED).to(tl.float32)
-            gs = g * grad_scale
-            m_ptr = address(m_ptrs, t, DTYPE, ALIGNED)
-            v_ptr = address(v_ptrs, t, DTYPE, ALIGNED)
-            m = load(m_ptr, idx, numel, MASKED).to(tl.float32)
-            v = load(v_ptr, idx, numel, MASKED).to(tl.float32)
-            if DIRECTION and EXTRAPOLATE:
-                d0 = m / bc1_prev / (tl.sqrt(v) / bc2_sqrt_prev + eps)
-            m = m + (1.0 - beta1) * (gs - m)
-            v = beta2 * v + (1.0 - beta2) * gs * gs
-            x = x * decay - step * m / (tl.sqrt(v) / bc2_sqrt + eps)
-            if DIRECTION:
-                d = m / bc1 / (tl.sqrt(v) / bc2_sqrt + eps)
-            store(m_ptr, idx, m.to(DTYPE), numel, MASKED)
-            store(v_ptr, idx, v.to(DTYPE), numel, MASKED)
-        if SNAPSHOT:
-            store(theta0_ptr + off, idx, p, numel, MASKED)
-            store(g0_ptr + off, idx, g.to(DTYPE), numel, MASKED)
-            if RELATIVE:  # the retention ratio's denominator, squared, for its per-tensor RMS
-                if DIRECTION:
-                    den_sq += tl.sum(d * d, 1)
-                else:
-                    den_sq += tl.sum(g * g, 1)
-        if EXTRAPOLATE:  # x is theta2 (kept in registers); g the raw g1, not the clipped one
-            theta0 = load(theta0_ptr + off, idx, numel, MASKED).to(tl.float32)
-            valid = valid_mask(idx, numel, MASKED)
-            if DIRECTION:  # r = d1 / d0: AdamW's own space, d0 rebuilt from the moments pass 1 left
-                x, stats = extrapolate_tile(x, theta0, d0, d, valid, alpha, delta, scale_max, thr, r_scale, min_eff,
-                                            K, RELATIVE)
-            else:
-                g0 = load(g0_ptr + off, idx, numel, MASKED).to(tl.float32)
-                x, stats = extrapolate_tile(x, theta0, g0, g, valid, alpha, delta, scale_max, thr, r_scale, min_eff,
-                                            K, RELATIVE)
-            acc = add_stats(acc, stats)
-        store(p_ptr, idx, x.to(DTYPE), numel, MASKED)
+    if DIRECTION and EXTRAPOLATE:  # a loop, not unrolled: two tiles' d0, d1 and theta0 at once spill (Triton 3.6)
+        for k in range(BLOCK // (ROWS * G)):
+            acc, den_sq = _adamw_tile(k, acc, den_sq, p_ptr, grad_ptrs, m_ptrs, v_ptrs, g_addr, t, start, off, numel,
+                                      decay, step, bc1, bc2_sqrt, bc1_prev, bc2_sqrt_prev, thr, theta0_ptr, g0_ptr,
+                                      beta1, beta2, eps, grad_scale, alpha, delta, scale_max, r_scale, min_eff,
+                                      SNAPSHOT, EXTRAPOLATE, RELATIVE, DIRECTION, K, DTYPE, ROWS, G, ALIGNED, MASKED)
+    else:
+        for k in tl.static_range(BLOCK // (ROWS * G)):
+            acc, den_sq = _adamw_tile(k, acc, den_sq, p_ptr, grad_ptrs, m_ptrs, v_ptrs, g_addr, t, start, off, numel,
+                                      decay, step, bc1, bc2_sqrt, bc1_prev, bc2_sqrt_prev, thr, theta0_ptr, g0_ptr,
+                                      beta1, beta2, eps, grad_scale, alpha, delta, scale_max, r_scale, min_eff,
+                                      SNAPSHOT, EXTRAPOLATE, RELATIVE, DIRECTION, K, DTYPE, ROWS, G, ALIGNED, MASKED)
     if SNAPSHOT and RELATIVE:  # the block's sum: a reduction across warps, two barriers per 1024 elements
         tl.store(den_sq_ptr + blk, tl.sum(den_sq, 0))
     return acc
@@ -155,6 +176,9 @@ def _adamw_kernel(param_ptrs, grad_ptrs, m_ptrs, v_ptrs, numels, offsets, block_
         store_stats(partial_ptr, pid, acc)
 
 
+FUSED_SPACES = ("update", "grad")  # the retention spaces these launches compute (optim/retention_step.py)
+
+
 @dataclass(frozen=True)
 class Retention:
     """The retention ratio in the GXPO authors' current spaces (optim/retention_step.py), for the fused launches.
@@ -185,7 +209,7 @@ def adamw_step(group: FlatGroup, grads, exp_avgs, exp_avg_sqs, lr, weight_decay,
     if snapshot and extrapolate:
         raise ValueError("a step either takes the snapshot (pass 1) or extrapolates (pass 2)")
     direction = retention is not None and retention.space == "update"
-    assert retention is None or retention.space in ("update", "grad"), retention
+    assert retention is None or retention.space in FUSED_SPACES, retention
     assert not (retention and extrapolate and retention.thresholds is None), "pass 2 needs the thresholds"
     assert not (direction and extrapolate and bc1_prev is None), "the update space's pass 2 needs pass 1's bc"
     n_stats = len(EXTRAP_STATS)
