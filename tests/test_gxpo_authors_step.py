@@ -83,10 +83,15 @@ def theirs_minibatch_step(model, opt, loss_fn, *, K, alpha, grad_clip, space, mo
                 d1 = theirs_adamw_direction(theta0[i] + u0[i], p.data, *hp1[i])
                 _, scale, _, _ = theirs_coordinatewise(d0, d1, K, DELTA, den_rms=d0.square().mean().sqrt())
             p.data.copy_(theirs_reposition(theta0[i], p.data, scale, alpha, min_eff))
+    theirs_corrective_pass(params, opt, loss_fn, grad_clip, mode, snap)
+
+
+def theirs_corrective_pass(params, opt, loss_fn, grad_clip, mode, snap):
+    """Pass 3 at theta_tilde, after the transactional rollback of the probe moments."""
     if mode == "transactional":
         theirs_restore(opt, snap)
     opt.zero_grad()
-    loss_fn().backward()  # pass 3, at theta_tilde
+    loss_fn().backward()
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from fsdp_worker import MUON_STEPS, muon_worker, record_matrix_rho, run_steps, tiny_model
-from test_gxpo_authors_step import theirs_restore, theirs_snapshot
+from test_gxpo_authors_step import theirs_corrective_pass, theirs_snapshot
 from test_retention_authors import (
     theirs_adamw_direction,
     theirs_adamw_direction_from_step,
@@ -271,12 +271,7 @@ def theirs_gxpo_step(model, opt, loss_fn, *, K, alpha, grad_clip, space, mode, m
             else:
                 scale = torch.ones((), dtype=p.dtype)
             p.data.copy_(theirs_reposition(theta0[i], p.data, scale, alpha, min_eff))
-    if mode == "transactional":
-        theirs_restore(opt, snap)
-    opt.zero_grad()
-    loss_fn().backward()  # pass 3, at theta_tilde
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
+    theirs_corrective_pass(params, opt, loss_fn, grad_clip, mode, snap)
     return torch.stack(rhos)
 
 

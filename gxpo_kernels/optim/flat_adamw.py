@@ -13,6 +13,17 @@ from .flat.ops import combine_stats
 from .precision import check_master_dtype
 
 
+def advance_adamw_state(state: dict, p: torch.Tensor) -> float:
+    """torch AdamW's per-parameter state (step, exp_avg, exp_avg_sq), created where empty, its step counted up;
+    returns the new step count (FlatAdamW and Muon's AdamW branch keep the same state_dict as torch's AdamW)."""
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    return float(state["step"])
+
+
 class FlatAdamW(torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, allow_bf16_params=False,
                  **kwargs):
@@ -70,12 +81,7 @@ class FlatAdamW(torch.optim.AdamW):
                     lr.append(0.0), wd.append(0.0), bc1.append(1.0), bc2_sqrt.append(1.0)
                     bc1_prev.append(1.0), bc2_sqrt_prev.append(1.0)
                     continue
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = float(state["step"])
+                step = advance_adamw_state(state, p)
                 beta1, beta2 = h["betas"]
                 grads.append(local(p.grad)), ms.append(local(state["exp_avg"])), vs.append(local(state["exp_avg_sq"]))
                 lr.append(float(h["lr"])), wd.append(float(h["weight_decay"]))

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .flat.buffers import DTensor, local
+from .flat_adamw import advance_adamw_state
 
 __all__ = ["Muon", "MuonConfig", "is_embedding_or_head", "muon_owned", "newton_schulz"]
 
@@ -237,12 +238,7 @@ class Muon(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            t = float(state["step"])
+            t = advance_adamw_state(state, p)
             grad, m, v, theta = local(p.grad), local(state["exp_avg"]), local(state["exp_avg_sq"]), local(p)
             m.lerp_(grad, 1 - beta1)
             v.lerp_(grad.square(), 1 - beta2)
