@@ -83,6 +83,7 @@ def load_latest_checkpoint(out: str, model, rule, scheduler, dist: Dist = SINGLE
         state = _state(model, rule, scheduler, template, plugins)
         error = None
         try:
+            _keep_saved_rule_keys(state, path, log if dist.main else None)
             with _single_process_quiet():
                 dcp.load(state, checkpoint_id=path, no_dist=dist.world == 1)
             rng_file = path / f"rng_rank{dist.rank}.pt"
@@ -103,6 +104,19 @@ def load_latest_checkpoint(out: str, model, rule, scheduler, dist: Dist = SINGLE
             log(f"checkpoint {path} has no RNG state for rank {dist.rank} (saved on fewer ranks); RNG not restored")
         return state["train"]
     return None
+
+
+def _keep_saved_rule_keys(state: dict, path: Path, log):
+    """Drops from the template the rule's own entries (counters, gate) that a checkpoint written by an earlier
+    version does not hold, so that it loads (DCP refuses a missing key) and the rule's load_own_state_dict takes
+    their defaults. Model, optimizer and everything else must be there whole."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in state["rule"] if f"rule.{k}" not in saved and not any(
+        name.startswith(f"rule.{k}.") for name in saved)]
+    for k in missing:
+        del state["rule"][k]
+    if missing and log is not None:
+        log(f"checkpoint {path} predates the update rule's {', '.join(missing)}: their defaults are used")
 
 
 def restore_rng(rng: dict):
