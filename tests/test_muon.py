@@ -359,7 +359,16 @@ def test_per_matrix_rho_on_two_fsdp2_ranks_equals_one_process(tmp_path):
     opt_kwargs = {"base": Muon, "lr": 0.2, "momentum": 0.5, "ns_dtype": "float32", "retention_space": "auto",
                   "gate": "never", "optimizer_state": "transactional", "max_grad_norm": 0.5, "K": 5, "alpha": 0.5}
     # (rho between 0.3 and 0.85 here: away from the clamp at 1, where a wrong rho would still read 1)
-    mp.spawn(muon_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), opt_kwargs), nprocs=2, join=True)
+    try:
+        mp.spawn(muon_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), opt_kwargs), nprocs=2,
+                 join=True)
+    except mp.ProcessExitedException as e:
+        # Seen once in ~20 runs: a rank aborts in gloo / DCP teardown ("terminate called without an active
+        # exception") after it wrote its results (torch.save comes before the barrier). A rank that failed
+        # before writing leaves no file, and that still fails here.
+        if not all((tmp_path / f"out.{r}").exists() for r in range(2)):
+            raise
+        warnings.warn(f"a rank aborted after writing its results: {e}", stacklevel=1)
     ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
 
     rhos, stats = [], []
