@@ -217,8 +217,8 @@ def adamw_step(group: FlatGroup, grads, exp_avgs, exp_avg_sqs, lr, weight_decay,
         return torch.zeros(len(group.params), dtype=torch.float64, device=group.device) if (snapshot and retention) \
             else None
     ex = extrapolate or {"K": 2, "alpha": 1.0, "delta": 1.0}
-    bc1_prev = bc1_prev or [1.0] * len(lr)
-    bc2_sqrt_prev = bc2_sqrt_prev or [1.0] * len(lr)
+    if not (direction and extrapolate):  # only the update space's pass 2 reads them: constant tables, uploaded once
+        bc1_prev = bc2_sqrt_prev = [1.0] * len(lr)
     # One (lr, weight decay, bias corrections) for every tensor that steps: kernel arguments, nothing to
     # upload. Otherwise per-tensor tables, uploaded only when their values change.
     stepping = [i for i, g in enumerate(grads) if g is not None]
